@@ -222,15 +222,22 @@ class CheckpointManager:
       return None
     return self.restore(step, abstract_state, data_iter), step
 
-  def restore(self, step: int, abstract_state, data_iter=None):
+  def restore(self, step: int, abstract_state, data_iter=None, *, partial: bool = False):
+    """The state saved as `step`, read into `abstract_state`'s shapes and shardings.
+
+    `partial=True` reads only the leaves `abstract_state` names (a nested dict whose keys follow
+    the saved tree, e.g. `{"params": ..., "model_state": ...}` of a saved `TrainState`): the
+    other arrays, such as optimizer moments, are never read from disk nor placed on devices.
+    """
     if self._manager is None:
       raise ValueError("CheckpointManager: checkpointing is disabled (CheckpointConfig.enabled=False)")
     self._manager.wait_until_finished()  # a step still being written by this manager is not readable yet
     path = self.step_path(step)
     abstract_state = _abstract(abstract_state)
-    self._check_compatible(step, abstract_state)
+    self._check_compatible(step, abstract_state, partial)
     items = {_STATE: ocp.args.PyTreeRestore(
-        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+        partial_restore=partial)}
     if data_iter is not None:
       if not (path / _DATA).exists():
         raise CheckpointRestoreError(
@@ -245,9 +252,10 @@ class CheckpointManager:
           f"the checkpoint was left untouched") from e
     return restored[_STATE]
 
-  def _check_compatible(self, step: int, abstract_state):
+  def _check_compatible(self, step: int, abstract_state, partial: bool = False):
     """Compare tree paths and shapes with the saved metadata, listing every difference at once
-    (orbax reports only the first, and with padding enabled would not report shapes at all)."""
+    (orbax reports only the first, and with padding enabled would not report shapes at all).
+    A partial target may leave saved leaves out, but every leaf it names must be saved."""
     path = self.step_path(step)
     try:
       saved = self._manager.item_metadata(step)[_STATE]
@@ -262,7 +270,8 @@ class CheckpointManager:
                     jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
     want_shapes = {_keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
     problems = [f"missing from checkpoint: {k}" for k in sorted(set(want_shapes) - set(saved_shapes))]
-    problems += [f"not in target: {k}" for k in sorted(set(saved_shapes) - set(want_shapes))]
+    if not partial:
+      problems += [f"not in target: {k}" for k in sorted(set(saved_shapes) - set(want_shapes))]
     problems += [f"shape of {k}: checkpoint {saved_shapes[k]}, target {want_shapes[k]}"
                  for k in sorted(set(saved_shapes) & set(want_shapes)) if saved_shapes[k] != want_shapes[k]]
     if problems:

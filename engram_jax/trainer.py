@@ -547,8 +547,10 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
 
 def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None):
   """(params, model_state, step) from a checkpoint directory (`<workdir>/checkpoints`), restored onto
-  `mesh` (default: every local device, resharding as needed). A missing or empty directory is a
-  FileNotFoundError naming it; a damaged or incompatible one a CheckpointRestoreError."""
+  `mesh` (default: every local device, resharding as needed). Only the parameters and the model
+  state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk. A
+  missing or empty directory is a FileNotFoundError naming it; a damaged or incompatible one a
+  CheckpointRestoreError."""
   mesh = mesh or make_mesh(cfg.mesh)
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
@@ -559,7 +561,8 @@ def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    state = manager.restore(step, abstract_state)
+    state = manager.restore(step, {"params": abstract_state.params, "model_state": abstract_state.model_state},
+                            partial=True)
   finally:
     manager.close()
-  return state.params, state.model_state, step
+  return state["params"], state["model_state"], step
