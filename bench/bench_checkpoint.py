@@ -1,7 +1,9 @@
 """Engram table checkpoints: save / restore GB/s through the project's CheckpointManager.
 
-One float32 table [rows, dim] of random values (a trained table is as incompressible), its rows
-sharded over 8 fake CPU devices as the trainer shards them, saved and restored with
+A model's Engram tables: `--tables` float32 tables [rows, dim] (default 2, one per Engram layer as
+in Engram-27B, 2 GiB each: 4.3 GB in all) of random values (a trained table is as
+incompressible), their rows sharded over 8 fake CPU devices as the trainer shards them, saved
+together as one state tree and restored with
 `engram_jax.checkpoint.CheckpointManager` (orbax, OCDBT + zarr3, zstd) on local disk, by this one
 process (figures are per process, i.e. per host):
 
@@ -17,9 +19,9 @@ process (figures are per process, i.e. per host):
    rates (assumptions printed with it).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/bench_checkpoint.py \\
-      [--gib 2] [--dim 128] [--repeats 2] [--dir DIR] [--project_tb 2] [--project_hosts 64]
+      [--tables 2] [--gib 2] [--dim 128] [--repeats 2] [--dir DIR] [--project_tb 2] [--project_hosts 64]
 
-Needs about 2.5x the table in free RAM and on disk (checked first); everything written is
+Needs about 2.5x the tables' bytes in free RAM and on disk (checked first); everything written is
 deleted at the end. Prints one JSON object.
 """
 
@@ -73,23 +75,30 @@ def _rows_sharding(devices):
   return NamedSharding(make_mesh(MeshConfig(data=-1), devices), logical_to_spec(("table_rows", "table_dim")))
 
 
-def _random_table(shape, sharding):
-  """The benchmark's table, generated in place on `sharding`: threefry's bits do not depend on the
+def _random_table(shape, sharding, index):
+  """Table `index`, generated in place on `sharding`: threefry's bits do not depend on the
   sharding, so the same values can be rebuilt on any mesh to check a restore without keeping a
-  host copy (which would cap the table at a third of RAM instead of half)."""
-  return jax.jit(lambda key: jax.random.normal(key, shape, np.float32), out_shardings=sharding)(jax.random.key(0))
+  host copy (which would cap the tables at a third of RAM instead of half)."""
+  return jax.jit(lambda key: jax.random.normal(key, shape, np.float32), out_shardings=sharding)(jax.random.key(index))
+
+
+def _tables(shape, sharding, count):
+  """The state tree saved: {"engram": {"layer_<i>": table}} (tables built one at a time)."""
+  return {"engram": {f"layer_{i}": _random_table(shape, sharding, i) for i in range(count)}}
 
 
 def _check_equal(restored):
-  expected = _random_table(restored.shape, restored.sharding)
-  if not bool(jax.jit(lambda a, b: (a == b).all())(restored, expected)):
-    raise AssertionError("the restored table differs from the saved one")
+  for name, table in restored["engram"].items():
+    expected = _random_table(table.shape, table.sharding, int(name.split("_")[1]))
+    if not bool(jax.jit(lambda a, b: (a == b).all())(table, expected)):
+      raise AssertionError(f"the restored table {name} differs from the saved one")
+    del expected
 
 
-def _save(directory, table, async_save):
+def _save(directory, state, async_save):
   manager = CheckpointManager(directory, CheckpointConfig(every_n_steps=1, keep_last_n=1, async_save=async_save))
   t0 = time.perf_counter()
-  manager.save(1, {"table": table}, force=True)
+  manager.save(1, state, force=True)
   blocked = time.perf_counter() - t0
   manager.wait()
   total = time.perf_counter() - t0
@@ -97,22 +106,24 @@ def _save(directory, table, async_save):
   return blocked, total
 
 
-def _restore(directory, shape, sharding):
+def _restore(directory, shape, sharding, count):
   manager = CheckpointManager(directory, CheckpointConfig(async_save=False))
+  target = {"engram": {f"layer_{i}": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding) for i in range(count)}}
   before = _bytes_read()
   t0 = time.perf_counter()
-  table = manager.restore(1, {"table": jax.ShapeDtypeStruct(shape, np.float32, sharding=sharding)})["table"]
-  jax.block_until_ready(table)
+  state = manager.restore(1, target)
+  jax.block_until_ready(state)
   seconds = time.perf_counter() - t0
   manager.close()
-  return table, seconds, _bytes_read() - before
+  return state, seconds, _bytes_read() - before
 
 
 def _partial_reads(state_dir, rows):
-  """Chunk shape on disk and file bytes read for rows [0, rows/4) and [0, rows/16), read the way
-  orbax reads a shard: a tensorstore read of that index range of the zarr3 array in OCDBT."""
+  """Chunk shape on disk and file bytes read for rows [0, rows/4) and [0, rows/16) of the first
+  table, read the way orbax reads a shard: a tensorstore read of that index range of the zarr3
+  array in OCDBT."""
   spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
-                                         "path": "table/"}}
+                                         "path": "engram.layer_0/"}}
   array = ts.open(spec).result()
   metadata = array.spec().to_json()["metadata"]
   codecs = metadata.get("codecs", [])
@@ -128,7 +139,8 @@ def _partial_reads(state_dir, rows):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--gib", type=float, default=2.0, help="table size in GiB")
+  parser.add_argument("--tables", type=int, default=2, help="Engram tables (layers) in the saved model state")
+  parser.add_argument("--gib", type=float, default=2.0, help="size of each table in GiB")
   parser.add_argument("--dim", type=int, default=128)
   parser.add_argument("--dir", default=None, help="scratch directory (default: a new temporary one)")
   parser.add_argument("--repeats", type=int, default=2, help="each save and restore; the fastest is reported")
@@ -143,7 +155,7 @@ def main():
     raise SystemExit(f"needs 8 devices, found {len(devices)}: set XLA_FLAGS=--xla_force_host_platform_device_count=8")
   rows = int(args.gib * 2**30 / (args.dim * 4)) // (8 * 1024) * (8 * 1024)
   shape = (rows, args.dim)
-  nbytes = rows * args.dim * 4
+  nbytes = args.tables * rows * args.dim * 4
   scratch = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
   os.makedirs(scratch, exist_ok=True)
   free_disk = shutil.disk_usage(scratch).free
@@ -152,16 +164,18 @@ def main():
   if _available_ram() < 2.5 * nbytes:
     raise SystemExit(f"{_available_ram() / GB:.1f} GB of RAM available, need {2.5 * nbytes / GB:.1f} GB")
 
-  result = {"table_shape": list(shape), "table_gb": nbytes / GB, "devices_saved": 8, "devices_restored": 4,
+  result = {"tables": args.tables, "table_shape": list(shape), "tables_gb": nbytes / GB, "devices_saved": 8,
+            "devices_restored": 4,
             "cpu_count": os.cpu_count(), "jax": jax.__version__}
   try:
-    table = _random_table(shape, _rows_sharding(devices[:8]))
+    state = _tables(shape, _rows_sharding(devices[:8]), args.tables)
+    result["peak_rss_gb_after_init"] = _peak_rss_gb()
 
     saves = {"sync": [], "async": []}
     for r in range(args.repeats):
       for mode in ("sync", "async"):
         directory = os.path.join(scratch, f"{mode}_{r}")
-        saves[mode].append(_save(directory, table, async_save=mode == "async"))
+        saves[mode].append(_save(directory, state, async_save=mode == "async"))
         if (mode, r) != ("sync", 0):  # keep one checkpoint to restore from; the disk holds two at most
           shutil.rmtree(directory)
     for mode, runs in saves.items():
@@ -170,7 +184,7 @@ def main():
                                 "all_total_s": [run[1] for run in runs], "all_blocked_s": [run[0] for run in runs]}
     result["async_over_sync_blocked"] = result["async_save"]["blocked_s"] / result["sync_save"]["blocked_s"]
     result["peak_rss_gb_after_saves"] = _peak_rss_gb()
-    del table
+    del state
     saved = os.path.join(scratch, "sync_0")
     state_dir = os.path.join(saved, "1", "state")
     result["on_disk_bytes"] = _dir_bytes(state_dir)
@@ -179,8 +193,8 @@ def main():
     for label, n in (("restore_same_8", 8), ("restore_onto_4", 4)):
       runs = []
       for _ in range(args.repeats):
-        restored, seconds, read = _restore(saved, shape, _rows_sharding(devices[:n]))
-        assert len(restored.sharding.device_set) == n
+        restored, seconds, read = _restore(saved, shape, _rows_sharding(devices[:n]), args.tables)
+        assert all(len(t.sharding.device_set) == n for t in restored["engram"].values())
         _check_equal(restored)
         del restored
         runs.append((seconds, read))
@@ -190,8 +204,9 @@ def main():
                        "peak_rss_gb_after": _peak_rss_gb()}
 
     partial = _partial_reads(state_dir, rows)
-    partial["quarter_over_on_disk"] = partial["bytes_read_quarter"] / result["on_disk_bytes"]
-    partial["sixteenth_over_on_disk"] = partial["bytes_read_sixteenth"] / result["on_disk_bytes"]
+    table_on_disk = result["on_disk_bytes"] / args.tables
+    partial["quarter_over_table_on_disk"] = partial["bytes_read_quarter"] / table_on_disk
+    partial["sixteenth_over_table_on_disk"] = partial["bytes_read_sixteenth"] / table_on_disk
     result["partial_reads"] = partial
 
     share = args.project_tb * 1e12 / args.project_hosts
