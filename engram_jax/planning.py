@@ -1,23 +1,22 @@
 """Capacity planning without allocation: parameter counts and per-device bytes for a mesh.
 
-Everything is derived from `jax.eval_shape` of the model's init and the optimizer's init, and the
-shardings the logical rules give them on an `AbstractMesh` of the requested size, so a 40B-parameter
-model on 256 devices is planned on a laptop.
+Everything is derived from the trainer's own abstract state (`jax.eval_shape` of the model's and
+the optimizers' init) and the shardings the logical rules give it on an `AbstractMesh` of the
+requested size, so a 40B-parameter model on 256 devices is planned on a laptop.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, NamedSharding
 
 from engram_jax.config import Config
-from engram_jax.model import abstract_variables, param_counts
-from engram_jax.optim import make_optimizer, opt_state_shardings
-from engram_jax.sharding import LOGICAL_RULES, MESH_AXES
+from engram_jax.model import param_counts
+from engram_jax.sharding import MESH_AXES
+from engram_jax.trainer import state_shardings
 
 
 def _shards(sharding: NamedSharding) -> int:
@@ -38,18 +37,13 @@ def _bytes_per_device(tree, shardings) -> int:
 
 
 def plan(cfg: Config, num_devices: Optional[int] = None) -> Dict[str, Any]:
-  """Abstract params, optimizer state and their shardings on an abstract mesh of `num_devices`."""
+  """The trainer's abstract state and its shardings on an abstract mesh of `num_devices`: the
+  same `trainer.state_shardings` a run uses, so the plan counts exactly what training allocates
+  (with row-sparse table updates: the lazy Adam moments and per-row step counts in `engram_opt`)."""
   n = num_devices or jax.device_count()
   mesh = AbstractMesh(cfg.mesh.resolve(n), MESH_AXES)
-  boxed = abstract_variables(cfg.model)
-  specs = nn.get_partition_spec(boxed["params"])
-  param_shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
-  params = nn.meta.unbox(boxed["params"])
-  tx = make_optimizer(cfg.train, boxed["params"])
-  opt_state = jax.eval_shape(tx.init, params)
-  opt_shardings = opt_state_shardings(opt_state, param_shardings, NamedSharding(mesh, PartitionSpec()))
-  return dict(mesh=mesh, params=params, param_shardings=param_shardings, opt_state=opt_state,
-              opt_shardings=opt_shardings)
+  _, shardings, abstract = state_shardings(cfg, mesh)
+  return dict(mesh=mesh, state=abstract, shardings=shardings)
 
 
 _TABLE_SUFFIX = "['memory']['table']"
@@ -68,15 +62,16 @@ def _only_tables(tree, shardings):
 
 def dry_run_report(cfg: Config, num_devices: Optional[int] = None) -> Dict[str, Any]:
   p = plan(cfg, num_devices)
+  state, shardings = p["state"], p["shardings"]
   counts = param_counts(cfg.model)
-  table_bytes = 0
-  for path, leaf in jax.tree_util.tree_leaves_with_path(p["params"]):
-    if jax.tree_util.keystr(path).endswith(_TABLE_SUFFIX):
-      table_bytes += leaf.size * np.dtype(leaf.dtype).itemsize
-  param_bytes = _bytes_per_device(p["params"], p["param_shardings"])
-  opt_bytes = _bytes_per_device(p["opt_state"], p["opt_shardings"])
-  table_param_bytes = _bytes_per_device(*_only_tables(p["params"], p["param_shardings"]))
-  table_opt_bytes = _bytes_per_device(*_only_tables(p["opt_state"], p["opt_shardings"]))
+  table_bytes = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf in _only_tables(state.params, shardings.params)[0])
+  param_bytes = _bytes_per_device(state.params, shardings.params)
+  opt_bytes = (_bytes_per_device(state.opt_state, shardings.opt_state)
+               + _bytes_per_device(state.engram_opt, shardings.engram_opt))
+  table_param_bytes = _bytes_per_device(*_only_tables(state.params, shardings.params))
+  # The tables' optimizer state: optax moments under a table's path, or the lazy Adam state.
+  table_opt_bytes = (_bytes_per_device(*_only_tables(state.opt_state, shardings.opt_state))
+                     + _bytes_per_device(state.engram_opt, shardings.engram_opt))
   return {
       "preset": cfg.name,
       "devices": int(p["mesh"].size),

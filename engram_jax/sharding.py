@@ -34,7 +34,9 @@ LOGICAL_RULES = (
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("lora", None),
+    # Low-rank (MLA) dims: split over fsdp like `embed`; where a param has both (the down
+    # projections) the first wins and the rank stays whole.
+    ("lora", "fsdp"),
     ("expert", "expert"),
     ("expert_embed", "fsdp"),
     ("expert_mlp", "tensor"),
@@ -60,16 +62,24 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules=LOGICAL_RULES) -> PartitionSpec:
-  """The PartitionSpec that the rules give a tuple of logical axis names."""
+  """The PartitionSpec that the rules give a tuple of logical axis names.
+
+  A mesh axis shards at most one dimension: a later dimension whose rule names a mesh axis an
+  earlier one already uses keeps only its unused axes (none: replicated), e.g. ("embed", "lora")
+  -> ("fsdp", None).
+  """
   table = dict(rules)
-  out = []
+  out, used = [], set()
   for name in logical_axes:
     if name is None:
       out.append(None)
-    elif name not in table:
+      continue
+    if name not in table:
       raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(table)}")
-    else:
-      out.append(table[name])
+    axes = table[name]
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a not in used)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return PartitionSpec(*out)
 
 
@@ -81,8 +91,10 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
   """
   import flax.linen as nn
 
-  specs = nn.get_partition_spec(abstract_tree)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+  specs = nn.get_partition_spec(abstract_tree)  # logical names per leaf (replicated: PartitionSpec())
+  shardings = jax.tree.map(lambda names: jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(names), rules)),
+                           specs, is_leaf=is_spec)
   values = nn.meta.unbox(abstract_tree)
 
   def check(path, value, sharding):

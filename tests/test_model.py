@@ -142,3 +142,13 @@ def test_golden_sharding_snapshot():
   with open(SNAPSHOT) as f:
     golden = json.load(f)
   assert current == golden
+
+
+def test_a_mesh_axis_shards_one_dimension_only():
+  """The rules give `embed` and `lora` both to fsdp: a param with both keeps fsdp on the first."""
+  assert logical_to_spec(("embed", "lora")) == jax.sharding.PartitionSpec("fsdp", None)
+  assert logical_to_spec(("lora", "heads", "head_dim")) == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+  assert logical_to_spec(("table_rows", "table_dim")) == jax.sharding.PartitionSpec(
+      ("data", "fsdp", "expert", "tensor"), None)
+  with pytest.raises(ValueError, match="'nope' has no rule"):
+    logical_to_spec(("nope",))

@@ -66,9 +66,10 @@ def test_dry_run_splits_engram_tables_over_every_device(pod_preset, devices):
   report = dry_run_report(cfg, num_devices=devices)
   p = plan(cfg, num_devices=devices)
   assert report["devices"] == devices and p["mesh"].size == devices
+  state, shardings = p["state"], p["shardings"]
 
   # The tables: 1/N each, exactly, and all of the Engram parameters.
-  tables = _leaves(p["params"], p["param_shardings"], table_only=True)
+  tables = _leaves(state.params, shardings.params, table_only=True)
   assert len(tables) == len(cfg.model.engram.layer_ids)
   table_total = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf, _ in tables)
   assert sum(leaf.size for leaf, _ in tables) == report["engram_params"]
@@ -77,8 +78,11 @@ def test_dry_run_splits_engram_tables_over_every_device(pod_preset, devices):
   assert per_device == report["engram_table_bytes_per_device"]
   assert per_device * devices == table_total
 
-  # Their optimizer state (Adam's two moments, plus anything else kept per table): 1/N too.
-  moments = _leaves(p["opt_state"], p["opt_shardings"], table_only=True)
+  # Their optimizer state (Adam's two moments, plus anything else kept per table, such as the
+  # row-sparse path's per-row step counts): 1/N too.
+  moments = _leaves(state.opt_state, shardings.opt_state, table_only=True) + _leaves(state.engram_opt,
+                                                                                    shardings.engram_opt)
+  assert cfg.train.engram_sparse_updates == bool(state.engram_opt)
   assert len(moments) >= 2 * len(tables)
   moment_total = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf, _ in moments)
   moment_per_device = sum(_shard_bytes(leaf, s) for leaf, s in moments)
@@ -86,12 +90,12 @@ def test_dry_run_splits_engram_tables_over_every_device(pod_preset, devices):
   assert moment_per_device * devices == moment_total >= 2 * table_total
 
   # Whole-model figures: every parameter counted once, shard by shard as the shardings say.
-  params = _leaves(p["params"], p["param_shardings"])
+  params = _leaves(state.params, shardings.params)
   assert sum(leaf.size for leaf, _ in params) == report["total_params"]
   param_total = sum(leaf.size * np.dtype(leaf.dtype).itemsize for leaf, _ in params)
   assert report["param_bytes_per_device"] == sum(_shard_bytes(leaf, s) for leaf, s in params)
-  assert report["optimizer_bytes_per_device"] == sum(
-      _shard_bytes(leaf, s) for leaf, s in _leaves(p["opt_state"], p["opt_shardings"]))
+  optimizer = _leaves(state.opt_state, shardings.opt_state) + _leaves(state.engram_opt, shardings.engram_opt)
+  assert report["optimizer_bytes_per_device"] == sum(_shard_bytes(leaf, s) for leaf, s in optimizer)
   assert param_total / devices <= report["param_bytes_per_device"] < param_total
 
 
