@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, run from the repository root on a GPU machine; every result lands in $OUT.
+#
+#   bash bench/fetch_wheels.sh                       # once, where pip can reach an index: -> .wheels/
+#   OUT=/some/dir bash bench/run_gpu.sh [PART ...]   # on the GPU machine, with .wheels/ beside it
+#
+# PARTs (default: all four in this order). Each runs under its own `timeout` (the limits below), so
+# `model` alone and `e2e hashing engram_layer` each stay under 10 minutes: run them as two calls.
+#   model         bench/bench_model.py: MoE layer vs dense MLP, then small, small:no_engram and
+#                 small:no_engram,dense: train-step and forward+backward tokens/s and MFU, Engram
+#                 cost                                                                  (<= 540 s)
+#   e2e           bench/bench_e2e.py: small trained for 150 steps through trainer.train (grain
+#                 pipeline, embedded corpus) vs its pure step, same process             (<= 330 s)
+#   hashing       bench/bench_hashing.py: numpy vs jnp-on-GPU hashing, 2 M tokens       (<= 80 s)
+#   engram_layer  bench/bench_engram_layer.py (if present): one Engram layer vs PyTorch  (<= 150 s)
+# A failed or timed-out part does not stop the next one, and the JSON files are rewritten after
+# each measured piece, so a part cut short keeps what it finished. Files in $OUT (at most 8):
+# run_gpu.txt (environment, exit codes, durations), bench_<part>.log (stdout + stderr),
+# bench_model.json, bench_e2e.json, bench_engram_layer.json.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/bench_gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(model e2e hashing engram_layer)
+STATUS="$OUT/run_gpu.txt"
+# Extra arguments per part (word-split), e.g. a CPU smoke run:
+#   BENCH_MODEL_ARGS="--preset configs/tiny.py --repeats 2 --set data.batch_size=4"
+MODEL_ARGS=${BENCH_MODEL_ARGS:-}
+HASHING_ARGS=${BENCH_HASHING_ARGS:---tokens 2097152 --repeats 3}
+E2E_ARGS=${BENCH_E2E_ARGS:-}
+ENGRAM_LAYER_ARGS=${BENCH_ENGRAM_LAYER_ARGS:-}
+
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The small preset without rematerialisation holds tens of GB of activations: bench_model and
+# bench_e2e let XLA's pool have 90% of the GPU rather than the default 75% (not bench_engram_layer,
+# which shares the GPU with PyTorch and sets its own allocator options).
+MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+# One compilation cache per run: bench_e2e compiles the same train step as trainer.train, which
+# then loads it instead of compiling it again (compile times reported by the first compile only).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/engram_jax_compilation_cache}
+
+SITE=/tmp/engram_site
+echo "# run_gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) parts: ${PARTS[*]}" >>"$STATUS"
+if ls .wheels/*.whl >/dev/null 2>&1; then
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      .wheels/*.whl >>"$STATUS" 2>&1; then
+    echo "installed wheels: $(cd .wheels && ls *.whl | tr '\n' ' ')" >>"$STATUS"
+    export PYTHONPATH="$SITE:$PYTHONPATH"
+  else
+    echo "wheel install FAILED: relying on the installed packages" >>"$STATUS"
+  fi
+else
+  echo "no .wheels/: relying on the installed packages" >>"$STATUS"
+fi
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+  $PY - <<'PYEOF' 2>&1
+import importlib, sys
+print("python", sys.version.split()[0])
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "tensorstore", "grain", "ml_collections",
+             "tensorboardX", "tokenizers", "numpy", "etils", "google.protobuf", "torch"):
+  try:
+    mod = importlib.import_module(name)
+    print(f"{name} {getattr(mod, '__version__', '?')}")
+  except Exception as e:  # noqa: BLE001
+    print(f"{name} MISSING: {type(e).__name__}: {e}")
+try:
+  import jax
+  print("devices", jax.devices())
+except Exception as e:  # noqa: BLE001
+  print("jax devices FAILED:", e)
+PYEOF
+} >>"$STATUS"
+
+run_part() {  # name, time limit in seconds, command...
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  echo "== $name: $*" >>"$STATUS"
+  timeout -k 15 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local note=""
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && note=" (TIMED OUT at ${limit}s)"
+  echo "== $name: exit $rc after $((SECONDS - start)) s$note" >>"$STATUS"
+}
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    model)
+      run_part bench_model 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_model.py --json "$OUT/bench_model.json" $MODEL_ARGS ;;
+    hashing)
+      run_part bench_hashing 80 $PY bench/bench_hashing.py $HASHING_ARGS ;;
+    e2e)
+      run_part bench_e2e 330 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_e2e.py --json "$OUT/bench_e2e.json" $E2E_ARGS ;;
+    engram_layer)
+      if [ -f bench/bench_engram_layer.py ]; then
+        run_part bench_engram_layer 150 $PY bench/bench_engram_layer.py --out "$OUT/bench_engram_layer.json" \
+          $ENGRAM_LAYER_ARGS
+      else
+        echo "== engram_layer: bench/bench_engram_layer.py not found, skipped" >>"$STATUS"
+      fi ;;
+    *)
+      echo "== unknown part $part (expected model, hashing, e2e, engram_layer)" >>"$STATUS" ;;
+  esac
+done
+cat "$STATUS"
