@@ -535,6 +535,9 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
     manager.close()
     writer.close()
     preemption.uninstall()
+    close = getattr(data_iter, "close", None)
+    if close is not None:  # stops grain's worker processes now rather than at garbage collection
+      close()
 
   summary = {
       "preset": cfg.name, "step": step, "stopped_by": stopped_by,
