@@ -14,7 +14,7 @@ as in train.py (e.g. `--config.data.batch_size=32`).
 
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
@@ -44,6 +44,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the needle-in-a-haystack prompt
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
+    logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
   from engram_jax import evaluation

@@ -11,7 +11,7 @@ the same command; only process 0 logs and writes summaries.
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/.", lock_config=False)
@@ -39,6 +39,8 @@ def _maybe_initialize_distributed():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
+    logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
   if _CONFIG.value is None:
     raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
   from engram_jax.config import Config, from_dict
