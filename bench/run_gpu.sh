@@ -5,14 +5,15 @@
 #   OUT=/some/dir bash bench/run_gpu.sh [PART ...]   # on the GPU machine, with .wheels/ beside it
 #
 # PARTs (default: all four in this order). Each runs under its own `timeout` (the limits below), so
-# `model` alone and `e2e hashing engram_layer` each stay under 10 minutes: run them as two calls.
+# `model`, `e2e hashing` and `engram_layer` each stay under 10 minutes: run them as three calls.
 #   model         bench/bench_model.py: MoE layer vs dense MLP, then small, small:no_engram and
 #                 small:no_engram,dense: train-step and forward+backward tokens/s and MFU, Engram
 #                 cost                                                                  (<= 540 s)
 #   e2e           bench/bench_e2e.py: small trained for 150 steps through trainer.train (grain
 #                 pipeline, embedded corpus) vs its pure step, same process             (<= 330 s)
 #   hashing       bench/bench_hashing.py: numpy vs jnp-on-GPU hashing, 2 M tokens       (<= 80 s)
-#   engram_layer  bench/bench_engram_layer.py (if present): one Engram layer vs PyTorch  (<= 150 s)
+#   engram_layer  bench/bench_engram_layer.py (if present): one Engram layer vs PyTorch,
+#                 correctness gates at full shape, eager and torch.compile            (<= 540 s)
 # A failed or timed-out part does not stop the next one, and the JSON files are rewritten after
 # each measured piece, so a part cut short keeps what it finished. Files in $OUT (at most 8):
 # run_gpu.txt (environment, exit codes, durations), bench_<part>.log (stdout + stderr),
@@ -98,7 +99,7 @@ for part in "${PARTS[@]}"; do
       run_part bench_e2e 330 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_e2e.py --json "$OUT/bench_e2e.json" $E2E_ARGS ;;
     engram_layer)
       if [ -f bench/bench_engram_layer.py ]; then
-        run_part bench_engram_layer 150 $PY bench/bench_engram_layer.py --out "$OUT/bench_engram_layer.json" \
+        run_part bench_engram_layer 540 $PY bench/bench_engram_layer.py --out "$OUT/bench_engram_layer.json" \
           $ENGRAM_LAYER_ARGS
       else
         echo "== engram_layer: bench/bench_engram_layer.py not found, skipped" >>"$STATUS"
