@@ -32,7 +32,12 @@ MoE layer vs dense MLP: one `moe.MoE` with the preset's MoE config (router, shar
 experts; forward + backward with respect to params and input) against one `layers.MLP` whose hidden
 width is (num_shared_experts + top_k) * expert_hidden, i.e. the same activated matmul FLOPs, on the
 same [batch, seq, d_model] input in the model's compute dtype. The compiled HLO's custom-call
-targets are listed too: they show whether `ragged_dot` became a grouped GEMM or a dense dot.
+targets are listed too: they show whether `ragged_dot` became a grouped GEMM or a dense dot. On a
+GPU whose JAX has it, the MoE layer is also timed with JAX's Pallas/Triton ragged_dot kernel
+("moe_pallas_triton"); `--ragged_dot_pallas_triton` uses that kernel for the whole run. On CPU,
+ragged_dot becomes a dense dot over every expert: XLA:CPU plans 346 GB of temporaries for the
+`small` train step (214 GB with full remat), 187 GB for its dense twin (24 GB with full remat), so
+`small` cannot be compiled usefully on CPU; see BENCHMARKS.md.
 
   python bench/bench_model.py                                  # small on one GPU
   python bench/bench_model.py --preset configs/tiny.py --repeats 3 --set data.batch_size=4
@@ -70,6 +75,8 @@ from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = ("base", "no_engram", "no_engram,dense")
 TARGETS = {"mfu_engram_moe": 0.30, "mfu_dense": 0.40, "engram_cost": 1.05, "moe_over_mlp": 1.5}
+# JAX's switch from XLA's ragged_dot lowering to its Pallas/Triton kernel on GPU (where it exists).
+TRITON_RAGGED_DOT = "jax_ragged_dot_use_gpu_pallas_triton_lowering"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,36 +351,58 @@ def measure_moe_vs_mlp(cfg: Config, mesh, *, warmup: int, repeats: int, log=prin
       f"(= ({moe.num_shared_experts} + {moe.top_k}) x {moe.expert_hidden}), {tokens} tokens x d_model {D}, {m.dtype}",
       flush=True)
 
+  candidates = [("moe", MoE(m), False), ("mlp", MLP(hidden, m), False)]
+  if jax.default_backend() == "gpu" and hasattr(jax.config, TRITON_RAGGED_DOT):
+    # JAX's own Pallas/Triton grouped-matmul kernel for ragged_dot, instead of XLA's lowering
+    # (cuDNN grouped GEMM where it applies, else a dense dot over every expert).
+    candidates.append(("moe_pallas_triton", MoE(m), True))
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    for name, module in (("moe", MoE(m)), ("mlp", MLP(hidden, m))):
-      variables = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), x))
-      params = variables.pop("params")
-      others = dict(variables)
-
-      def loss(p, xx, module=module, others=others):
-        y = module.apply({"params": p, **others}, xx)
-        y = y[0] if isinstance(y, tuple) else y
-        return jnp.sum(y.astype(jnp.float32))
-
-      fwd = jax.jit(loss).lower(params, x).compile()
-      t0 = time.perf_counter()
-      fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-      compile_s = time.perf_counter() - t0
-      t_f = time_calls(lambda: fwd(params, x), warmup, repeats)
-      t_fb = time_calls(lambda: fb(params, x), warmup, repeats)
-      xf = xla_flops(fb)
-      result[name] = {
-          "fwd_s": t_f["step_s"], "fwd_bwd_s": t_fb["step_s"], "compile_s": compile_s,
-          "fwd_bwd_activated_tflop_s": 3 * matmul_flops / t_fb["step_s"] / 1e12,
-          "xla_flops_fwd_bwd": xf, "xla_flops_over_activated": xf / (3 * matmul_flops) if xf else None,
-          "hlo": hlo_summary(fb),
-      }
+    for name, module, triton in candidates:
+      previous = getattr(jax.config, TRITON_RAGGED_DOT, None)
+      if triton:
+        jax.config.update(TRITON_RAGGED_DOT, True)  # part of the jit key: set while lowering
+      try:
+        result[name] = _measure_layer(module, x, matmul_flops, warmup, repeats)
+      except Exception as e:  # noqa: BLE001 - a missing kernel on this GPU is a result, not a crash
+        if not triton:
+          raise
+        result[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+      finally:
+        if triton:
+          jax.config.update(TRITON_RAGGED_DOT, previous)
       log(json.dumps({name: result[name]}), flush=True)
-      del fwd, fb, params, others
   result["moe_over_mlp_fwd_bwd"] = result["moe"]["fwd_bwd_s"] / result["mlp"]["fwd_bwd_s"]
   result["moe_over_mlp_fwd"] = result["moe"]["fwd_s"] / result["mlp"]["fwd_s"]
+  if "fwd_bwd_s" in result.get("moe_pallas_triton", {}):
+    result["moe_pallas_triton_over_mlp_fwd_bwd"] = result["moe_pallas_triton"]["fwd_bwd_s"] / result["mlp"]["fwd_bwd_s"]
   gc.collect()
   return result
+
+
+def _measure_layer(module, x, matmul_flops, warmup, repeats) -> Dict[str, Any]:
+  """Forward and forward+backward time of one layer on x (sum of its output as the loss)."""
+  variables = nn.meta.unbox(jax.jit(module.init)(jax.random.key(0), x))
+  params = variables.pop("params")
+  others = dict(variables)
+
+  def loss(p, xx):
+    y = module.apply({"params": p, **others}, xx)
+    y = y[0] if isinstance(y, tuple) else y
+    return jnp.sum(y.astype(jnp.float32))
+
+  fwd = jax.jit(loss).lower(params, x).compile()
+  t0 = time.perf_counter()
+  fb = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  compile_s = time.perf_counter() - t0
+  t_f = time_calls(lambda: fwd(params, x), warmup, repeats)
+  t_fb = time_calls(lambda: fb(params, x), warmup, repeats)
+  xf = xla_flops(fb)
+  return {
+      "fwd_s": t_f["step_s"], "fwd_bwd_s": t_fb["step_s"], "compile_s": compile_s,
+      "fwd_bwd_activated_tflop_s": 3 * matmul_flops / t_fb["step_s"] / 1e12,
+      "xla_flops_fwd_bwd": xf, "xla_flops_over_activated": xf / (3 * matmul_flops) if xf else None,
+      "hlo": hlo_summary(fb),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,9 +466,14 @@ def main():
   parser.add_argument("--no_fwd_bwd", action="store_true", help="time only the train step")
   parser.add_argument("--no_moe_layer", action="store_true", help="skip the MoE-vs-dense-MLP layer timing")
   parser.add_argument("--json", default=None, help="also write the results here (rewritten after each part)")
+  parser.add_argument("--ragged_dot_pallas_triton", action="store_true",
+                      help=f"set {TRITON_RAGGED_DOT} for the whole run (the MoE experts' grouped matmuls)")
   args = parser.parse_args()
+  if args.ragged_dot_pallas_triton:
+    jax.config.update(TRITON_RAGGED_DOT, True)
 
   results: Dict[str, Any] = {"device": device_info(), "preset": args.preset, "overrides": args.overrides,
+                             "ragged_dot_pallas_triton": args.ragged_dot_pallas_triton,
                              "repeats": args.repeats, "warmup": args.warmup, "models": {}, "errors": {}}
   print(json.dumps({"device": results["device"]}), flush=True)
   base_cfg = load_variant(args.preset, "base", args.overrides)

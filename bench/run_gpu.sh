@@ -4,14 +4,16 @@
 #   bash bench/fetch_wheels.sh                       # once, where pip can reach an index: -> .wheels/
 #   OUT=/some/dir bash bench/run_gpu.sh [PART ...]   # on the GPU machine, with .wheels/ beside it
 #
-# PARTs (default: all four in this order). Each runs under its own `timeout` (the limits below), so
-# `model`, `e2e hashing` and `engram_layer` each stay under 10 minutes: run them as three calls.
+# PARTs (default: all five in this order). Each runs under its own `timeout` (the limits below), so
+# `model`, `plan e2e hashing` and `engram_layer` each stay under 10 minutes: run them as three calls.
 #   model         bench/bench_model.py: MoE layer vs dense MLP, then small, small:no_engram and
 #                 small:no_engram,dense: train-step and forward+backward tokens/s and MFU, Engram
 #                 cost                                                                  (<= 540 s)
 #   e2e           bench/bench_e2e.py: small trained for 150 steps through trainer.train (grain
 #                 pipeline, embedded corpus) vs its pure step, same process             (<= 330 s)
 #   hashing       bench/bench_hashing.py: numpy vs jnp-on-GPU hashing, 2 M tokens       (<= 80 s)
+#   plan          bench/plan_memory.py: XLA's memory plan of the small train step (and its dense
+#                 twin) compiled for this GPU, without and with full remat            (<= 170 s)
 #   engram_layer  bench/bench_engram_layer.py (if present): one Engram layer vs PyTorch,
 #                 correctness gates at full shape, eager and torch.compile            (<= 540 s)
 # A failed or timed-out part does not stop the next one, and the JSON files are rewritten after
@@ -24,7 +26,7 @@ OUT=${OUT:-runs/bench_gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(model e2e hashing engram_layer)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(model plan e2e hashing engram_layer)
 STATUS="$OUT/run_gpu.txt"
 # Extra arguments per part (word-split), e.g. a CPU smoke run:
 #   BENCH_MODEL_ARGS="--preset configs/tiny.py --repeats 2 --set data.batch_size=4"
@@ -95,6 +97,9 @@ for part in "${PARTS[@]}"; do
       run_part bench_model 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_model.py --json "$OUT/bench_model.json" $MODEL_ARGS ;;
     hashing)
       run_part bench_hashing 80 $PY bench/bench_hashing.py $HASHING_ARGS ;;
+    plan)
+      run_part plan_memory 170 bash -c "for v in configs/small.py configs/small.py:no_engram,dense; do \
+        for r in none full; do $PY bench/plan_memory.py \$v --remat \$r; done; done" ;;
     e2e)
       run_part bench_e2e 330 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_e2e.py --json "$OUT/bench_e2e.json" $E2E_ARGS ;;
     engram_layer)
@@ -105,7 +110,7 @@ for part in "${PARTS[@]}"; do
         echo "== engram_layer: bench/bench_engram_layer.py not found, skipped" >>"$STATUS"
       fi ;;
     *)
-      echo "== unknown part $part (expected model, hashing, e2e, engram_layer)" >>"$STATUS" ;;
+      echo "== unknown part $part (expected model, plan, hashing, e2e, engram_layer)" >>"$STATUS" ;;
   esac
 done
 cat "$STATUS"
