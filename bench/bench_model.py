@@ -143,7 +143,7 @@ def synthetic_batch(cfg: Config, seed: int = 0) -> Dict[str, np.ndarray]:
 
 
 def data_shardings(cfg: Config, mesh):
-  return {k: batch_sharding(mesh, len(v.shape)) for k, v in trainer._dummy_batch_shapes(cfg, 1).items()}
+  return {k: batch_sharding(mesh, len(v.shape)) for k, v in trainer.batch_shapes(cfg, 1).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from engram_jax import trainer
 from engram_jax.config import load_preset
@@ -36,13 +35,9 @@ def main():
   trainer.check_batch_divides_mesh(cfg, mesh)
   tx, shardings, abstract_state = trainer.state_shardings(cfg, mesh)
   B, T = cfg.data.batch_size, cfg.data.seq_len
-  shapes = {k: ((B, T), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-  shapes["loss_mask"] = ((B, T), jnp.float32)
-  if cfg.model.engram is not None:
-    e = cfg.model.engram
-    shapes["engram_ids"] = ((B, T, len(e.layer_ids), e.num_heads), jnp.int32)
-  batch_shardings = {k: batch_sharding(mesh, len(shape)) for k, (shape, _) in shapes.items()}
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k]) for k, (shape, dtype) in shapes.items()}
+  shapes = trainer.batch_shapes(cfg, B)
+  batch_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in shapes.items()}
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     step = jax.jit(trainer.make_train_step(cfg, tx), in_shardings=(shardings, batch_shardings),

@@ -84,7 +84,8 @@ def _loss_fn(cfg: Config):
 # State construction.
 
 
-def _dummy_batch_shapes(cfg: Config, batch: int):
+def batch_shapes(cfg: Config, batch: int):
+  """The train batch's arrays as ShapeDtypeStructs, `batch` rows of `cfg.data.seq_len` tokens."""
   T = cfg.data.seq_len
   shapes = {k: jax.ShapeDtypeStruct((batch, T), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
   shapes["loss_mask"] = jax.ShapeDtypeStruct((batch, T), jnp.float32)
@@ -172,7 +173,7 @@ def state_shardings(cfg: Config, mesh, tx=None):
 
 
 def init_state(cfg: Config, mesh, tx, shardings) -> TrainState:
-  batch = _dummy_batch_shapes(cfg, 1)
+  batch = batch_shapes(cfg, 1)
 
   def init():
     variables = Decoder(cfg.model).init(
@@ -457,7 +458,7 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
     state = init_state(cfg, mesh, tx, shardings)
     start = 0
 
-  data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in _dummy_batch_shapes(cfg, 1).items()}
+  data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, data_shardings),
                       out_shardings=(shardings, None), donate_argnums=(0,))

@@ -106,7 +106,6 @@ def test_dry_run_splits_engram_tables_over_every_device(pod_preset, devices):
 def lower_train_step(name: str, batch_size: int, seq_len: int):
   """Lower `name`'s train step for every device present, from abstract state and batch."""
   import flax.linen as nn
-  import jax.numpy as jnp
 
   from engram_jax import trainer
   from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
@@ -116,12 +115,9 @@ def lower_train_step(name: str, batch_size: int, seq_len: int):
   mesh = make_mesh(cfg.mesh)
   trainer.check_batch_divides_mesh(cfg, mesh)
   tx, shardings, abstract_state = trainer.state_shardings(cfg, mesh)
-  e = cfg.model.engram
-  shapes = {k: ((batch_size, seq_len), jnp.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-  shapes["loss_mask"] = ((batch_size, seq_len), jnp.float32)
-  shapes["engram_ids"] = ((batch_size, seq_len, len(e.layer_ids), e.num_heads), jnp.int32)
-  batch_shardings = {k: batch_sharding(mesh, len(shape)) for k, (shape, _) in shapes.items()}
-  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_shardings[k]) for k, (shape, dtype) in shapes.items()}
+  shapes = trainer.batch_shapes(cfg, batch_size)
+  batch_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in shapes.items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k]) for k, v in shapes.items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     step = jax.jit(trainer.make_train_step(cfg, tx), in_shardings=(shardings, batch_shardings),
                    out_shardings=(shardings, None), donate_argnums=(0,))
