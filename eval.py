@@ -50,6 +50,7 @@ def main(argv):
     raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
   from engram_jax import evaluation
   from engram_jax.config import Config, from_dict
+  from engram_jax.runner import load_config_from_checkpoint
 
   if _WORKDIR.value:
     checkpoint_dir = os.path.join(_WORKDIR.value, "checkpoints")
@@ -74,7 +75,7 @@ def main(argv):
   if _CONFIG.value is not None:
     cfg = from_dict(Config, _CONFIG.value)
   else:
-    cfg = evaluation.load_config_from_checkpoint(checkpoint_dir, _STEP.value)
+    cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
   import jax
 
   results = evaluation.evaluate_checkpoint(cfg, checkpoint_dir, options, step=_STEP.value, out_dir=out_dir,

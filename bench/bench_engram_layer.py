@@ -87,7 +87,8 @@ import numpy as np  # noqa: E402
 from engram_jax.config import EngramConfig  # noqa: E402
 from engram_jax.convert import params_to_official  # noqa: E402
 from engram_jax.engram import Engram, rms_norm  # noqa: E402
-from engram_jax.memory import ROWS_COLLECTION, lookup, table_layout  # noqa: E402
+from engram_jax import memory  # noqa: E402
+from engram_jax.memory import read_rows, table_layout  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FIXTURES = os.environ.get("ENGRAM_PARITY_FIXTURES",
@@ -145,7 +146,6 @@ def well_conditioned_hidden(params, cfg, layer, hidden, ids, seed):
   s = +-(6 + N(0, 1)) / sqrt(1 + c^2), never near 0. Scores near 0 are covered by the float64 gate,
   whose random hidden states have no such offset. Returns (hidden, min |s|).
   """
-  _, offsets, _ = table_layout(cfg, layer)
   eps = cfg.gate_norm_eps if cfg.gate_norm_eps is not None else float(jnp.finfo(hidden.dtype).eps)
   D = hidden.shape[-1]
   sign = np.random.default_rng(seed + 7).choice(np.array([-1.0, 1.0], hidden.dtype), size=hidden.shape[:3] + (1,))
@@ -153,7 +153,7 @@ def well_conditioned_hidden(params, cfg, layer, hidden, ids, seed):
   @jax.jit
   def build(p, noise, i, sgn):
     B, T, _ = i.shape
-    e = lookup(p["memory"]["table"], i, offsets).reshape(B, T, -1)  # [B,T,d_mem]
+    e = read_rows(p["memory"]["table"], cfg, layer, i).reshape(B, T, -1)  # [B,T,d_mem]
     key = jnp.einsum("btk,mkd->btmd", e, p["key_proj"], precision="highest") + p["key_bias"]
     nk = rms_norm(key, p["key_norm"], eps)
     h = (6.0 / np.sqrt(D)) * sgn * nk + noise
@@ -164,33 +164,43 @@ def well_conditioned_hidden(params, cfg, layer, hidden, ids, seed):
   return np.asarray(h), float(min_score)
 
 
+# One layer's parameters as a checkpoint holds them: the module's params plus {"memory": {"table"}}.
+
+
+def _layer_init(module, cfg, layer, M, D):
+  def init(key):
+    rows = jnp.zeros((1, 8, cfg.num_heads, cfg.head_dim), jnp.float32)
+    params = nn.meta.unbox(module.init(key, jnp.zeros((1, 8, M, D), jnp.float32), rows)["params"])
+    table = nn.meta.unbox(memory.init_tables(cfg, jax.random.fold_in(key, 1)))[memory.table_name(layer)]
+    return {**params, "memory": {"table": table}}
+  return init
+
+
 def init_params(module, cfg, layer, M, D, seed):
   """Jitted init (eager init of a billion-row table would be slow), params unboxed."""
-  H = cfg.num_heads
-  dummy_h = jnp.zeros((1, 8, M, D), jnp.float32)
-  dummy_ids = jnp.zeros((1, 8, H), jnp.int32)
-  init = jax.jit(lambda key: nn.meta.unbox(module.init(key, dummy_h, dummy_ids)["params"]))
-  return init(jax.random.key(seed))
+  return jax.jit(_layer_init(module, cfg, layer, M, D))(jax.random.key(seed))
 
 
-def abstract_params(module, cfg, M, D):
-  dummy_h = jax.ShapeDtypeStruct((1, 8, M, D), jnp.float32)
-  dummy_ids = jax.ShapeDtypeStruct((1, 8, cfg.num_heads), jnp.int32)
-  return jax.eval_shape(lambda key, h, i: nn.meta.unbox(module.init(key, h, i)["params"]),
-                        jax.random.key(0), dummy_h, dummy_ids)
+def abstract_params(module, cfg, layer, M, D):
+  return jax.eval_shape(_layer_init(module, cfg, layer, M, D), jax.random.key(0))
 
 
 def split_table(params):
-  rest = dict(params)
-  memory = dict(rest["memory"])
-  table = memory.pop("table")
-  rest["memory"] = memory
-  return rest, table
+  """(the module's params, the table)."""
+  rest = {k: v for k, v in params.items() if k != "memory"}
+  return rest, params["memory"]["table"]
+
+
+def apply_layer(module, cfg, layer, params, hidden, ids):
+  """The layer on per-head hash ids: rows read from its table (memory.read_rows), then the module."""
+  rest, table = split_table(params)
+  return module.apply({"params": rest}, hidden, read_rows(table, cfg, layer, ids))
 
 
 def to_torch_model(torch, torch_engram, params, cfg, layer, D, M, device, dtype):
   """The official-layout torch module holding `params` (converted by params_to_official)."""
-  sd = params_to_official(jax.tree.map(np.array, params), cfg, layer)  # writable host copies: torch takes them
+  rest, table = split_table(jax.tree.map(np.array, params))  # writable host copies: torch takes them
+  sd = params_to_official(rest, table, cfg, layer)
   with torch.device("meta"):
     model = torch_engram.TorchEngram.from_config(cfg, layer, D, M)
   torch_engram.load_official(model, sd)
@@ -202,26 +212,25 @@ def to_torch_model(torch, torch_engram, params, cfg, layer, D, M, device, dtype)
 # The timed steps.
 
 
-def jax_dense_step(module):
+def jax_dense_step(module, cfg, layer):
   def step(params, hidden, ids, ct):
-    _, vjp = jax.vjp(lambda p, h: module.apply({"params": p}, h, ids), params, hidden)
+    _, vjp = jax.vjp(lambda p, h: apply_layer(module, cfg, layer, p, h, ids), params, hidden)
     return vjp(ct)  # (param grads incl. the dense table gradient, hidden grad)
   return step
 
 
-def jax_row_sparse_step(module, offsets):
+def jax_row_sparse_step(module, cfg, layer):
   def step(rest, table, hidden, ids, ct):
-    rows = lookup(table, ids, offsets)  # [B,T,H,d]: the forward's gather, outside the VJP
-    fn = lambda p, r, h: module.apply({"params": p, ROWS_COLLECTION: {"memory": {"rows": r}}}, h, ids)  # noqa: E731
-    _, vjp = jax.vjp(fn, rest, rows, hidden)
+    rows = read_rows(table, cfg, layer, ids)  # [B,T,H,d]: the forward's gather, outside the VJP
+    _, vjp = jax.vjp(lambda p, r, h: module.apply({"params": p}, h, r), rest, rows, hidden)
     return vjp(ct)  # (grads of the other params, row grads [B,T,H,d], hidden grad)
   return step
 
 
-def jax_gate_step(module):
+def jax_gate_step(module, cfg, layer):
   """The float32/float64 gate's JAX side: output, hidden grad, dense-param grads, table grad at rows `u`."""
   def step(params, hidden, ids, ct, u):
-    out, vjp = jax.vjp(lambda p, h: module.apply({"params": p}, h, ids), params, hidden)
+    out, vjp = jax.vjp(lambda p, h: apply_layer(module, cfg, layer, p, h, ids), params, hidden)
     g_params, g_hidden = vjp(ct)
     g_rest, g_table = split_table(g_params)
     return out, g_hidden, g_rest, g_table[u]
@@ -271,19 +280,18 @@ def compile_steps(cfg, layer, D, M, B, T, module_bf16, module_f32, gate_BT):
   """The JAX steps compiled ahead of time at abstract shapes (nothing is allocated): the two timed
   steps and the float32 gate at `gate_BT`, all reused later. Returns ({name: compiled},
   {name: compile seconds})."""
-  params = abstract_params(module_bf16, cfg, M, D)
+  params = abstract_params(module_bf16, cfg, layer, M, D)
   rest, table = split_table(params)
   H = cfg.num_heads
   h = jax.ShapeDtypeStruct((B, T, M, D), jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((B, T, H), jnp.int32)
-  offsets = table_layout(cfg, layer)[1]
-  todo = {"jax_dense": (jax_dense_step(module_bf16), (params, h, ids, h)),
-          "jax_row_sparse": (jax_row_sparse_step(module_bf16, offsets), (rest, table, h, ids, h))}
+  todo = {"jax_dense": (jax_dense_step(module_bf16, cfg, layer), (params, h, ids, h)),
+          "jax_row_sparse": (jax_row_sparse_step(module_bf16, cfg, layer), (rest, table, h, ids, h))}
   gB, gT = gate_BT
   h32 = jax.ShapeDtypeStruct((gB, gT, M, D), jnp.float32)
   gids = jax.ShapeDtypeStruct((gB, gT, H), jnp.int32)
   u = jax.ShapeDtypeStruct((min(gB * gT * H, table.shape[0]),), jnp.int32)  # rows read, padded (see `gate`)
-  todo["float32_gate"] = (jax_gate_step(module_f32), (params, h32, gids, h32, u))
+  todo["float32_gate"] = (jax_gate_step(module_f32, cfg, layer), (params, h32, gids, h32, u))
   compiled, seconds = {}, {}
   for name, (fn, args) in todo.items():
     t0 = time.perf_counter()
@@ -392,14 +400,13 @@ def gate(torch, module, params, model, cfg, layer, B, T, M, D, dtype_name, devic
     after_torch()
 
   with jax.default_matmul_precision("highest"):
-    step = jax_step if jax_step is not None else jax.jit(jax_gate_step(module))
+    step = jax_step if jax_step is not None else jax.jit(jax_gate_step(module, cfg, layer))
     out, gh, g_rest, g_rows = step(params, hidden, ids, ct, uniq)
   out, gh, g_rows = np.asarray(out), np.asarray(gh), np.asarray(g_rows)[:n_uniq]
   g_rest = jax.tree.map(np.asarray, g_rest)
 
   # Our dense-param grads under the official names (the table is compared at the rows read).
-  placeholder = {**g_rest, "memory": {"table": np.zeros((1, cfg.head_dim), np_dtype)}}
-  ours_named = params_to_official(placeholder, cfg, layer)
+  ours_named = params_to_official(g_rest, np.zeros((1, cfg.head_dim), np_dtype), cfg, layer)
   errors = {"output": rel_errors(out, t_out), "grad_hidden": rel_errors(gh, t_gh),
             "grad_table_rows_read": rel_errors(g_rows, t_rows)}
   for name, g in t_grads.items():
@@ -481,8 +488,8 @@ def main(argv=None):
   layer = cfg.layer_ids[0]
   D, M, B, T = args.d_model, args.branches, args.batch, args.seq
   tokens = B * T
-  module_bf16 = Engram(cfg, layer, D, M, dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  module_f32 = Engram(cfg, layer, D, M, dtype=jnp.float32, param_dtype=jnp.float32)
+  module_bf16 = Engram(cfg, D, M, dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  module_f32 = Engram(cfg, D, M, dtype=jnp.float32, param_dtype=jnp.float32)
 
   results["shapes"] = {"d_model": D, "branches": M, "heads": cfg.num_heads, "n_head_per_ngram": cfg.n_head_per_ngram,
                        "n_embed_per_ngram": cfg.n_embed_per_ngram, "head_dim": cfg.head_dim, "d_mem": cfg.d_mem,
@@ -538,7 +545,7 @@ def main(argv=None):
     # Float64: the benchmark's widths, small tables, standard normal hidden states, 1 x min(256, seq) tokens.
     cfg64 = dataclasses.replace(cfg, vocab_size_per_ngram=(1009,) * cfg.num_orders)
     with jax.enable_x64(True):
-      module64 = Engram(cfg64, layer, D, M, dtype=jnp.float64, param_dtype=jnp.float64)
+      module64 = Engram(cfg64, D, M, dtype=jnp.float64, param_dtype=jnp.float64)
       params64 = init_params(module64, cfg64, layer, M, D, args.seed + 1)
       model64 = to_torch_model(torch, torch_engram, params64, cfg64, layer, D, M, device, torch.float64)
       rec = gate(torch, module64, params64, model64, cfg64, layer, *small_gate, M, D, "float64", device,

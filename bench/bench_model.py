@@ -67,10 +67,9 @@ from engram_jax import trainer
 from engram_jax.config import Config, load_preset
 from engram_jax.hashing import NgramHasher
 from engram_jax.layers import MLP
-from engram_jax.memory import sharded_lookup
 from engram_jax.model import param_counts
 from engram_jax.moe import MoE
-from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
+from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh, place_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_VARIANTS = ("base", "no_engram", "no_engram,dense")
@@ -244,21 +243,12 @@ def throughput(cfg: Config, seconds: float) -> Dict[str, Optional[float]]:
 
 def make_fwd_bwd(cfg: Config):
   """(params, model_state, batch) -> (loss, grads): the train step's gradient computation without the
-  update (mirrors trainer.make_train_step's `grads_of` for grad_accum_steps=1)."""
-  loss_fn = trainer._loss_fn(cfg)
-  sparse = trainer.sparse_tables(cfg)
-  blocks = trainer.engram_blocks(cfg)
+  update (`trainer.make_grads`: with row-sparse tables, gradients of the backbone and of the rows read)."""
+  grads_of = trainer.make_grads(cfg)
 
   def fwd_bwd(params, model_state, batch):
-    if not sparse:
-      (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, batch)
-      return loss, grads
-    rest, tables = trainer.split_tables(cfg, params)
-    ids = {name: batch["engram_ids"][:, :, i] + jnp.asarray(off, jnp.int32) for name, i, off in blocks}
-    rows = {name: sharded_lookup(tables[name], ids[name]) for name in tables}  # [B,T,H,d]
-    fn = lambda r, rw: loss_fn(trainer.merge_tables(r, tables), model_state, batch, rw)  # noqa: E731
-    (loss, _), grads = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(rest, rows)
-    return loss, grads
+    loss, _, grads, row_grads = grads_of(params, model_state, batch)
+    return loss, (grads, row_grads)
 
   return fwd_bwd
 
@@ -278,7 +268,7 @@ def measure_model(cfg: Config, mesh, *, warmup: int, repeats: int, fwd_bwd: bool
   state = trainer.init_state(cfg, mesh, tx, shardings)
   jax.block_until_ready(state)
   result["init_s"] = time.perf_counter() - t0
-  batch = trainer._global_batch(synthetic_batch(cfg), mesh)
+  batch = place_batch(synthetic_batch(cfg), mesh)
   batch_shard = data_shardings(cfg, mesh)
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):

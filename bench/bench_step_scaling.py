@@ -22,7 +22,7 @@ from engram_jax import data as data_lib
 from engram_jax import trainer
 from engram_jax.config import MeshConfig, load_preset
 from engram_jax.memory import table_layout
-from engram_jax.sharding import make_mesh
+from engram_jax.sharding import make_mesh, place_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ def main():
                                 train=dataclasses.replace(base.train, engram_sparse_updates=sparse))
       # Hash ids depend on the table sizes: rebuild the batch for this config.
       hashed = next(data_lib.make_train_iterator(cfg.data, engram=engram, vocab_size=cfg.model.vocab_size))
-      batch = trainer._global_batch(hashed, mesh)
+      batch = place_batch(hashed, mesh)
       row["sparse_s" if sparse else "dense_s"] = step_time(cfg, mesh, batch, args.repeats)
     results.append(row)
     print(json.dumps(row), flush=True)

@@ -39,7 +39,6 @@ bug and then overwrite the evidence with new saves).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import threading

@@ -8,7 +8,7 @@ buffer), `value_proj.{weight [D, d_mem], bias}`, `key_projs.{m}.{weight, bias}`,
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
@@ -23,8 +23,9 @@ def _np(x) -> np.ndarray:
 
 
 def official_to_params(state_dict: Mapping[str, Any], cfg: EngramConfig, layer_id: int, num_branches: int,
-                       dtype=np.float32) -> Dict[str, Any]:
-  """Official state dict -> the `params` subtree of one `engram.Engram` module."""
+                       dtype=np.float32) -> Tuple[Dict[str, Any], np.ndarray]:
+  """Official state dict -> (the `params` of one `engram.Engram` module, the layer's table [rows, d]
+  padded as memory.table_layout says; memory.merge puts it into a model's parameters)."""
   sd = {k: _np(v) for k, v in state_dict.items()}
   M = num_branches
   required = ["multi_head_embedding.embedding.weight", "value_proj.weight", "value_proj.bias",
@@ -48,7 +49,6 @@ def official_to_params(state_dict: Mapping[str, Any], cfg: EngramConfig, layer_i
   D = sd["value_proj.weight"].shape[0]
   stack = lambda fmt: np.stack([sd[fmt.format(m)] for m in range(M)])  # noqa: E731
   params = {
-      "memory": {"table": table},
       "key_proj": stack("key_projs.{}.weight").transpose(0, 2, 1),  # [M, d_mem, D]
       "key_bias": stack("key_projs.{}.bias"),
       "value_proj": sd["value_proj.weight"].T,
@@ -58,14 +58,14 @@ def official_to_params(state_dict: Mapping[str, Any], cfg: EngramConfig, layer_i
       "conv_norm": stack("short_conv.norms.{}.weight"),
       "conv_kernel": conv[:, 0, :].T.reshape(conv.shape[-1], M, D),  # [K, M, D]
   }
-  return _cast(params, dtype)
+  return _cast(params, dtype), table.astype(dtype)
 
 
-def params_to_official(params: Mapping[str, Any], cfg: EngramConfig, layer_id: int) -> Dict[str, np.ndarray]:
-  """The `params` subtree of one `engram.Engram` module -> the official state dict (numpy arrays)."""
-  p = {k: (dict(v) if isinstance(v, Mapping) else _np(v)) for k, v in params.items()}
+def params_to_official(params: Mapping[str, Any], table, cfg: EngramConfig, layer_id: int) -> Dict[str, np.ndarray]:
+  """One `engram.Engram` module's `params` and its layer's table -> the official state dict (numpy)."""
+  p = {k: _np(v) for k, v in params.items()}
   sizes, offsets, _ = table_layout(cfg, layer_id)
-  table = _np(p["memory"]["table"])[:int(sizes.sum())]
+  table = _np(table)[:int(sizes.sum())]
   K, M, D = p["conv_kernel"].shape
   sd = {
       "multi_head_embedding.offsets": offsets.copy(),

@@ -232,7 +232,7 @@ class TokenizedCorpus:
     return cls(flat.astype(np.int32), starts, lengths, counts)
 
 
-def _special_id(tokenizer, token: str, field: str) -> int:
+def special_id(tokenizer, token: str, field: str) -> int:
   tid = tokenizer.token_to_id(token)
   if tid is None:
     raise ValueError(f"DataConfig.{field}={token!r} is not a token of the tokenizer "
@@ -242,8 +242,8 @@ def _special_id(tokenizer, token: str, field: str) -> int:
 
 def tokenize_documents(docs: Sequence[str], tokenizer, cfg: DataConfig) -> TokenizedCorpus:
   """Tokenises (batch encoder, no post-processor specials) and adds bos/eos per document."""
-  bos = _special_id(tokenizer, cfg.bos_token, "bos_token") if cfg.add_bos else None
-  eos = _special_id(tokenizer, cfg.eos_token, "eos_token") if cfg.add_eos else None
+  bos = special_id(tokenizer, cfg.bos_token, "bos_token") if cfg.add_bos else None
+  eos = special_id(tokenizer, cfg.eos_token, "eos_token") if cfg.add_eos else None
   encodings = tokenizer.encode_batch(list(docs), add_special_tokens=False)
   lists = []
   for enc in encodings:
@@ -269,7 +269,7 @@ class PackedRows:
   def __init__(self, corpus: TokenizedCorpus, seq_len: int, *, pad_id: int, remainder: str = "pad",
                shuffle: bool = False, seed: int = 0, num_epochs: Optional[int] = 1,
                global_batch: int = 1, process_index: int = 0, process_count: int = 1,
-               hasher=None, compressed_tokenizer=None, engram_pad_id: Optional[int] = None,
+               hashing=None,
                vocab_size: Optional[int] = None, with_document_ids: bool = False):
     if remainder not in ("pad", "drop"):
       raise ValueError(f"remainder={remainder!r}: expected 'pad' or 'drop'")
@@ -309,15 +309,14 @@ class PackedRows:
                          "remainder='drop' would drop them all")
     self.real_rows = None if num_epochs is None else self.rows_per_epoch * num_epochs
     self._len = global_rows // process_count
-    # Engram hashing: compressed ids of the whole corpus, once (also the vocabulary range check).
-    self.hasher = hasher
-    if hasher is not None:
-      if compressed_tokenizer is None or engram_pad_id is None:
-        raise ValueError("hashing needs the compressed tokenizer and the raw Engram pad id")
-      self._ctokens = compressed_tokenizer.compress(corpus.tokens).astype(np.int32)
-      self._cpad = int(compressed_tokenizer.compress(np.array([engram_pad_id]))[0])
-      self._cpad_token = int(compressed_tokenizer.compress(np.array([self.pad_id]))[0])
-      self._max_n = hasher.cfg.max_ngram_size
+    # Engram hashing (a hashing.EngramHashing): compressed ids of the whole corpus, once (also the
+    # vocabulary range check).
+    self.hashing = hashing
+    if hashing is not None:
+      self._ctokens = hashing.compress(corpus.tokens).astype(np.int32)
+      self._cpad = hashing.compressed_pad_id
+      self._cpad_token = int(hashing.compress(np.array([self.pad_id]))[0])
+      self._max_n = hashing.max_ngram_size
     self._layouts: Dict[int, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
     self._lock = threading.Lock()
 
@@ -398,7 +397,7 @@ class PackedRows:
       positions[:n] = idx - seg_start
     out = dict(tokens=tokens, targets=targets, segment_ids=segment_ids, positions=positions,
                loss_mask=loss_mask)
-    if self.hasher is not None:
+    if self.hashing is not None:
       out["engram_ids"] = self._hash(offset, flat, n)
     if self.with_document_ids:
       document_ids = np.full(T, -1, np.int32)
@@ -424,14 +423,14 @@ class PackedRows:
     for back in range(1, max_n):
       has_context = n and offset[0] - back >= 0
       seq[max_n - 1 - back] = ctok[flat[0] - back] if has_context else self._cpad
-    ids = self.hasher.hash_numpy(seq)[max_n - 1:]  # [T, L, H]
+    ids = self.hashing.hasher.hash_numpy(seq)[max_n - 1:]  # [T, L, H]
     starts = np.flatnonzero(doc_offset[1:] == 0) + 1
     fix = np.unique((starts[:, None] + np.arange(max_n - 1)[None, :]).ravel())
     fix = fix[fix < T]
     if fix.size:
       windows = np.stack([np.where(doc_offset[fix] - back >= 0, seq[max_n - 1 + fix - back], self._cpad)
                           for back in range(max_n - 1, -1, -1)], axis=-1)  # [F, max_n]
-      ids[fix] = self.hasher.hash_numpy(windows)[:, -1]
+      ids[fix] = self.hashing.hasher.hash_numpy(windows)[:, -1]
     return ids
 
 
@@ -495,14 +494,15 @@ def _file_key(files: Sequence[str]):
   return tuple(keys)
 
 
-def _hashing(tokenizer, fingerprint: str, engram: Optional[EngramConfig]):
+def engram_hashing(tokenizer, engram: Optional[EngramConfig]):
+  """The `hashing.EngramHashing` of a tokenizer and Engram config (None without Engram), built once
+  per process and tokenizer (compressing a vocabulary decodes every token)."""
   if engram is None:
-    return {}
-  from engram_jax.hashing import CompressedTokenizer, NgramHasher
+    return None
+  from engram_jax.hashing import CompressedTokenizer, EngramHashing
 
-  ct = _cached(("compressed", fingerprint), lambda: CompressedTokenizer(tokenizer))
-  return dict(hasher=NgramHasher.from_tokenizer(engram, ct), compressed_tokenizer=ct,
-              engram_pad_id=engram.pad_id)
+  compressed = _cached(("compressed", _fingerprint(tokenizer)), lambda: CompressedTokenizer(tokenizer))
+  return EngramHashing(engram, compressed)
 
 
 def tokenized_split(cfg: DataConfig, split: str = "train", tokenizer=None) -> TokenizedCorpus:
@@ -523,7 +523,7 @@ def packed_rows(cfg: DataConfig, split: str = "train", *, engram: Optional[Engra
   pi, pc = _process(process_index, process_count)
   tokenizer = load_tokenizer(cfg.tokenizer_path) if tokenizer is None else tokenizer
   corpus = tokenized_split(cfg, split, tokenizer)
-  pad = _special_id(tokenizer, cfg.pad_token, "pad_token")
+  pad = special_id(tokenizer, cfg.pad_token, "pad_token")
   if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
     raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary "
                      f"has {vocab_size}: token ids up to {tokenizer.get_vocab_size() - 1} would be out of range")
@@ -532,7 +532,7 @@ def packed_rows(cfg: DataConfig, split: str = "train", *, engram: Optional[Engra
       corpus, cfg.seq_len, pad_id=pad, remainder=cfg.remainder if train else "pad",
       shuffle=cfg.shuffle and train, seed=cfg.seed, num_epochs=cfg.num_epochs if train else 1,
       global_batch=cfg.batch_size, process_index=pi, process_count=pc, vocab_size=vocab_size,
-      with_document_ids=not train, **_hashing(tokenizer, _fingerprint(tokenizer), engram))
+      with_document_ids=not train, hashing=engram_hashing(tokenizer, engram))
 
 
 def _ensure_absl_flags_parsed():

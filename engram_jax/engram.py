@@ -1,6 +1,8 @@
 """The Engram module: gated N-gram memory plus a short causal conv, over M hyper-connection branches.
 
-For hidden states h [B,T,M,D] and hash ids [B,T,H]:
+For hidden states h [B,T,M,D] and the H head rows [B,T,H,d] read for this layer's hash ids
+(memory.gather; the module never touches the table, so where the rows come from, device or host,
+and whether the table or the rows are differentiated is the caller's choice):
   e       = concat of the H head rows                                    [B,T,d_mem]
   k_m     = W_K^m e + b_K^m,  v = W_V e + b_V                            (M key projections, one value)
   alpha_m = sigmoid(signed_sqrt(<RMSNorm(k_m), RMSNorm(h_m)> / sqrt(D)))  [B,T,M]
@@ -20,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from engram_jax.config import EngramConfig
-from engram_jax.memory import EngramMemory
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
@@ -56,19 +57,19 @@ class Engram(nn.Module):
   """One Engram layer for M branches of width D (see the module docstring for the equations)."""
 
   cfg: EngramConfig
-  layer_id: int
   d_model: int
   num_branches: int = 1
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, hidden: jax.Array, hash_ids: jax.Array, return_gates: bool = False):
+  def __call__(self, hidden: jax.Array, rows: jax.Array, return_gates: bool = False):
     cfg, D, M = self.cfg, self.d_model, self.num_branches
     if hidden.ndim != 4 or hidden.shape[2:] != (M, D):
       raise ValueError(f"hidden states have shape {hidden.shape}; expected [B, T, {M}, {D}] (branches, width)")
-    if hash_ids.shape[:2] != hidden.shape[:2]:
-      raise ValueError(f"hash ids have shape {hash_ids.shape}; expected [B, T, heads] with [B, T] = {hidden.shape[:2]}")
+    if rows.shape != hidden.shape[:2] + (cfg.num_heads, cfg.head_dim):
+      raise ValueError(f"rows have shape {rows.shape}; expected [B, T, heads, head_dim] = "
+                       f"{hidden.shape[:2] + (cfg.num_heads, cfg.head_dim)}")
     dtype = jnp.dtype(self.dtype)
     d_mem = cfg.d_mem
     param = lambda name, init, shape, axes: self.param(  # noqa: E731
@@ -76,7 +77,7 @@ class Engram(nn.Module):
     fan_in = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
     ones, zeros = nn.initializers.ones, nn.initializers.zeros
 
-    e = EngramMemory(cfg, self.layer_id, self.param_dtype, name="memory")(hash_ids).astype(dtype)  # [B,T,d_mem]
+    e = rows.reshape(rows.shape[:2] + (cfg.d_mem,)).astype(dtype)  # [B,T,d_mem]
 
     w_key = param("key_proj", fan_in, (M, d_mem, D), ("branch", "mem", "embed"))
     b_key = param("key_bias", zeros, (M, D), ("branch", "embed"))

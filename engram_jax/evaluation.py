@@ -1,13 +1,8 @@
-"""Evaluation: benchmark losses and bits per byte, Engram knock-out, gate statistics, a multi-query
-needle-in-a-haystack probe and multiple-choice scoring (eval.py is a thin absl main over this).
+"""Evaluation: benchmark losses and bits per byte, Engram knock-out, gate statistics, and the
+orchestration of a whole evaluation with its probes (eval.py is a thin absl main over this).
 
-Everything goes through one jitted forward over batches of a fixed shape [B, T] that returns the
-per-token loss, the greedy prediction and every Engram gate. The knock-out scale `engram_scale` is
-an argument, and custom rows (needle prompts, multiple-choice continuations, a text to visualise)
-are right-padded to the eval split's row length, so one compilation serves the whole evaluation;
-a second one happens only for rows longer than `data.seq_len` (padded to `model.max_seq_len`).
-Right-padding cannot change a causal model's outputs at earlier positions: attention is causal,
-Engram hash ids are suffix n-grams, and the Engram conv is causal.
+The model runs through `runner.ModelRunner` (one jitted forward, the knock-out scale an argument);
+the needle-in-a-haystack and multiple-choice probes live in `probes.py`.
 
 Definitions (the README's "Evaluation (eval.py)" section documents every number of results.json):
 - loss: mean next-token cross-entropy in nats over every predicted token of the documents counted
@@ -30,23 +25,18 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import data as data_lib
 from engram_jax.config import Config
-from engram_jax.model import Decoder, param_counts
-from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
+from engram_jax.model import param_counts
+from engram_jax.probes import make_niah_queries, read_mc_file, score_multiple_choice, score_niah
+from engram_jax.runner import ModelRunner, gather_global
 
 SCHEMA_VERSION = 1
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _QUANTILE_KEYS = tuple(f"p{int(round(q * 100)):02d}" for q in QUANTILES)
-
-# (contexts, continuations) -> (log-likelihood of each continuation [N], greedy match [N] bool).
-ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tuple[np.ndarray, np.ndarray]]
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalOptions:
@@ -213,374 +203,6 @@ def top_ngrams(tokens: np.ndarray, document_ids: np.ndarray, gates: np.ndarray, 
 
 
 # ----------------------------------------------------------------------------------------------
-# The model runner.
-
-
-def _gather(x) -> np.ndarray:
-  """A (possibly multi-process) jax array or local numpy batch -> the global numpy array."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils
-
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _forward_fn(cfg: Config):
-  model = Decoder(cfg.model)
-  layers = cfg.model.engram.layer_ids if cfg.model.engram is not None else ()
-
-  def forward(params, model_state, batch, engram_scale):
-    (logits, _), inter = model.apply(
-        {"params": params, **model_state}, batch["tokens"], positions=batch["positions"],
-        segment_ids=batch["segment_ids"], engram_ids=batch.get("engram_ids"), engram_scale=engram_scale,
-        mutable=["intermediates"])
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    nll = jax.nn.logsumexp(logits, -1) - target_logit  # [B,T]
-    argmax = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,T]
-    B, T = batch["tokens"].shape
-    if layers:
-      # Engram blocks are never scanned, so each sows its gates [B,T,M] once under its own name.
-      gates = jnp.stack([inter["intermediates"][f"layer_{l}"]["engram"]["gates"][0] for l in layers], axis=2)
-    else:
-      gates = jnp.zeros((B, T, 0, cfg.model.mhc.expansion), jnp.float32)
-    return {"nll": nll, "argmax": argmax, "gates": gates.astype(jnp.float32)}  # gates [B,T,L,M]
-
-  return forward
-
-
-class ModelRunner:
-  """A model with its params on a mesh, and what it takes to feed it rows of token ids.
-
-  `forward(batch, engram_scale)` runs the one jitted function on a batch of [rows, T] numpy arrays
-  (the keys of `data.eval_batches`); `score` and `gate_trace` build such batches from token lists.
-  """
-
-  def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None):
-    self.cfg = cfg
-    self.params = params
-    self.model_state = model_state
-    self.mesh = mesh if mesh is not None else eval_mesh(cfg)
-    self.tokenizer = tokenizer if tokenizer is not None else data_lib.load_tokenizer(cfg.data.tokenizer_path)
-    engram = cfg.model.engram
-    self.engram_layers: Tuple[int, ...] = tuple(engram.layer_ids) if engram is not None else ()
-    self.branches = cfg.model.mhc.expansion
-    self.pad_id = data_lib._special_id(self.tokenizer, cfg.data.pad_token, "pad_token")
-    self.bos_id = data_lib._special_id(self.tokenizer, cfg.data.bos_token, "bos_token") if cfg.data.add_bos else None
-    if engram is not None:
-      from engram_jax.hashing import CompressedTokenizer, NgramHasher
-
-      self.compressed = CompressedTokenizer(self.tokenizer)
-      self.hasher = NgramHasher.from_tokenizer(engram, self.compressed)
-    # Rows per device batch: a multiple of the batch-sharded devices, so any mesh takes it.
-    self.row_multiple = int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-    self.batch_rows = -(-cfg.data.batch_size // self.row_multiple) * self.row_multiple
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      self._forward = jax.jit(_forward_fn(cfg))
-
-  # -- scales ------------------------------------------------------------------------------------
-
-  def scale(self, off: Sequence[int] = ()) -> np.ndarray:
-    """engram_scale [num_engram_layers]: 0 for the Engram layers in `off`, 1 elsewhere."""
-    unknown = set(off) - set(self.engram_layers)
-    if unknown:
-      raise ValueError(f"Engram layers {sorted(unknown)} do not exist: the model has {self.engram_layers}")
-    return np.array([0.0 if l in off else 1.0 for l in self.engram_layers], np.float32)
-
-  # -- forward -----------------------------------------------------------------------------------
-
-  def forward(self, batch: Dict[str, np.ndarray], engram_scale=None) -> Dict[str, np.ndarray]:
-    """This process's batch of rows [b, T] -> global numpy {"nll", "argmax" [R, T], "gates" [R, T, L, M]}.
-
-    Rows are padded up to a multiple of the mesh's batch devices (and cut off again), so the batch
-    size need not divide the device count.
-    """
-    keys = ("tokens", "targets", "segment_ids", "positions") + (("engram_ids",) if self.engram_layers else ())
-    rows = len(batch["tokens"])
-    local_multiple = max(1, self.row_multiple // jax.process_count())
-    padded_rows = -(-rows // local_multiple) * local_multiple
-    arrays = {}
-    for key in keys:
-      value = np.asarray(batch[key])
-      if key in ("tokens", "targets"):
-        value = value.astype(np.int32)
-      if padded_rows > rows:
-        fill = self.pad_id if key in ("tokens", "targets") else 0
-        value = np.concatenate([value, np.full((padded_rows - rows,) + value.shape[1:], fill, value.dtype)])
-      arrays[key] = jax.make_array_from_process_local_data(batch_sharding(self.mesh, value.ndim), value)
-    scale = self.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      out = self._forward(self.params, self.model_state, arrays, jnp.asarray(scale))
-    out = {k: _gather(v) for k, v in out.items()}
-    if padded_rows > rows:
-      # Each process padded its own rows: drop the padding rows of every process's slice.
-      pc = jax.process_count()
-      out = {k: np.concatenate([v[p * padded_rows:p * padded_rows + rows] for p in range(pc)])
-             for k, v in out.items()}
-    return out
-
-  # -- rows from token lists ---------------------------------------------------------------------
-
-  def row_length(self, longest: int) -> int:
-    """The padded row length for rows of up to `longest` tokens: data.seq_len (the eval batches'
-    shape, no new compilation) or model.max_seq_len."""
-    if longest <= self.cfg.data.seq_len:
-      return self.cfg.data.seq_len
-    if longest <= self.cfg.model.max_seq_len:
-      return self.cfg.model.max_seq_len
-    raise ValueError(f"a row of {longest} tokens is longer than model.max_seq_len={self.cfg.model.max_seq_len}")
-
-  def make_batch(self, rows: Sequence[Sequence[int]], length: int) -> Dict[str, np.ndarray]:
-    """Global batch [len(rows), length] of single-document rows, right-padded, with hash ids."""
-    R = len(rows)
-    tokens = np.full((R, length), self.pad_id, np.int32)
-    targets = np.full((R, length), self.pad_id, np.int32)
-    segment_ids = np.zeros((R, length), np.int32)
-    positions = np.zeros((R, length), np.int32)
-    for i, row in enumerate(rows):
-      row = np.asarray(row, np.int32)
-      n = len(row)
-      if n > length:
-        raise ValueError(f"row {i} has {n} tokens: expected at most {length}")
-      tokens[i, :n] = row
-      targets[i, :n - 1] = row[1:]
-      segment_ids[i, :n] = 1
-      positions[i, :n] = np.arange(n)
-    batch = {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions}
-    if self.engram_layers:
-      # Padding after a row's end hashes as pad tokens; suffix n-grams never reach back into it.
-      batch["engram_ids"] = self.hasher.hash_numpy(self.compressed.compress(tokens))
-    return batch
-
-  def run_rows(self, rows: Sequence[Sequence[int]], engram_scale=None) -> List[Dict[str, np.ndarray]]:
-    """Outputs for each row ({"nll", "argmax" [n], "gates" [n, L, M]} cut to the row's length)."""
-    outputs: List[Optional[Dict[str, np.ndarray]]] = [None] * len(rows)
-    by_length: Dict[int, List[int]] = {}
-    for i, row in enumerate(rows):
-      by_length.setdefault(self.row_length(len(row)), []).append(i)
-    pi, pc = jax.process_index(), jax.process_count()
-    per_batch = -(-self.batch_rows // pc) * pc
-    for length, index in by_length.items():
-      for start in range(0, len(index), per_batch):
-        chunk = index[start:start + per_batch]
-        group = [rows[i] for i in chunk] + [[self.pad_id]] * (per_batch - len(chunk))
-        batch = self.make_batch(group, length)
-        b = per_batch // pc
-        local = {k: v[pi * b:(pi + 1) * b] for k, v in batch.items()}
-        out = self.forward(local, engram_scale)
-        for j, i in enumerate(chunk):
-          n = len(rows[i])
-          outputs[i] = {k: v[j, :n] for k, v in out.items()}
-    return outputs
-
-  def score(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
-            engram_scale=None) -> Tuple[np.ndarray, np.ndarray]:
-    """(log-likelihood of each continuation given its context [N], whether greedy decoding from the
-    context would produce the continuation exactly [N]). Teacher forcing makes the two agree: greedy
-    decoding emits the continuation iff every continuation token is the argmax at its position."""
-    if len(contexts) != len(continuations):
-      raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations: expected one each")
-    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
-      if len(ctx) < 1 or len(cont) < 1:
-        raise ValueError(f"pair {i}: context of {len(ctx)} and continuation of {len(cont)} tokens; "
-                         "expected at least one token each")
-    rows = [list(c) + list(x) for c, x in zip(contexts, continuations)]
-    outs = self.run_rows(rows, engram_scale)
-    logprob = np.zeros(len(rows))
-    greedy = np.zeros(len(rows), bool)
-    for i, (ctx, cont, out) in enumerate(zip(contexts, continuations, outs)):
-      span = slice(len(ctx) - 1, len(ctx) - 1 + len(cont))  # positions predicting the continuation
-      logprob[i] = -float(np.sum(out["nll"][span], dtype=np.float64))
-      greedy[i] = bool(np.all(out["argmax"][span] == np.asarray(cont)))
-    return logprob, greedy
-
-  def score_fn(self, engram_scale=None) -> ScoreFn:
-    return lambda contexts, continuations: self.score(contexts, continuations, engram_scale)
-
-  # -- text --------------------------------------------------------------------------------------
-
-  def encode(self, text: str) -> List[int]:
-    return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-  def gate_trace(self, text: str, engram_scale=None) -> Tuple[List[str], np.ndarray]:
-    """(the text of each token, as its span of `text` ("<bos>" for bos), gates [n, L, M])."""
-    if not self.engram_layers:
-      raise ValueError("the model has no Engram layer (model.engram is None): there are no gates to show")
-    enc = self.tokenizer.encode(text, add_special_tokens=False)
-    ids = list(enc.ids)
-    pieces = [text[a:b] for a, b in enc.offsets]
-    # Byte-level pieces of one character share its span: show the character once.
-    for i in range(1, len(pieces)):
-      if enc.offsets[i] == enc.offsets[i - 1]:
-        pieces[i] = ""
-    if self.bos_id is not None:
-      ids, pieces = [self.bos_id] + ids, [self.cfg.data.bos_token] + pieces
-    if len(ids) < 1:
-      raise ValueError("gate text is empty: expected some text to tokenise")
-    out = self.run_rows([ids], engram_scale)[0]
-    return pieces, out["gates"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Needle in a haystack.
-
-
-@dataclasses.dataclass
-class NiahQuery:
-  """One query of one haystack: the prompt, the candidate values (token ids) and the true one."""
-
-  length: int  # the requested row length (context + longest candidate)
-  context: List[int]
-  candidates: List[List[int]]
-  answer: int
-  key: str = ""
-  values: Tuple[str, ...] = ()
-
-
-_SYLLABLES = tuple(a + b for a in "bdfgklmnprstvz" for b in ("a", "e", "i", "o", "u", "ai", "ou"))
-
-
-def _invented_word(rng: np.random.Generator) -> str:
-  return "".join(_SYLLABLES[rng.integers(len(_SYLLABLES))] for _ in range(3))
-
-
-def needle_text(key: str, value: str) -> str:
-  return f" The magic number for {key} is {value}."
-
-
-def query_text(key: str) -> str:
-  return f" The magic number for {key} is"
-
-
-def make_niah_queries(haystack: np.ndarray, encode: Callable[[str], List[int]], lengths: Sequence[int], *,
-                      num_needles: int = 2, num_candidates: int = 4, num_examples: int = 8, seed: int = 0,
-                      bos_id: Optional[int] = None) -> List[NiahQuery]:
-  """Multi-query needle-in-a-haystack prompts (RULER's MQ-NIAH, scored by likelihood).
-
-  Per example: `num_needles` sentences " The magic number for <key> is <value>." (invented keys,
-  distinct 4-digit values) inserted at random token positions of a slice of `haystack` (token ids
-  of real text), then one query per needle: the shared context followed by " The magic number for
-  <key> is". Candidates are " <value>" for every needle's value plus random values absent from the
-  context, in random order. The haystack slice is as long as fits, so context + the longest
-  candidate is exactly `length` tokens.
-  """
-  rng = np.random.default_rng(seed)
-  haystack = np.asarray(haystack)
-  queries: List[NiahQuery] = []
-  for length in lengths:
-    for _ in range(num_examples):
-      keys: List[str] = []
-      while len(keys) < num_needles:
-        word = _invented_word(rng)
-        if word not in keys:
-          keys.append(word)
-      values = [str(v) for v in rng.choice(np.arange(1000, 10000), num_candidates, replace=False)]
-      needles = [encode(needle_text(k, v)) for k, v in zip(keys, values)]
-      query_tokens = [encode(query_text(k)) for k in keys]
-      candidate_tokens = [encode(" " + v) for v in values]
-      fixed = (bos_id is not None) + sum(map(len, needles)) + max(map(len, query_tokens)) + max(
-          map(len, candidate_tokens))
-      budget = length - fixed
-      if budget < 0:
-        raise ValueError(f"niah length {length}: {num_needles} needles, a query and a value take {fixed} tokens; "
-                         f"expected a length of at least {fixed} (or fewer needles)")
-      if budget > len(haystack):
-        raise ValueError(f"niah length {length} needs {budget} haystack tokens but the held-out text has "
-                         f"{len(haystack)}")
-      start = int(rng.integers(0, len(haystack) - budget + 1))
-      hay = [int(t) for t in haystack[start:start + budget]]
-      cuts = np.sort(rng.integers(0, budget + 1, num_needles))
-      order = rng.permutation(num_needles)  # needles appear in random order
-      body: List[int] = [] if bos_id is None else [bos_id]
-      last = 0
-      for cut, j in zip(cuts, order):
-        body += hay[last:cut] + needles[j]
-        last = int(cut)
-      body += hay[last:]
-      for j, key in enumerate(keys):
-        # The longest query must still leave room for the longest candidate: pad shorter queries'
-        # rows with nothing; every row is at most `length` tokens.
-        perm = [int(p) for p in rng.permutation(num_candidates)]
-        queries.append(NiahQuery(length=int(length), context=body + query_tokens[j],
-                                 candidates=[candidate_tokens[p] for p in perm], answer=perm.index(j),
-                                 key=key, values=tuple(values[p] for p in perm)))
-  return queries
-
-
-def score_niah(queries: Sequence[NiahQuery], score_fn: ScoreFn) -> List[Dict[str, float]]:
-  """Per length: accuracy (the true value has the highest log-likelihood among the candidates;
-  ties go to the earlier candidate), greedy_accuracy (greedy decoding after the query produces the
-  true value exactly), and mean_answer_logprob (log-likelihood of the true value, nats)."""
-  contexts, continuations, owner = [], [], []
-  for q, query in enumerate(queries):
-    for cand in query.candidates:
-      contexts.append(query.context)
-      continuations.append(cand)
-      owner.append(q)
-  logprob, greedy = score_fn(contexts, continuations)
-  logprob, greedy, owner = np.asarray(logprob, np.float64), np.asarray(greedy, bool), np.asarray(owner)
-  per_length: Dict[int, List[Tuple[bool, bool, float]]] = {}
-  for q, query in enumerate(queries):
-    idx = np.flatnonzero(owner == q)
-    lp = logprob[idx]
-    per_length.setdefault(query.length, []).append(
-        (int(np.argmax(lp)) == query.answer, bool(greedy[idx[query.answer]]), float(lp[query.answer])))
-  out = []
-  for length in sorted(per_length):
-    rows = per_length[length]
-    out.append({"length": length, "queries": len(rows), "accuracy": float(np.mean([r[0] for r in rows])),
-                "greedy_accuracy": float(np.mean([r[1] for r in rows])),
-                "mean_answer_logprob": float(np.mean([r[2] for r in rows]))})
-  return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Multiple choice.
-
-
-def read_mc_file(path: str) -> List[dict]:
-  """Probes of a JSONL file: one {"question", "choices", "answer" (index)} object per line."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"multiple-choice file {path!r} does not exist (expected JSONL with question, "
-                            "choices, answer)")
-  probes = []
-  for lineno, p in data_lib.read_jsonl(path):
-    ok = (isinstance(p, dict) and isinstance(p.get("question"), str) and isinstance(p.get("choices"), list)
-          and len(p["choices"]) >= 2 and all(isinstance(c, str) and c for c in p["choices"])
-          and isinstance(p.get("answer"), int) and 0 <= p["answer"] < len(p["choices"]))
-    if not ok:
-      raise ValueError(f"{path}:{lineno}: expected {{\"question\": str, \"choices\": [>= 2 non-empty str], "
-                       f"\"answer\": index into choices}}, got {json.dumps(p)[:200]}")
-    probes.append(p)
-  if not probes:
-    raise ValueError(f"multiple-choice file {path!r} holds no question")
-  return probes
-
-
-def score_multiple_choice(probes: Sequence[dict], encode: Callable[[str], List[int]], score_fn: ScoreFn,
-                          bos_id: Optional[int] = None) -> Dict[str, float]:
-  """accuracy: the answer's continuation " <choice>" after the question has the highest summed
-  log-likelihood; accuracy_norm: the highest log-likelihood per UTF-8 byte of " <choice>" (longer
-  choices are not penalised for their length). Ties go to the earlier choice."""
-  contexts, continuations, owner, nbytes = [], [], [], []
-  for q, p in enumerate(probes):
-    context = ([] if bos_id is None else [bos_id]) + encode(p["question"])
-    for choice in p["choices"]:
-      contexts.append(context)
-      continuations.append(encode(" " + choice))
-      owner.append(q)
-      nbytes.append(len((" " + choice).encode("utf-8")))
-  logprob, _ = score_fn(contexts, continuations)
-  logprob, owner, nbytes = np.asarray(logprob, np.float64), np.asarray(owner), np.asarray(nbytes)
-  correct, correct_norm = [], []
-  for q, p in enumerate(probes):
-    idx = np.flatnonzero(owner == q)
-    correct.append(int(np.argmax(logprob[idx])) == p["answer"])
-    correct_norm.append(int(np.argmax(logprob[idx] / nbytes[idx])) == p["answer"])
-  return {"questions": len(probes), "accuracy": float(np.mean(correct)), "accuracy_norm": float(np.mean(correct_norm))}
-
-
-# ----------------------------------------------------------------------------------------------
 # The whole evaluation.
 
 
@@ -627,7 +249,7 @@ def _evaluate_set(runner: ModelRunner, name: str, files, options: EvalOptions, c
   totals = {off: DocumentTotals.zeros(corpus.num_documents) for off in scales}
   stream = {"tokens": [], "document_ids": [], "gates": []}
   for local in batches:
-    glob = {k: _gather(local[k]) for k in ("loss_mask", "document_ids", "tokens", "segment_ids")}
+    glob = {k: gather_global(local[k]) for k in ("loss_mask", "document_ids", "tokens", "segment_ids")}
     for off, scale in scales.items():
       out = runner.forward(local, scale)
       totals[off].add(out["nll"], glob["loss_mask"], glob["document_ids"])
@@ -829,51 +451,14 @@ def write_results(results: dict, out_dir: str) -> str:
   return path
 
 
-def load_config_from_checkpoint(checkpoint_dir: str, step: Optional[int] = None) -> Config:
-  """The Config train.py saved in a checkpoint's metadata (so eval.py can run without --config)."""
-  from engram_jax import checkpoint as ckpt_lib
-  from engram_jax.config import CheckpointConfig, from_dict
-
-  if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
-                            "written by train.py)")
-  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
-  try:
-    meta = manager.read_metadata(step)
-  finally:
-    manager.close()
-  if meta is None:
-    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-  if not meta.get("config"):
-    raise ValueError(f"checkpoint {checkpoint_dir!r} has no config in its metadata: pass --config")
-  return from_dict(Config, meta["config"])
-
-
-def eval_mesh(cfg: Config, log: Callable[[str], None] = print):
-  """The config's mesh over this machine's devices; if its fixed axis sizes do not fit them (a run
-  trained on another machine), every device on the data axis instead: restore reshards either way."""
-  from engram_jax.config import MeshConfig
-
-  try:
-    return make_mesh(cfg.mesh)
-  except ValueError as e:
-    log(f"mesh {cfg.mesh} does not fit the {jax.device_count()} devices here ({e}); using data parallelism")
-    return make_mesh(MeshConfig())
-
-
 def evaluate_checkpoint(cfg: Config, checkpoint_dir: str, options: EvalOptions = EvalOptions(), *,
                         step: Optional[int] = None, mesh=None, out_dir: Optional[str] = None,
                         gate_text: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
   """Restores `checkpoint_dir` onto `mesh` (default: every device), evaluates, and writes
   `out_dir/results.json` (plus the gate visualisation of `gate_text`) when out_dir is given."""
-  from engram_jax.trainer import restore_for_eval
-
   options.check_files()
-  mesh = mesh if mesh is not None else eval_mesh(cfg, log)
-  params, model_state, step = restore_for_eval(cfg, checkpoint_dir, mesh=mesh, step=step)
-  log(f"restored step {step} from {checkpoint_dir} onto {mesh.devices.size} device(s)")
-  runner = ModelRunner(cfg, params, model_state, mesh)
-  results = run_evaluation(runner, options, step=int(step), checkpoint_dir=os.path.abspath(checkpoint_dir),
+  runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log)
+  results = run_evaluation(runner, options, step=runner.step, checkpoint_dir=os.path.abspath(checkpoint_dir),
                            gate_text=gate_text, out_dir=out_dir, log=log)
   if out_dir and jax.process_index() == 0:
     write_results(results, out_dir)

@@ -317,3 +317,52 @@ class NgramHasher:
         heads.append(_signed_mod64(mix_hi, mix_lo, primes))
       per_layer.append(jnp.concatenate(heads, axis=-1))
     return jnp.stack(per_layer, axis=-2).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The one object that turns raw token ids into hash ids.
+
+
+class EngramHashing:
+  """Raw token ids -> Engram hash ids: the compressed-id lookup, the N-gram hasher and the pad ids.
+
+  Built once per (Engram config, tokenizer) (`data.engram_hashing` caches it) and shared by the data
+  pipeline (numpy, on the host), the model runner (numpy, for custom rows) and decoding (jnp, in the
+  step: `hash_jnp` compresses with `lookup_array()`, a device array, then hashes). Both backends give
+  the same ids, so a decode step's ids equal what the pipeline gives for the whole sequence.
+  """
+
+  def __init__(self, cfg: EngramConfig, tokenizer):
+    self.cfg = cfg
+    self.compressed = tokenizer if isinstance(tokenizer, CompressedTokenizer) else CompressedTokenizer(tokenizer)
+    self.hasher = NgramHasher.from_tokenizer(cfg, self.compressed)
+    self.pad_id = int(cfg.pad_id)  # raw id that positions before a sequence's start stand for
+    self.compressed_pad_id = self.hasher.pad_id
+    self.vocab_size = self.compressed.vocab_size
+
+  @property
+  def max_ngram_size(self) -> int:
+    return self.cfg.max_ngram_size
+
+  def compress(self, ids) -> np.ndarray:
+    """Raw ids -> compressed ids (int64; range-checked)."""
+    return self.compressed.compress(ids)
+
+  def hash_numpy(self, ids) -> np.ndarray:
+    """int32 [..., T, num_layers, heads] from raw ids [..., T] (positions before the start: the pad id)."""
+    return self.hasher.hash_numpy(self.compress(ids))
+
+  def lookup_array(self) -> jnp.ndarray:
+    """The compressed-id lookup [raw vocab] as an int32 device array, to pass into a jitted step."""
+    return jnp.asarray(self.compressed.lookup.astype(np.int32))
+
+  def hash_jnp(self, ids, lookup=None) -> jnp.ndarray:
+    """`hash_numpy` in-graph (bit-identical): raw ids [..., T] -> int32 [..., T, num_layers, heads].
+
+    `lookup` is `lookup_array()` (pass it as an argument of a jitted function rather than letting it
+    become a constant of every compiled program). Out-of-range raw ids are clamped, not checked:
+    validate them on the host.
+    """
+    lookup = self.lookup_array() if lookup is None else lookup
+    ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, lookup.shape[0] - 1)
+    return self.hasher.hash_jnp(jnp.take(lookup, ids, axis=0))

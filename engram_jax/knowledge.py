@@ -169,12 +169,3 @@ def write_knowledge(corpus: KnowledgeCorpus, out_dir: str) -> Dict[str, str]:
     for probe in corpus.probes:
       f.write(json.dumps(probe) + "\n")
   return paths
-
-
-def read_probes(path: str) -> List[dict]:
-  with open(path, encoding="utf-8") as f:
-    probes = [json.loads(line) for line in f if line.strip()]
-  for i, p in enumerate(probes):
-    if not {"question", "choices", "answer"} <= set(p) or not 0 <= p["answer"] < len(p["choices"]):
-      raise ValueError(f"{path} record {i}: expected question, choices and an answer index into choices")
-  return probes

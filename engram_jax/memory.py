@@ -1,16 +1,23 @@
-"""The Engram table of one layer: one flat parameter holding every head's rows, and its lookup.
+"""The Engram tables: where they live in the parameters, how rows are read, how row updates are written.
 
-All heads (every order, every head) live in one [rows, head_dim] table at per-head row offsets, as
-in the official demo, rather than one parameter per head: one param shards its rows over the whole
-mesh evenly, and one gather serves every head. The row count is padded up to a multiple of
-`table_pad_multiple` so the rows divide every power-of-two mesh up to that size; padding rows are
-never addressed, so they receive no gradient and no update.
+This module is the one answer to "where do table rows come from, and where do their updates go?":
 
-A step must not cost more as the table grows (the paper's systems claim), so besides the plain
-`lookup` this file has the two pieces that make that hold on a mesh whose every axis splits the
-rows: `sharded_lookup`, whose forward and backward move only the distinct rows each device reads
-(all-to-all to and from the rows' owners), and a row-sparse (lazy) Adam, `sparse_adam_update`,
-which reads and writes only the rows read this step, in place.
+- Layout. All heads (every order, every head) of one Engram layer live in one flat [rows, head_dim]
+  table at per-head row offsets (`table_layout`), as in the official demo, rather than one parameter
+  per head: one param shards its rows over the whole mesh evenly, and one gather serves every head.
+  Rows are padded up to a multiple of `TABLE_PAD_MULTIPLE` so they divide every power-of-two mesh up
+  to that size; padding rows are never addressed.
+- Place in the parameters. The model (model.py, engram.py) never touches a table: it consumes rows.
+  The tables are created here (`init_tables`) and stored in the parameter tree at
+  `params[table_name(layer)]["engram"]["memory"]["table"]` (the checkpoint layout); `split` takes
+  them out ({table name: table}) and `merge` puts them back. Nothing else names that path.
+- Reading rows. `gather(tables, engram_ids)` turns per-head hash ids into rows for every Engram
+  layer. For tables on the devices it is `sharded_lookup`: an all-to-all to the rows' owners whose
+  forward and backward move only the distinct rows each device reads.
+- Writing updates. Training differentiates either the tables through `gather` (dense Adam, optax) or
+  the gathered rows themselves (the default): then `sparse_update` applies a row-sparse (lazy) Adam
+  that reads and writes only the rows read this step, in place, so a step does not cost more as the
+  table grows (the paper's systems claim).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -28,10 +35,14 @@ from jax.sharding import PartitionSpec
 
 from engram_jax.config import EngramConfig
 from engram_jax.hashing import head_table_sizes
-from engram_jax.sharding import logical_to_spec
+from engram_jax.sharding import logical_to_spec, rule_axes, spec_entry
 
 # Rows of every table are padded up to a multiple of this (divides every power-of-two mesh <= 1024).
 TABLE_PAD_MULTIPLE = 1024
+# Logical axes of a table (sharding.py maps them: rows over every mesh axis).
+TABLE_AXES = ("table_rows", "table_dim")
+# Where a layer's table sits under its block in the parameter tree (the checkpoint layout).
+_IN_BLOCK = ("engram", "memory", "table")
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,47 +61,107 @@ def table_layout(cfg: EngramConfig, layer_id: int) -> Tuple[np.ndarray, np.ndarr
   return sizes, offsets, padded
 
 
-def lookup(table: jax.Array, hash_ids: jax.Array, offsets: np.ndarray) -> jax.Array:
-  """Rows for per-head hash ids: table [R, d], hash_ids [..., H] (local to each head) -> [..., H, d].
-
-  A plain gather: under jit with the table's rows sharded, XLA partitions it; its transpose is a
-  scatter-add, so only the rows read receive gradient.
-  """
-  rows = hash_ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)
-  return jnp.take(table, rows, axis=0, mode="clip")
+# ----------------------------------------------------------------------------------------------
+# The tables in the parameter tree.
 
 
-ROWS_COLLECTION = "engram_rows"
+def table_name(layer_id: int) -> str:
+  """The key of a layer's table in `split`'s dict (and of its lazy Adam state): its block's name."""
+  return f"layer_{layer_id}"
 
 
-class EngramMemory(nn.Module):
-  """The table param of one Engram layer; returns the concatenated memory vector e [..., H*d].
+def table_names(cfg: Optional[EngramConfig]) -> Tuple[str, ...]:
+  return () if cfg is None else tuple(table_name(l) for l in cfg.layer_ids)
 
-  The rows are read with `sharded_lookup` (a plain gather on one device). When the caller supplies
-  them already gathered, as the `ROWS_COLLECTION` variable "rows" [..., H, d], the table is not
-  touched: the row-sparse trainer gathers rows outside the differentiated function and takes the
-  gradient with respect to them, so no [R, d] gradient ever exists.
-  """
 
-  cfg: EngramConfig
-  layer_id: int
-  param_dtype: jnp.dtype = jnp.float32
+def init_tables(cfg: EngramConfig, key: jax.Array, dtype=jnp.float32) -> Dict[str, nn.LogicallyPartitioned]:
+  """Fresh tables {table name: [rows, head_dim] ~ N(0, table_init_std)}, boxed with their logical axes."""
+  init = nn.with_logical_partitioning(nn.initializers.normal(cfg.table_init_std), TABLE_AXES)
+  return {table_name(l): init(jax.random.fold_in(key, l), (table_layout(cfg, l)[2], cfg.head_dim), dtype)
+          for l in cfg.layer_ids}
 
-  @nn.compact
-  def __call__(self, hash_ids: jax.Array) -> jax.Array:
-    sizes, offsets, rows = table_layout(self.cfg, self.layer_id)
-    if hash_ids.shape[-1] != len(sizes):
-      raise ValueError(f"hash ids have {hash_ids.shape[-1]} heads on their last axis; layer {self.layer_id} "
-                       f"expects {len(sizes)} ({self.cfg.num_orders} orders x {self.cfg.n_head_per_ngram} heads)")
-    if self.has_variable(ROWS_COLLECTION, "rows"):
-      rows_ = self.get_variable(ROWS_COLLECTION, "rows")  # [..., H, d]
+
+def is_table_path(path) -> bool:
+  """Whether a key path (jax.tree_util) leads to a table, in a params tree or in anything shaped like
+  one (an optimizer moment, a sharding tree)."""
+  keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+  return keys[-len(_IN_BLOCK):] == _IN_BLOCK
+
+
+def split(params) -> Tuple[dict, Dict[str, object]]:
+  """(params without the tables, {table name: table}); works on any tree shaped like the params
+  (values, boxes, shardings, ShapeDtypeStructs). The input is not modified."""
+  backbone, tables = dict(params), {}
+  for name, block in params.items():
+    node, parents = block, []
+    for key in _IN_BLOCK[:-1]:
+      if not isinstance(node, dict) or key not in node:
+        break
+      parents.append(node)
+      node = node[key]
     else:
-      table = self.param(
-          "table",
-          nn.with_logical_partitioning(nn.initializers.normal(self.cfg.table_init_std), ("table_rows", "table_dim")),
-          (rows, self.cfg.head_dim), self.param_dtype)
-      rows_ = sharded_lookup(table, hash_ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32))  # [..., H, d]
-    return rows_.reshape(hash_ids.shape[:-1] + (len(sizes) * self.cfg.head_dim,))
+      if isinstance(node, dict) and _IN_BLOCK[-1] in node:
+        tables[name] = node[_IN_BLOCK[-1]]
+        backbone[name] = _without(block, _IN_BLOCK)
+  return backbone, tables
+
+
+def _without(tree: dict, path: Tuple[str, ...]) -> dict:
+  out = dict(tree)
+  if len(path) == 1:
+    del out[path[0]]
+  else:
+    out[path[0]] = _without(tree[path[0]], path[1:])
+  return out
+
+
+def merge(backbone, tables: Dict[str, object]) -> dict:
+  """The inverse of `split`: the full parameter tree."""
+  params = dict(backbone)
+  for name, table in tables.items():
+    block = dict(params.get(name, {}))
+    engram = dict(block.get(_IN_BLOCK[0], {}))
+    engram[_IN_BLOCK[1]] = {**engram.get(_IN_BLOCK[1], {}), _IN_BLOCK[2]: table}
+    block[_IN_BLOCK[0]] = engram
+    params[name] = block
+  return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading rows.
+
+
+def row_ids(cfg: EngramConfig, engram_ids: jax.Array) -> Dict[str, jax.Array]:
+  """{table name: global row ids [..., H]} from per-head hash ids engram_ids [..., num_layers, H]."""
+  return {table_name(l): _offset(cfg, l, engram_ids[..., i, :]) for i, l in enumerate(cfg.layer_ids)}
+
+
+def _offset(cfg: EngramConfig, layer_id: int, hash_ids: jax.Array) -> jax.Array:
+  return hash_ids.astype(jnp.int32) + jnp.asarray(table_layout(cfg, layer_id)[1], jnp.int32)
+
+
+def read_rows(table: jax.Array, cfg: EngramConfig, layer_id: int, hash_ids: jax.Array, mesh=None, *,
+              capacity_factor: Optional[float] = 2.0) -> jax.Array:
+  """One layer's rows [..., H, head_dim] for its per-head hash ids [..., H] (local to each head)."""
+  if hash_ids.shape[-1] != cfg.num_heads:
+    raise ValueError(f"hash ids have {hash_ids.shape[-1]} heads on their last axis; layer {layer_id} expects "
+                     f"{cfg.num_heads} ({cfg.num_orders} orders x {cfg.n_head_per_ngram} heads)")
+  return sharded_lookup(table, _offset(cfg, layer_id, hash_ids), mesh, capacity_factor=capacity_factor)
+
+
+def gather(tables: Dict[str, jax.Array], cfg: EngramConfig, engram_ids: jax.Array, mesh=None, *,
+           capacity_factor: Optional[float] = 2.0) -> Dict[str, jax.Array]:
+  """Rows of every Engram layer: {table name: [..., H, head_dim]} for hash ids [..., num_layers, H].
+
+  Tables on the devices (today's placement) are read with `sharded_lookup` on `mesh` (default: the
+  context mesh; with one device a plain gather). This is differentiable: its transpose sends row
+  gradients to the rows' owners.
+  """
+  if engram_ids.shape[-2:] != (len(cfg.layer_ids), cfg.num_heads):
+    raise ValueError(f"engram_ids has shape {engram_ids.shape}; expected [..., {len(cfg.layer_ids)} Engram layers, "
+                     f"{cfg.num_heads} heads]")
+  return {table_name(l): read_rows(tables[table_name(l)], cfg, l, engram_ids[..., i, :], mesh,
+                                   capacity_factor=capacity_factor) for i, l in enumerate(cfg.layer_ids)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,17 +198,6 @@ class _Routing:
     return self.capacity >= self.ids_per_device
 
 
-def _rule_axes(logical: str, mesh) -> Tuple[str, ...]:
-  """The mesh axes the rules give a logical name, keeping those this mesh has."""
-  entry = logical_to_spec((logical,))[0]
-  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return tuple(a for a in names if a in mesh.axis_names)
-
-
-def _entry(axes: Tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def _resolve_mesh(mesh):
   """The mesh to shard over, or None when there is only one device (the plain gather is exact)."""
   if mesh is None:
@@ -164,8 +224,8 @@ def _round_capacity(ids_per_device: int, shards: int, capacity_factor: Optional[
 
 
 def _routing(mesh, rows: int, num_ids: int, capacity_factor: Optional[float]) -> _Routing:
-  table_axes = _rule_axes("table_rows", mesh)
-  batch_axes = _rule_axes("batch", mesh)
+  table_axes = rule_axes("table_rows", mesh)
+  batch_axes = rule_axes("batch", mesh)
   unowned = [a for a in mesh.axis_names if a not in table_axes and mesh.shape[a] > 1]
   if unowned:
     raise ValueError(f"mesh axes {unowned} are not in the 'table_rows' rule {table_axes}: the table would be "
@@ -287,10 +347,10 @@ def _lookup_bwd_body(grads_, uniq_, inv_, *, route: _Routing, dim: int, dtype):
 
 
 def _lookup_specs(route: _Routing):
-  table = PartitionSpec(_entry(route.table_axes), None)
-  ids = PartitionSpec(_entry(route.batch_axes))
-  out = PartitionSpec(_entry(route.batch_axes), None)
-  per_device = PartitionSpec(_entry(route.table_axes))
+  table = PartitionSpec(spec_entry(route.table_axes), None)
+  ids = PartitionSpec(spec_entry(route.batch_axes))
+  out = PartitionSpec(spec_entry(route.batch_axes), None)
+  per_device = PartitionSpec(spec_entry(route.table_axes))
   return table, ids, out, per_device
 
 
@@ -332,7 +392,7 @@ def sharded_lookup(table: jax.Array, rows: jax.Array, mesh=None, *,
   row-major and the result is `rows.shape + (d,)`). The table's rows are split over every mesh
   axis ("table_rows" rule); the ids and the result are split over the "batch" axes and replicated
   over the rest. `mesh` defaults to the context mesh (`jax.set_mesh`); with one device (or none)
-  this is `jnp.take(table, rows, axis=0, mode="clip")`, like `lookup`.
+  this is `jnp.take(table, rows, axis=0, mode="clip")`.
 
   Why a shard_map rather than `jnp.take` under jit: XLA partitions a gather from a row-sharded
   operand by all-gathering the ids and having every shard gather the rows it owns for all N ids,
@@ -361,7 +421,7 @@ def sharded_lookup(table: jax.Array, rows: jax.Array, mesh=None, *,
     make U_s much smaller than n), whereas jnp.take under jit moves ~N * d * b per device.
     capacity_factor=None sets c = n: one round always, but S * n slots per device per round.
 
-  Out-of-range ids are clamped to [0, R) as `lookup` clamps them (the gradient goes to the clamped
+  Out-of-range ids are clamped to [0, R) (the gradient goes to the clamped
   row): a compiled program cannot raise, so range checks belong to the host, where the hasher
   produces ids below each head's size by construction.
   """
@@ -522,10 +582,41 @@ def sparse_adam_update(table: jax.Array, state: SparseAdamState, rows: jax.Array
     flat = jnp.pad(flat, (0, padded), constant_values=num_rows)
     grads = jnp.pad(grads, ((0, padded), (0, 0)))
   table_spec, ids_spec, grads_spec, _ = _lookup_specs(route)
-  count_spec = PartitionSpec(_entry(route.table_axes))
+  count_spec = PartitionSpec(spec_entry(route.table_axes))
   body = jax.shard_map(
       functools.partial(_adam_body, route=route, hyper=hyper), mesh=mesh,
       in_specs=(table_spec, table_spec, table_spec, count_spec, ids_spec, grads_spec, PartitionSpec()),
       out_specs=(table_spec, table_spec, table_spec, count_spec))
   table, m, v, count = body(table, state.m, state.v, state.count, flat, grads, jnp.asarray(lr, jnp.promote_types(table.dtype, jnp.float32)))
   return table, SparseAdamState(m, v, count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing updates: lazy Adam over every table.
+
+
+def sparse_init(tables: Dict[str, jax.Array]) -> Dict[str, SparseAdamState]:
+  """{table name: zero lazy Adam state} (moments like the table, a step count per row)."""
+  return {name: sparse_adam_init(table) for name, table in tables.items()}
+
+
+def sparse_state_shardings(table_shardings: Dict[str, jax.sharding.NamedSharding]) -> Dict[str, SparseAdamState]:
+  """Shardings of `sparse_init`'s state from the tables' shardings: moments and counts split by rows."""
+  count = lambda s: jax.sharding.NamedSharding(s.mesh, sparse_adam_state_specs().count)  # noqa: E731
+  return {name: SparseAdamState(m=s, v=s, count=count(s)) for name, s in table_shardings.items()}
+
+
+def sparse_update(tables: Dict[str, jax.Array], states: Dict[str, SparseAdamState], cfg: EngramConfig,
+                  engram_ids: jax.Array, row_grads: Dict[str, jax.Array], *, lr, b1: float, b2: float,
+                  eps: float) -> Tuple[Dict[str, jax.Array], Dict[str, SparseAdamState]]:
+  """One lazy Adam step of every table at the rows read: engram_ids [..., num_layers, H] (any leading
+  axes, e.g. micro-batches), row_grads {table name: [..., H, head_dim]} (the gradient with respect to
+  `gather`'s output). See `sparse_adam_update` for the semantics."""
+  ids = row_ids(cfg, engram_ids)
+  new_tables, new_states = {}, {}
+  for name, table in tables.items():
+    d = table.shape[-1]
+    new_tables[name], new_states[name] = sparse_adam_update(
+        table, states[name], ids[name].reshape(-1), row_grads[name].reshape(-1, d).astype(table.dtype),
+        lr=lr, b1=b1, b2=b2, eps=eps)
+  return new_tables, new_states

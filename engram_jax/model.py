@@ -7,6 +7,10 @@ Blocks are grouped into runs of identical structure (dense / MoE); a run longer 
 an `nn.scan` over stacked params, so compile time does not grow with depth. Engram blocks always
 stand alone: each Engram layer has its own prime-sized table, so no two are stackable.
 
+The model consumes Engram rows, never tables: `engram_rows` {table name: [B,T,H,d]} come from
+`memory.gather` (the tables live in the same parameter tree, but memory.py creates, splits and reads
+them), so how rows are placed, gathered and differentiated is decided outside the model.
+
 Engram knock-out (the paper's sensitivity analysis) is an input, not a config: `engram_scale`
 [num_engram_layers] multiplies each layer's Y, so one compiled function serves the full model
 and every knock-out (scale 0 removes that layer's contribution exactly).
@@ -21,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from engram_jax import memory
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
 from engram_jax.layers import MLP, Attention, RMSNorm
@@ -72,15 +77,15 @@ class Block(nn.Module):
   engram_layer: Optional[int] = None
 
   @nn.compact
-  def __call__(self, streams, positions, segment_ids, engram_ids, engram_scale):
+  def __call__(self, streams, positions, segment_ids, engram_rows, engram_scale):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     norm = lambda name: RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name=name)  # noqa: E731
     stats: Dict[str, jax.Array] = {}
 
     if self.engram_layer is not None:
-      y, gates = Engram(cfg.engram, self.engram_layer, cfg.d_model, cfg.mhc.expansion, dtype=dtype,
-                        param_dtype=pdtype, name="engram")(streams, engram_ids, return_gates=True)
+      y, gates = Engram(cfg.engram, cfg.d_model, cfg.mhc.expansion, dtype=dtype,
+                        param_dtype=pdtype, name="engram")(streams, engram_rows, return_gates=True)
       streams = (streams + engram_scale.astype(y.dtype) * y).astype(streams.dtype)
       stats["engram_gate_mean"] = jnp.mean(gates, axis=(0, 1))  # [M]
 
@@ -101,8 +106,9 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-  """The language model. Call with tokens [B,T] (and positions, segment ids, Engram hash ids
-  [B,T,num_engram_layers,heads]); returns (logits [B,T,V] float32, aux).
+  """The language model without its Engram tables. Call with tokens [B,T] (and positions, segment
+  ids, Engram rows {table name: [B,T,heads,head_dim]} from `memory.gather`); returns (logits
+  [B,T,V] float32, aux). `init_variables` adds the tables to the parameters.
 
   aux: "moe": {segment name: stats stacked over the run's layers}, "engram_gate_mean":
   [num_engram_layers, M], "aux_loss": the summed MoE balance losses.
@@ -111,7 +117,7 @@ class Decoder(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, engram_ids=None, engram_scale=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, engram_rows=None, engram_scale=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     tokens = jnp.asarray(tokens)
@@ -122,13 +128,10 @@ class Decoder(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
     if engram_layers:
-      heads = cfg.engram.num_heads
-      if engram_ids is None:
-        raise ValueError("engram_ids is required: the model has Engram layers "
-                         f"{engram_layers}; compute them with NgramHasher.hash_numpy (or hash_jnp)")
-      if engram_ids.shape != (B, T, len(engram_layers), heads):
-        raise ValueError(f"engram_ids has shape {engram_ids.shape}; expected {(B, T, len(engram_layers), heads)} "
-                         "[batch, seq, engram layers, heads]")
+      names = memory.table_names(cfg.engram)
+      if engram_rows is None or set(engram_rows) != set(names):
+        raise ValueError(f"engram_rows has tables {None if engram_rows is None else sorted(engram_rows)}; expected "
+                         f"{sorted(names)}: read them with memory.gather(tables, cfg.engram, engram_ids)")
       engram_scale = jnp.ones((len(engram_layers),), dtype) if engram_scale is None else jnp.asarray(engram_scale)
 
     embedding = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
@@ -146,7 +149,7 @@ class Decoder(nn.Module):
       if seg.engram:
         i = engram_layers.index(seg.start)
         streams, stats = block_cls(cfg, seg.moe, seg.start, name=seg.name)(
-            streams, positions, segment_ids, engram_ids[:, :, i], engram_scale[i])
+            streams, positions, segment_ids, engram_rows[memory.table_name(seg.start)], engram_scale[i])
         aux["engram_gate_mean"].append(stats["engram_gate_mean"])
       elif seg.length == 1:
         streams, stats = block_cls(cfg, seg.moe, name=seg.name)(streams, positions, segment_ids, None, None)
@@ -177,13 +180,53 @@ class Decoder(nn.Module):
     return logits, aux
 
 
+_TABLE_KEY = 0x7AB1E  # folded into the init key for the tables (the Decoder's own params use the key as is)
+
+
+def init_variables(cfg: ModelConfig, key: jax.Array, batch: int = 1, seq: int = 8):
+  """Every variable of a fresh model, boxed with logical axis names: the Decoder's, plus the Engram
+  tables (memory.init_tables) in the parameters."""
+  tokens = jnp.zeros((batch, seq), jnp.int32)
+  rows = None
+  if cfg.engram is not None:
+    e = cfg.engram
+    rows = {name: jnp.zeros((batch, seq, e.num_heads, e.head_dim), jnp.dtype(cfg.dtype))
+            for name in memory.table_names(e)}
+  variables = dict(Decoder(cfg).init(key, tokens, engram_rows=rows))
+  if cfg.engram is not None:
+    tables = memory.init_tables(cfg.engram, jax.random.fold_in(key, _TABLE_KEY), jnp.dtype(cfg.param_dtype))
+    variables["params"] = memory.merge(variables["params"], tables)
+  return variables
+
+
+def forward(cfg: ModelConfig, params, model_state, batch, *, engram_scale=None, rows=None, mutable=False):
+  """The model on a batch {"tokens", "positions", "segment_ids", "engram_ids" [B,T,L,H]}: returns
+  Decoder.apply's result ((logits, aux), plus the mutated collections with `mutable`).
+
+  Engram rows are read from the tables in `params` with `memory.gather` (differentiable through the
+  tables) unless `rows` are given (then `params` may hold the backbone alone): the one forward that
+  training, its eval step and the model runner share.
+  """
+  backbone, tables = memory.split(params)
+  if rows is None and cfg.engram is not None:
+    rows = memory.gather(tables, cfg.engram, batch["engram_ids"])
+  return Decoder(cfg).apply({"params": backbone, **model_state}, batch["tokens"], positions=batch.get("positions"),
+                            segment_ids=batch.get("segment_ids"), engram_rows=rows, engram_scale=engram_scale,
+                            mutable=mutable)
+
+
+def token_nll(logits: jax.Array, targets: jax.Array):
+  """(next-token negative log-likelihood [B,T], log normaliser [B,T]) in float32: the one token loss
+  of training, evaluation and scoring."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return log_z - target_logit, log_z
+
+
 def abstract_variables(cfg: ModelConfig, batch: int = 1, seq: int = 8):
   """ShapeDtypeStructs of every variable (boxed with logical axis names), allocating nothing."""
-  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-  engram_ids = None
-  if cfg.engram is not None:
-    engram_ids = jax.ShapeDtypeStruct((batch, seq, len(cfg.engram.layer_ids), cfg.engram.num_heads), jnp.int32)
-  return jax.eval_shape(lambda t, e: Decoder(cfg).init(jax.random.key(0), t, engram_ids=e), tokens, engram_ids)
+  return jax.eval_shape(lambda: init_variables(cfg, jax.random.key(0), batch, seq))
 
 
 def param_counts(cfg: ModelConfig) -> Dict[str, int]:
@@ -200,7 +243,7 @@ def param_counts(cfg: ModelConfig) -> Dict[str, int]:
     keys = [getattr(k, "key", str(k)) for k in path]
     size = int(leaf.size)
     counts["total"] += size
-    if keys[-1] == "table" and "memory" in keys:
+    if memory.is_table_path(path):
       counts["engram"] += size
     elif keys == ["embedding"] or keys == ["lm_head"]:
       counts["embedding"] += size

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from engram_jax.config import ModelConfig
-from engram_jax.sharding import LOGICAL_RULES, logical_to_spec
+from engram_jax.sharding import rule_axes, spec_entry
 
 # Linen collection of the (non-trained) selection bias; scanned decoders give it a layer axis too.
 BALANCE_COLLECTION = "moe_state"
@@ -284,17 +284,6 @@ def _routed_ep_body(x_, expert_ids_, weights_, w_gate_, w_up_, w_down_, *, exper
   return y_, jax.lax.psum(dropped_, batch_axes)
 
 
-def _mesh_axes(logical: str, mesh) -> Tuple[str, ...]:
-  """The mesh axes the rules give a logical name, keeping those this mesh has."""
-  entry = logical_to_spec((logical,), LOGICAL_RULES)[0]
-  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-  return tuple(a for a in names if a in mesh.axis_names)
-
-
-def _spec_entry(axes: Tuple[str, ...]):
-  return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def resolve_dispatch(dispatch: str) -> str:
   """"auto" -> "ragged" off CPU (XLA:CPU has no ragged all-to-all), else "capacity"."""
   if dispatch == "auto":
@@ -335,18 +324,18 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_ga
     expert_fn = lambda rows, group_sizes: _grouped_swiglu(rows, group_sizes, w_gate, w_up, w_down)
     return _routed_local(x, expert_ids, weights, num_experts, capacity, expert_fn)
 
-  expert_axes = _mesh_axes("expert", mesh)
+  expert_axes = rule_axes("expert", mesh)
   shards = math.prod(mesh.shape[a] for a in expert_axes)
 
   if num_experts % shards:
     raise ValueError(f"num_experts={num_experts}: expected a multiple of the expert-parallel size "
                      f"{shards} (mesh axes {expert_axes})")
-  mlp_axes = _mesh_axes("expert_mlp", mesh)
+  mlp_axes = rule_axes("expert_mlp", mesh)
   mlp_shards = math.prod(mesh.shape[a] for a in mlp_axes)
   if w_gate.shape[2] % mlp_shards:
     raise ValueError(f"expert_hidden={w_gate.shape[2]}: expected a multiple of {mlp_shards} "
                      f"(mesh axes {mlp_axes} of the 'expert_mlp' rule)")
-  batch_axes = _mesh_axes("batch", mesh)
+  batch_axes = rule_axes("batch", mesh)
   if set(batch_axes) & set(mlp_axes):
     raise ValueError(f"'batch' axes {batch_axes} and 'expert_mlp' axes {mlp_axes} overlap: "
                      "tokens must be replicated over the shards of an expert's hidden dim")
@@ -367,14 +356,14 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_ga
     expert_ids = jnp.pad(expert_ids, ((0, padded), (0, 0)), constant_values=num_experts)
     weights = jnp.pad(weights, ((0, padded), (0, 0)))
 
-  rows = PartitionSpec(_spec_entry(batch_axes), None)
-  expert_entry, mlp_entry = _spec_entry(expert_axes), _spec_entry(mlp_axes)
+  rows = PartitionSpec(spec_entry(batch_axes), None)
+  expert_entry, mlp_entry = spec_entry(expert_axes), spec_entry(mlp_axes)
   # Embed dims enter whole: the fsdp all-gather of the weights happens before the body, as in FSDP.
   w_in = PartitionSpec(expert_entry, None, mlp_entry)
   w_out = PartitionSpec(expert_entry, mlp_entry, None)
   body = jax.shard_map(
       lambda *args: _routed_ep_body(
-          *args, expert_axes=_spec_entry(expert_axes), mlp_axes=_spec_entry(mlp_axes),
+          *args, expert_axes=spec_entry(expert_axes), mlp_axes=spec_entry(mlp_axes),
           batch_axes=batch_axes, shards=shards, capacity_factor=capacity_factor,
           ragged_all_to_all=ragged_all_to_all),
       mesh=mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, PartitionSpec()))

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh, NamedSharding
 
+from engram_jax import memory
 from engram_jax.config import Config
 from engram_jax.model import param_counts
 from engram_jax.sharding import MESH_AXES
@@ -46,15 +47,12 @@ def plan(cfg: Config, num_devices: Optional[int] = None) -> Dict[str, Any]:
   return dict(mesh=mesh, state=abstract, shardings=shardings)
 
 
-_TABLE_SUFFIX = "['memory']['table']"
-
-
 def _only_tables(tree, shardings):
   """(leaves, shardings) of the Engram tables and of any state leaf that belongs to one (its path
   ends with the table's path, as every optimizer moment's does)."""
   leaves, kept = [], []
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
-    if jax.tree_util.keystr(path).endswith(_TABLE_SUFFIX):
+    if memory.is_table_path(path):
       leaves.append(leaf)
       kept.append(sharding)
   return leaves, kept

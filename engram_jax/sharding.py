@@ -7,7 +7,7 @@ which take their specs from `logical_to_spec`) names mesh axes.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -113,3 +113,27 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> jax.sharding.NamedSharding:
   """Batch arrays [B, T, ...] shard their leading axis over the `batch` rule's mesh axes."""
   return jax.sharding.NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def rule_axes(logical: str, mesh) -> Tuple[str, ...]:
+  """The mesh axes the rules give one logical name, keeping those `mesh` has (for shard_map specs)."""
+  entry = logical_to_spec((logical,))[0]
+  names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return tuple(a for a in names if a in mesh.axis_names)
+
+
+def spec_entry(axes: Tuple[str, ...]):
+  """One PartitionSpec entry for a tuple of mesh axes: None, one name, or the tuple."""
+  return None if not axes else axes[0] if len(axes) == 1 else tuple(axes)
+
+
+def batch_devices(mesh) -> int:
+  """How many shards the batch axis splits into on `mesh` (a global batch must be a multiple)."""
+  return int(np.prod([mesh.shape[a] for a in rule_axes("batch", mesh)]))
+
+
+def place_batch(local: Dict[str, np.ndarray], mesh: Mesh) -> Dict[str, jax.Array]:
+  """This process's rows of a batch (numpy [b, ...] per key) -> global arrays sharded over the batch
+  axis of `mesh`; with several processes each contributes its own rows, in process order."""
+  return {key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(value)), np.asarray(value))
+          for key, value in local.items()}

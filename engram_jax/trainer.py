@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -24,15 +24,13 @@ import optax
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
+from engram_jax import memory
 from engram_jax.config import Config, to_dict
-from engram_jax.memory import (ROWS_COLLECTION, SparseAdamState, sharded_lookup, sparse_adam_init,
-                               sparse_adam_state_specs, sparse_adam_update, table_layout)
-from engram_jax.model import Decoder, abstract_variables, param_counts
+from engram_jax.model import abstract_variables, forward, init_variables, param_counts, token_nll
 from engram_jax.moe import BALANCE_COLLECTION, update_balance_bias
 from engram_jax.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
-from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh, tree_shardings
+from engram_jax.sharding import LOGICAL_RULES, batch_devices, batch_sharding, make_mesh, place_batch, tree_shardings
 
-BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
 
 
 @flax.struct.dataclass
@@ -42,7 +40,7 @@ class TrainState:
   opt_state: Any
   model_state: Any  # non-trained collections (the MoE balancing bias)
   nonfinite_run: jax.Array  # int32 scalar: consecutive steps skipped for non-finite loss/grads
-  engram_opt: Any = None  # {block name: memory.SparseAdamState} with row-sparse table updates, else {}
+  engram_opt: Any = None  # {table name: memory.SparseAdamState} with row-sparse table updates, else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,33 +49,12 @@ class TrainState:
 
 def cross_entropy(logits, targets, mask, z_loss: float = 0.0):
   """Masked mean token cross-entropy (+ z-loss * mean log(Z)^2); returns (loss, ce, z, tokens)."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  nll = log_z - target_logit
+  nll, log_z = token_nll(logits, targets)
   mask = mask.astype(jnp.float32)
   tokens = jnp.maximum(mask.sum(), 1.0)
   ce = (nll * mask).sum() / tokens
   z = (jnp.square(log_z) * mask).sum() / tokens
   return ce + z_loss * z, ce, z, mask.sum()
-
-
-def _model_inputs(batch):
-  return dict(positions=batch["positions"], segment_ids=batch["segment_ids"], engram_ids=batch.get("engram_ids"))
-
-
-def _loss_fn(cfg: Config):
-  model = Decoder(cfg.model)
-
-  def loss_fn(params, model_state, batch, rows=None):
-    variables = {"params": params, **model_state}
-    if rows:
-      variables[ROWS_COLLECTION] = {name: {"engram": {"memory": {"rows": r}}} for name, r in rows.items()}
-    logits, aux = model.apply(variables, batch["tokens"], **_model_inputs(batch))
-    loss, ce, z, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], cfg.train.z_loss)
-    return loss + aux["aux_loss"], (ce, z, tokens, aux)
-
-  return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,39 +76,6 @@ def sparse_tables(cfg: Config) -> bool:
   return cfg.model.engram is not None and cfg.train.engram_sparse_updates
 
 
-def engram_blocks(cfg: Config):
-  """(block name, index into engram_ids' layer axis, head row offsets) of every Engram layer."""
-  if cfg.model.engram is None:
-    return []
-  return [(f"layer_{l}", i, table_layout(cfg.model.engram, l)[1]) for i, l in enumerate(cfg.model.engram.layer_ids)]
-
-
-def split_tables(cfg: Config, params):
-  """(params without the Engram tables, {block name: table}) for the row-sparse path."""
-  rest = dict(params)
-  tables = {}
-  for name, _, _ in engram_blocks(cfg):
-    block = dict(rest[name])
-    engram = dict(block["engram"])
-    memory = dict(engram["memory"])
-    tables[name] = memory.pop("table")
-    engram["memory"] = memory
-    block["engram"] = engram
-    rest[name] = block
-  return rest, tables
-
-
-def merge_tables(rest, tables):
-  params = dict(rest)
-  for name, table in tables.items():
-    block = dict(params[name])
-    engram = dict(block["engram"])
-    engram["memory"] = {**engram["memory"], "table": table}
-    block["engram"] = engram
-    params[name] = block
-  return params
-
-
 def state_shardings(cfg: Config, mesh, tx=None):
   """(optimizer, TrainState of shardings, abstract TrainState with shardings on every leaf).
 
@@ -144,17 +88,13 @@ def state_shardings(cfg: Config, mesh, tx=None):
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   engram_opt, engram_opt_shard = {}, {}
   if sparse_tables(cfg):
-    boxed_rest, _ = split_tables(cfg, abstract["params"])
-    tx = tx or make_optimizer(cfg.train, boxed_rest)
-    rest, tables = split_tables(cfg, plain["params"])
-    rest_shard, table_shard = split_tables(cfg, var_shardings["params"])
-    specs = sparse_adam_state_specs()
-    for name, table in tables.items():
-      engram_opt[name] = jax.eval_shape(sparse_adam_init, table)
-      engram_opt_shard[name] = SparseAdamState(m=table_shard[name], v=table_shard[name],
-                                               count=jax.sharding.NamedSharding(mesh, specs.count))
-    opt_abstract = jax.eval_shape(tx.init, rest)
-    opt_shard = opt_state_shardings(opt_abstract, rest_shard, replicated)
+    tx = tx or make_optimizer(cfg.train, memory.split(abstract["params"])[0])
+    backbone, tables = memory.split(plain["params"])
+    backbone_shard, table_shard = memory.split(var_shardings["params"])
+    engram_opt = jax.eval_shape(memory.sparse_init, tables)
+    engram_opt_shard = memory.sparse_state_shardings(table_shard)
+    opt_abstract = jax.eval_shape(tx.init, backbone)
+    opt_shard = opt_state_shardings(opt_abstract, backbone_shard, replicated)
   else:
     tx = tx or make_optimizer(cfg.train, abstract["params"])
     opt_abstract = jax.eval_shape(tx.init, plain["params"])
@@ -173,19 +113,14 @@ def state_shardings(cfg: Config, mesh, tx=None):
 
 
 def init_state(cfg: Config, mesh, tx, shardings) -> TrainState:
-  batch = batch_shapes(cfg, 1)
-
   def init():
-    variables = Decoder(cfg.model).init(
-        jax.random.key(cfg.train.seed), jnp.zeros(batch["tokens"].shape, jnp.int32),
-        engram_ids=(jnp.zeros(batch["engram_ids"].shape, jnp.int32) if "engram_ids" in batch else None))
-    variables = nn.meta.unbox(variables)
+    variables = nn.meta.unbox(init_variables(cfg.model, jax.random.key(cfg.train.seed)))
     params = variables.pop("params")
     engram_opt = {}
     if sparse_tables(cfg):
-      rest, tables = split_tables(cfg, params)
-      opt_state = tx.init(rest)
-      engram_opt = {name: sparse_adam_init(table) for name, table in tables.items()}
+      backbone, tables = memory.split(params)
+      opt_state = tx.init(backbone)
+      engram_opt = memory.sparse_init(tables)
     else:
       opt_state = tx.init(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -210,44 +145,57 @@ def _update_balance_biases(cfg: Config, model_state, moe_aux):
   return {**model_state, BALANCE_COLLECTION: biases}
 
 
+def make_grads(cfg: Config):
+  """grads_of(params, model_state, batch) -> (loss, (ce, z, tokens, aux), grads of the optax params,
+  grads of the gathered Engram rows {table name: [B,T,H,d]} or {}): the step's differentiation.
+
+  With row-sparse table updates (`train.engram_sparse_updates`, the default) the rows are gathered
+  (memory.gather) before the differentiated function and the gradient is taken with respect to them,
+  so no [rows, d] table gradient exists; otherwise the tables are differentiated through the gather
+  like any other parameter. That is the only difference between the two.
+  """
+  sparse = sparse_tables(cfg)
+
+  def loss_fn(params, model_state, batch, rows=None):
+    (logits, aux) = forward(cfg.model, params, model_state, batch, rows=rows)
+    loss, ce, z, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"], cfg.train.z_loss)
+    return loss + aux["aux_loss"], (ce, z, tokens, aux)
+
+  def grads_of(params, model_state, batch):
+    if not sparse:
+      (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, batch)
+      return loss, extra, grads, {}
+    backbone, tables = memory.split(params)
+    rows = memory.gather(tables, cfg.model.engram, batch["engram_ids"])  # {name: [B,T,H,d]}
+    (loss, extra), (g_backbone, g_rows) = jax.value_and_grad(
+        lambda b, r: loss_fn(b, model_state, batch, r), argnums=(0, 1), has_aux=True)(backbone, rows)
+    return loss, extra, g_backbone, g_rows
+
+  return grads_of
+
+
 def make_train_step(cfg: Config, tx):
   """The pure step: grads (accumulated over `grad_accum_steps` micro-batches), one optimizer update,
   the MoE bias update, and metrics. A step whose loss or gradients are not finite changes nothing
   but the step counter and `nonfinite_run`.
 
-  Row-sparse tables (`train.engram_sparse_updates`): each Engram layer's rows are gathered before
-  the differentiated function and the gradient is taken with respect to those rows, then lazy
-  Adam updates only the rows read (memory.sparse_adam_update), so step cost does not grow with the
-  table. Global-norm clipping applies to the other params; Adam's update is invariant to the
-  gradient's scale (up to eps), so the tables are left out of it rather than paying a
-  de-duplication for an exact joint norm.
+  Engram tables (memory.py): with row-sparse updates the gradient is taken with respect to the rows
+  read (`make_grads`) and lazy Adam updates only those rows (memory.sparse_update), so step cost does
+  not grow with the table; otherwise optax's Adam updates the tables densely. Global-norm clipping
+  applies to the optax params; Adam's update is invariant to the gradient's scale (up to eps), so row
+  gradients are left out of it rather than paying a de-duplication for an exact joint norm.
   """
-  loss_fn = _loss_fn(cfg)
   accum = cfg.train.grad_accum_steps
   schedule = learning_rate_schedule(cfg.train)
   sparse = sparse_tables(cfg)
-  blocks = engram_blocks(cfg)
+  engram = cfg.model.engram
   tcfg = cfg.train
-
-  def row_ids(batch):
-    return {name: batch["engram_ids"][:, :, i] + jnp.asarray(off, jnp.int32) for name, i, off in blocks}  # [B,T,H]
-
-  def grads_of(params, model_state, batch):
-    """(loss, (ce, z, tokens, aux), grads of the optax params, grads of the gathered rows)."""
-    if not sparse:
-      (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, batch)
-      return loss, extra, grads, {}
-    rest, tables = split_tables(cfg, params)
-    ids = row_ids(batch)
-    rows = {name: sharded_lookup(tables[name], ids[name]) for name in tables}  # [B,T,H,d]
-    fn = lambda r, rw: loss_fn(merge_tables(r, tables), model_state, batch, rw)  # noqa: E731
-    (loss, extra), (g_rest, g_rows) = jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(rest, rows)
-    return loss, extra, g_rest, g_rows
+  grads_of = make_grads(cfg)
 
   def step_fn(state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
     if accum == 1:
       loss, (ce, z, tokens, aux), grads, g_rows = grads_of(state.params, state.model_state, batch)
-      ids = row_ids(batch) if sparse else {}
+      engram_ids = batch.get("engram_ids")
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
 
@@ -256,12 +204,12 @@ def make_train_step(cfg: Config, tx):
         acc_g, acc = carry
         return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc, (l, c, zz, n))), (a, gr)
 
-      grad_params = split_tables(cfg, state.params)[0] if sparse else state.params
+      grad_params = memory.split(state.params)[0] if sparse else state.params
       zeros = jax.tree.map(jnp.zeros_like, grad_params)
       (grads, (loss, ce, z, tokens)), (auxs, g_rows) = jax.lax.scan(body, (zeros, (0.0, 0.0, 0.0, 0.0)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
       g_rows = jax.tree.map(lambda g: g / accum, g_rows)  # [accum, b, T, H, d]
-      ids = jax.lax.map(row_ids, micro) if sparse else {}  # {name: [accum, b, T, H]}
+      engram_ids = micro.get("engram_ids")  # [accum, b, T, L, H]
       loss, ce, z = loss / accum, ce / accum, z / accum
       aux = jax.tree.map(lambda x: jnp.sum(x, 0) if x.dtype.kind in "iu" else jnp.mean(x, 0), auxs)
       aux["moe"] = jax.tree.map(lambda x: jnp.sum(x, 0), auxs["moe"])
@@ -271,23 +219,15 @@ def make_train_step(cfg: Config, tx):
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     engram_opt = state.engram_opt
     if sparse:
-      rest, tables = split_tables(cfg, state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, rest)
-      rest = keep(optax.apply_updates(rest, updates), rest)
-      lr_tables = schedule(state.step) * tcfg.engram_lr_multiplier
-
-      def update_tables(args):
-        tables, opt = args
-        new_tables, new_opt = {}, {}
-        for name in tables:
-          d = tables[name].shape[-1]
-          new_tables[name], new_opt[name] = sparse_adam_update(
-              tables[name], opt[name], ids[name].reshape(-1), g_rows[name].reshape(-1, d).astype(tables[name].dtype),
-              lr=lr_tables, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
-        return new_tables, new_opt
-
-      tables, engram_opt = jax.lax.cond(finite, update_tables, lambda args: args, (tables, state.engram_opt))
-      params = merge_tables(rest, tables)
+      backbone, tables = memory.split(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, backbone)
+      backbone = keep(optax.apply_updates(backbone, updates), backbone)
+      hyper = dict(lr=schedule(state.step) * tcfg.engram_lr_multiplier, b1=tcfg.adam_b1, b2=tcfg.adam_b2,
+                   eps=tcfg.adam_eps)
+      tables, engram_opt = jax.lax.cond(
+          finite, lambda a: memory.sparse_update(*a, engram, engram_ids, g_rows, **hyper), lambda a: a,
+          (tables, state.engram_opt))
+      params = memory.merge(backbone, tables)
     else:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = keep(optax.apply_updates(state.params, updates), state.params)
@@ -314,14 +254,9 @@ def make_train_step(cfg: Config, tx):
 
 
 def make_eval_step(cfg: Config):
-  model = Decoder(cfg.model)
-
   def eval_step(params, model_state, batch, engram_scale=None):
-    logits, _ = model.apply({"params": params, **model_state}, batch["tokens"], **_model_inputs(batch),
-                            engram_scale=engram_scale)
-    logits = logits.astype(jnp.float32)
-    nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-    return nll * batch["loss_mask"]  # [B, T] per-token loss, 0 where masked
+    (logits, _) = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale)
+    return token_nll(logits, batch["targets"])[0] * batch["loss_mask"]  # [B, T] per-token loss, 0 where masked
 
   return eval_step
 
@@ -399,22 +334,13 @@ class MetricsWriter:
 # The loop.
 
 
-def _global_batch(local: Dict[str, np.ndarray], mesh) -> Dict[str, jax.Array]:
-  out = {}
-  for key in BATCH_KEYS:
-    if key in local:
-      value = np.asarray(local[key])
-      out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
-  return out
-
-
 def check_batch_divides_mesh(cfg: Config, mesh):
-  batch_devices = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+  shards = batch_devices(mesh)
   per_step = cfg.data.batch_size
-  if per_step % (batch_devices * cfg.train.grad_accum_steps):
+  if per_step % (shards * cfg.train.grad_accum_steps):
     raise ValueError(
         f"data.batch_size={per_step} must divide into train.grad_accum_steps={cfg.train.grad_accum_steps} "
-        f"micro-batches, each a multiple of the {batch_devices} batch shards of mesh {dict(mesh.shape)}")
+        f"micro-batches, each a multiple of the {shards} batch shards of mesh {dict(mesh.shape)}")
 
 
 class NonFiniteError(RuntimeError):
@@ -424,7 +350,7 @@ class NonFiniteError(RuntimeError):
 def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches) -> Dict[str, float]:
   total, count = 0.0, 0.0
   for local in batches:
-    batch = _global_batch(local, mesh)
+    batch = place_batch(local, mesh)
     token_loss = eval_fn(state.params, state.model_state, batch)
     total += float(jnp.sum(token_loss))
     count += float(jnp.sum(batch["loss_mask"]))  # the global batch: every process's rows
@@ -487,7 +413,7 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
       while step < end:
         local = next(data_iter)
-        state, metrics = step_fn(state, _global_batch(local, mesh))
+        state, metrics = step_fn(state, place_batch(local, mesh))
         step += 1
         steps_since += 1
         if step % cfg.train.log_every == 0 or step == end:

@@ -50,11 +50,13 @@ def config():
 
 
 def table_paths(params):
-  """{path string: leaf} of every Engram table in a params tree (the `memory/table` leaves)."""
+  """{path string: leaf} of every Engram table in a params tree."""
   import jax
 
+  from engram_jax import memory
+
   return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)
-          if jax.tree_util.keystr(p).endswith("['memory']['table']")}
+          if memory.is_table_path(p)}
 
 
 def _dump_tables(state, path):

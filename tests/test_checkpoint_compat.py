@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 
 from engram_jax import evaluation
+from engram_jax.runner import load_config_from_checkpoint
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_checkpoint")
 
@@ -33,7 +34,7 @@ def _numbers(node, prefix=""):
 def test_old_checkpoint_restores_and_evaluates_to_the_same_numbers(tmp_path):
   checkpoints = str(tmp_path / "checkpoints")
   shutil.copytree(os.path.join(FIXTURE, "checkpoints"), checkpoints)  # restore never writes, but be sure
-  cfg = evaluation.load_config_from_checkpoint(checkpoints)
+  cfg = load_config_from_checkpoint(checkpoints)
   options = evaluation.EvalOptions(max_batches=40, niah_lengths=(64,), niah_examples=2,
                                    mc_files=(os.path.join(FIXTURE, "mc.jsonl"),))
   # Written on one device, restored onto the 8-device test mesh (eval.py's default: every device).

@@ -6,9 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from engram_jax import data, knowledge
+from engram_jax import data, knowledge, probes
 from engram_jax.config import DataConfig, EngramConfig
-from engram_jax.hashing import CompressedTokenizer, NgramHasher
+from engram_jax.hashing import CompressedTokenizer, EngramHashing, NgramHasher
 
 ENGRAM = EngramConfig(vocab_size_per_ngram=(101, 211), max_ngram_size=3, n_embed_per_ngram=8,
                       n_head_per_ngram=2, layer_ids=(0, 2))
@@ -140,8 +140,7 @@ def test_hash_ids_equal_hashing_each_document_alone(hashing, engram):
   rng = np.random.default_rng(1)
   docs = _random_docs(rng, 12, 9, vocab=ct.vocab_size)
   corpus = data.TokenizedCorpus.from_token_lists(docs)
-  rows = data.PackedRows(corpus, 7, pad_id=0, hasher=hasher, compressed_tokenizer=ct,
-                         engram_pad_id=engram.pad_id, with_document_ids=True)
+  rows = data.PackedRows(corpus, 7, pad_id=0, hashing=EngramHashing(engram, ct), with_document_ids=True)
   expected = [hasher.hash_numpy(ct.compress(d)) for d in docs]  # [len, L, H] per document
   offsets = {}
   for i in range(len(rows)):
@@ -163,7 +162,7 @@ def test_ids_out_of_range(hashing):
   ct, hasher = hashing
   corpus = data.TokenizedCorpus.from_token_lists([[1, 5, ct.vocab_size + 3]])
   with pytest.raises(ValueError, match="out of range"):
-    data.PackedRows(corpus, 4, pad_id=0, hasher=hasher, compressed_tokenizer=ct, engram_pad_id=2)
+    data.PackedRows(corpus, 4, pad_id=0, hashing=EngramHashing(ENGRAM, ct))
   with pytest.raises(ValueError, match=r"token id 9 is out of range.*vocabulary has 8 tokens"):
     data.PackedRows(data.TokenizedCorpus.from_token_lists([[1, 9]]), 4, pad_id=0, vocab_size=8)
   with pytest.raises(ValueError, match="out of range"):
@@ -391,7 +390,7 @@ def test_knowledge_generator_is_deterministic_and_consistent(tmp_path):
     assert all(s in held_out for s in _templates_of(doc, by_name))
   paths = knowledge.write_knowledge(a, str(tmp_path))
   assert data.read_documents([paths["train"]]) == a.train_documents
-  assert knowledge.read_probes(paths["probes"]) == a.probes
+  assert probes.read_mc_file(paths["probes"]) == a.probes
 
 
 def _templates_of(doc, by_name):

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 
 from engram_jax import evaluation
+from engram_jax import probes as probes_lib
+from engram_jax import runner as runner_lib
 from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig, MeshConfig, MHCConfig,
                                ModelConfig, TrainConfig, load_preset)
-from engram_jax.evaluation import DocumentTotals, EvalOptions, NiahQuery
-from engram_jax.model import Decoder
+from engram_jax.evaluation import DocumentTotals, EvalOptions
+from engram_jax.model import init_variables
+from engram_jax.probes import NiahQuery
 from engram_jax.sharding import LOGICAL_RULES, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,7 +100,7 @@ def test_niah_scoring_hand_built():
       (102, (10,)): (-4.0, False), (102, (11,)): (-0.5, False), (102, (12,)): (-3.0, False),  # right
       (103, (10,)): (-4.0, False), (103, (11,)): (-0.5, True), (103, (12,)): (-3.0, False),  # right, greedy
   }
-  out = evaluation.score_niah(queries, _lookup_scorer(table))
+  out = probes_lib.score_niah(queries, _lookup_scorer(table))
   assert [r["length"] for r in out] == [64, 128]
   assert out[0]["accuracy"] == 0.5 and out[0]["greedy_accuracy"] == 0.5
   assert out[0]["mean_answer_logprob"] == pytest.approx((-1.0 - 1.5) / 2)
@@ -110,7 +113,7 @@ def _char_encode(text):
 
 def test_niah_prompts_hold_their_needles():
   haystack = np.array(_char_encode("abcdefghij" * 100))
-  queries = evaluation.make_niah_queries(haystack, _char_encode, [160, 200], num_needles=3, num_candidates=5,
+  queries = probes_lib.make_niah_queries(haystack, _char_encode, [160, 200], num_needles=3, num_candidates=5,
                                          num_examples=2, seed=1, bos_id=1)
   assert len(queries) == 2 * 2 * 3
   for query in queries:
@@ -119,8 +122,8 @@ def test_niah_prompts_hold_their_needles():
     longest = max(len(c) for c in query.candidates)
     assert len(query.context) + longest <= query.length
     answer = "".join(chr(t) for t in query.candidates[query.answer]).strip()
-    assert context.endswith(evaluation.query_text(query.key))
-    assert evaluation.needle_text(query.key, answer) in context
+    assert context.endswith(probes_lib.query_text(query.key))
+    assert probes_lib.needle_text(query.key, answer) in context
     # Distractor values are absent from the context; exactly 3 of the 5 values are needles.
     present = [v for v in query.values if f" is {v}." in context]
     assert len(present) == 3 and len(set(query.values)) == 5
@@ -137,12 +140,12 @@ def test_niah_prompts_hold_their_needles():
       scores.append(0.0 if "".join(chr(t) for t in cont).strip() == value else -5.0)
     return np.array(scores), np.array([s == 0.0 for s in scores])
 
-  assert all(r["accuracy"] == 1.0 and r["greedy_accuracy"] == 1.0 for r in evaluation.score_niah(queries, oracle))
+  assert all(r["accuracy"] == 1.0 and r["greedy_accuracy"] == 1.0 for r in probes_lib.score_niah(queries, oracle))
   first = lambda c, x: (np.array([0.0 if i % 5 == 0 else -1.0 for i in range(len(c))]), np.zeros(len(c), bool))  # noqa: E731
   expected = np.mean([q.answer == 0 for q in queries])
-  assert np.mean([r["accuracy"] for r in evaluation.score_niah(queries, first)]) == pytest.approx(expected)
+  assert np.mean([r["accuracy"] for r in probes_lib.score_niah(queries, first)]) == pytest.approx(expected)
   with pytest.raises(ValueError, match="niah length 20"):
-    evaluation.make_niah_queries(haystack, _char_encode, [20], num_needles=3)
+    probes_lib.make_niah_queries(haystack, _char_encode, [20], num_needles=3)
 
 
 def test_multiple_choice_scoring_hand_built():
@@ -159,11 +162,11 @@ def test_multiple_choice_scoring_hand_built():
       (ord("2"), tuple(_char_encode(" y"))): (-1.0, False),
       (ord("2"), tuple(_char_encode(" z"))): (-3.0, False),
   }
-  out = evaluation.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)
+  out = probes_lib.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)
   assert out == {"questions": 2, "accuracy": 0.5, "accuracy_norm": 0.5}
   # b at -1.5: a wins the sum (-1.0, wrong), b still wins per byte (-0.15 > -0.5, right).
   table[(ord("1"), tuple(_char_encode(" bbbbbbbbb")))] = (-1.5, False)
-  out = evaluation.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)
+  out = probes_lib.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)
   assert out["accuracy"] == 0.0 and out["accuracy_norm"] == 0.5
 
 
@@ -173,16 +176,16 @@ def test_missing_files_are_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="probes.jsonl"):
     EvalOptions(mc_files=(str(tmp_path / "probes.jsonl"),)).check_files()
   with pytest.raises(FileNotFoundError, match="probes.jsonl"):
-    evaluation.read_mc_file(str(tmp_path / "probes.jsonl"))
+    probes_lib.read_mc_file(str(tmp_path / "probes.jsonl"))
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n')
   with pytest.raises(ValueError, match="bad.jsonl:1"):
-    evaluation.read_mc_file(str(bad))
+    probes_lib.read_mc_file(str(bad))
   cfg = load_preset(os.path.join(ROOT, "configs", "tiny.py"))
   with pytest.raises(FileNotFoundError, match="missing_run"):
     evaluation.evaluate_checkpoint(cfg, str(tmp_path / "missing_run" / "checkpoints"), log=lambda s: None)
   with pytest.raises(FileNotFoundError, match="missing_run"):
-    evaluation.load_config_from_checkpoint(str(tmp_path / "missing_run" / "checkpoints"))
+    runner_lib.load_config_from_checkpoint(str(tmp_path / "missing_run" / "checkpoints"))
 
 
 def test_eval_py_missing_checkpoint_exits_with_message(tmp_path):
@@ -219,17 +222,14 @@ def setup(tmp_path_factory):
   cfg = Config(model=model, data=DataConfig(seq_len=32, batch_size=4, eval_files=(str(text_path),)),
                train=TrainConfig(steps=10, warmup_steps=0), mesh=MeshConfig(data=1), name="test")
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
-  L, H = len(model.engram.layer_ids), model.engram.num_heads
 
   def init():
-    v = Decoder(model).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32),
-                            engram_ids=jnp.zeros((1, 8, L, H), jnp.int32))
-    return nn.meta.unbox(v)
+    return nn.meta.unbox(init_variables(model, jax.random.key(0)))
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
     variables = jax.jit(init)()
   params = variables.pop("params")
-  runner = evaluation.ModelRunner(cfg, params, dict(variables), mesh)
+  runner = runner_lib.ModelRunner(cfg, params, dict(variables), mesh)
   return runner, tmp, str(text_path), str(mc_path)
 
 

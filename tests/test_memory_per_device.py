@@ -19,12 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engram_jax import trainer
+from engram_jax import memory, trainer
 from engram_jax.config import CheckpointConfig, MeshConfig, load_preset
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TABLE_SUFFIX = "['memory']['table']"
 
 
 def tiny():
@@ -72,7 +71,7 @@ def _table_state(abstract_state, state_shardings):
   """Row counts of the tables, and [(path, leaf, sharding)] of each table and of every state leaf
   with a table's row count."""
   rows = {leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params)
-          if jax.tree_util.keystr(path).endswith(TABLE_SUFFIX)}
+          if memory.is_table_path(path)}
   assert rows, "the tiny preset has Engram tables"
   return rows, [(p, leaf, s) for p, leaf, s in _by_path(abstract_state, state_shardings)
                 if leaf.ndim and leaf.shape[0] in rows]

@@ -13,7 +13,8 @@ import pytest
 from engram_jax.config import (AttentionConfig, EngramConfig, MeshConfig, MHCConfig, ModelConfig, MoEConfig,
                                load_preset)
 from engram_jax.hashing import NgramHasher
-from engram_jax.model import Decoder, abstract_variables, block_segments
+from engram_jax import memory
+from engram_jax.model import Decoder, abstract_variables, block_segments, forward, init_variables
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding, logical_to_spec, make_mesh, tree_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +39,18 @@ def _batch(cfg=CFG, seed=0):
 
 
 def _init(cfg, tokens, ids):
-  return jax.jit(lambda k: Decoder(cfg).init(k, tokens, engram_ids=ids))(jax.random.key(0))
+  return jax.jit(lambda k: init_variables(cfg, k))(jax.random.key(0))
+
+
+def _apply(cfg, variables, tokens, ids, **kwargs):
+  params = variables["params"]
+  state = {k: v for k, v in variables.items() if k != "params"}
+  return forward(cfg, params, state, {"tokens": tokens, "engram_ids": ids}, **kwargs)
 
 
 def _loss_fn(cfg):
   def loss(params, state, tokens, ids):
-    logits, aux = Decoder(cfg).apply({"params": params, **state}, tokens[:, :-1], engram_ids=ids[:, :-1])
+    logits, aux = _apply(cfg, {"params": params, **state}, tokens[:, :-1], ids[:, :-1])
     logp = jax.nn.log_softmax(logits)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
     return nll + aux["aux_loss"], aux
@@ -64,7 +71,7 @@ def test_sharded_forward_backward_matches_single_device():
   (ref_loss, _), ref_grads = grad_fn(params, state, tokens, ids)
 
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, expert=2, tensor=1))
-  abstract = jax.eval_shape(lambda: Decoder(CFG).init(jax.random.key(0), tokens, engram_ids=ids))
+  abstract = abstract_variables(CFG)
   shardings = tree_shardings(abstract, mesh)
   sharded = jax.device_put(variables, shardings)
   assert sharded["params"]["layer_1"]["moe"]["w_gate"].sharding.spec[0] == "expert"
@@ -98,10 +105,10 @@ def test_loss_decreases_with_sgd_on_repeated_batch():
 
 def test_engram_knockout_scale():
   tokens, ids = _batch()
-  variables = _init(CFG, tokens, ids)
-  apply = jax.jit(lambda v, s: Decoder(CFG).apply(v, tokens, engram_ids=ids, engram_scale=s)[0])
+  variables = nn.meta.unbox(_init(CFG, tokens, ids))
+  apply = jax.jit(lambda v, s: _apply(CFG, v, tokens, ids, engram_scale=s)[0])
   full = apply(variables, jnp.ones(1))
-  default = jax.jit(lambda v: Decoder(CFG).apply(v, tokens, engram_ids=ids)[0])(variables)
+  default = jax.jit(lambda v: _apply(CFG, v, tokens, ids)[0])(variables)
   np.testing.assert_array_equal(np.asarray(full), np.asarray(default))
   knocked = apply(variables, jnp.zeros(1))
   assert not np.allclose(np.asarray(full), np.asarray(knocked))
@@ -114,12 +121,30 @@ def test_engram_knockout_scale():
                              rtol=1e-5, atol=1e-6)
 
 
-def test_missing_engram_ids_is_an_error():
+def test_missing_engram_rows_or_bad_ids_are_errors():
   tokens, ids = _batch()
-  with pytest.raises(ValueError, match="engram_ids is required"):
+  with pytest.raises(ValueError, match=r"engram_rows has tables None; expected \['layer_1'\]"):
     jax.eval_shape(lambda: Decoder(CFG).init(jax.random.key(0), tokens))
+  variables = abstract_variables(CFG)
   with pytest.raises(ValueError, match="engram_ids has shape"):
-    jax.eval_shape(lambda: Decoder(CFG).init(jax.random.key(0), tokens, engram_ids=ids[..., :1]))
+    jax.eval_shape(lambda v: _apply(CFG, v, tokens, ids[..., :1]), nn.meta.unbox(variables))
+
+
+def test_tables_live_in_params_at_the_checkpoint_path_and_split_merge_round_trip():
+  """memory.py owns the tables: init puts them where checkpoints have always had them, and split /
+  merge are exact inverses on values, boxes and shardings alike."""
+  variables = nn.meta.unbox(_init(CFG, None, None))
+  params = variables["params"]
+  table = params["layer_1"]["engram"]["memory"]["table"]
+  assert table.shape == (memory.table_layout(CFG.engram, 1)[2], CFG.engram.head_dim)
+  backbone, tables = memory.split(params)
+  assert list(tables) == [memory.table_name(1)] and tables["layer_1"] is table
+  assert backbone["layer_1"]["engram"]["memory"] == {} and "table" in params["layer_1"]["engram"]["memory"]
+  assert jax.tree.structure(memory.merge(backbone, tables)) == jax.tree.structure(params)
+  boxed = abstract_variables(CFG)["params"]
+  assert isinstance(memory.split(boxed)[1]["layer_1"], nn.LogicallyPartitioned)
+  paths = [p for p, _ in jax.tree_util.tree_leaves_with_path(params) if memory.is_table_path(p)]
+  assert len(paths) == 1
 
 
 def _snapshot():

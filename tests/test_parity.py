@@ -18,6 +18,7 @@ from engram_jax.config import EngramConfig
 from engram_jax.convert import official_to_params, params_to_official
 from engram_jax.engram import Engram
 from engram_jax.hashing import CompressedTokenizer, NgramHasher
+from engram_jax.memory import read_rows
 
 FIXTURES = os.environ.get("ENGRAM_PARITY_FIXTURES",
                           os.path.join(os.path.dirname(__file__), "fixtures", "official_demo"))
@@ -115,9 +116,10 @@ def test_module_output_float64(small, meta):
   cfg = _config(meta, conv_zero_init=False)
   layer, M, D = meta["engram_module_layer_id"], meta["hc_mult"], meta["hidden_size"]
   with jax.enable_x64(True):
-    params = official_to_params(_official_state_dict(small), cfg, layer, M, np.float64)
-    module = Engram(cfg, layer, D, M, dtype=jnp.float64, param_dtype=jnp.float64)
-    out = module.apply({"params": params}, jnp.asarray(small["hidden_states"]), jnp.asarray(small[f"hash_layer{layer}"]))
+    params, table = official_to_params(_official_state_dict(small), cfg, layer, M, np.float64)
+    module = Engram(cfg, D, M, dtype=jnp.float64, param_dtype=jnp.float64)
+    rows = read_rows(jnp.asarray(table), cfg, layer, jnp.asarray(small[f"hash_layer{layer}"]))
+    out = module.apply({"params": params}, jnp.asarray(small["hidden_states"]), rows)
     out = np.asarray(out)
   assert out.dtype == np.float64
   np.testing.assert_allclose(out, small["output"], rtol=0, atol=1e-10)
@@ -126,10 +128,10 @@ def test_module_output_float64(small, meta):
 def test_module_output_float32(small, meta):
   cfg = _config(meta, conv_zero_init=False)
   layer, M, D = meta["engram_module_layer_id"], meta["hc_mult"], meta["hidden_size"]
-  params = official_to_params(_official_state_dict(small), cfg, layer, M, np.float32)
-  module = Engram(cfg, layer, D, M)
-  out = np.asarray(module.apply({"params": params}, jnp.asarray(small["hidden_states"], jnp.float32),
-                                jnp.asarray(small[f"hash_layer{layer}"], jnp.int32)))
+  params, table = official_to_params(_official_state_dict(small), cfg, layer, M, np.float32)
+  module = Engram(cfg, D, M)
+  rows = read_rows(jnp.asarray(table), cfg, layer, jnp.asarray(small[f"hash_layer{layer}"], jnp.int32))
+  out = np.asarray(module.apply({"params": params}, jnp.asarray(small["hidden_states"], jnp.float32), rows))
   ref = small["output_fp32"]
   assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -139,7 +141,7 @@ def test_converter_round_trip(small, meta):
   cfg = _config(meta, conv_zero_init=False)
   layer, M = meta["engram_module_layer_id"], meta["hc_mult"]
   sd = _official_state_dict(small)
-  back = params_to_official(official_to_params(sd, cfg, layer, M, np.float64), cfg, layer)
+  back = params_to_official(*official_to_params(sd, cfg, layer, M, np.float64), cfg, layer)
   assert set(back) == set(sd)
   for name, value in sd.items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)

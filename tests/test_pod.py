@@ -31,11 +31,11 @@ import jax
 import numpy as np
 import pytest
 
+from engram_jax import memory
 from engram_jax.config import load_preset
 from engram_jax.planning import dry_run_report, plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TABLE_SUFFIX = "['memory']['table']"
 
 
 def preset(name):
@@ -50,7 +50,7 @@ def _shard_bytes(leaf, sharding) -> int:
 def _leaves(tree, shardings, table_only=False):
   out = []
   for (path, leaf), sharding in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings)):
-    if not table_only or jax.tree_util.keystr(path).endswith(TABLE_SUFFIX):
+    if not table_only or memory.is_table_path(path):
       out.append((leaf, sharding))
   return out
 
@@ -126,7 +126,7 @@ def lower_train_step(name: str, batch_size: int, seq_len: int):
   main = text[text.index("func.func public @main("):]
   main = main[:main.index("\n")]
   table_rows = {int(leaf.shape[0]) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_state.params)
-                if jax.tree_util.keystr(path).endswith(TABLE_SUFFIX)}
+                if memory.is_table_path(path)}
   # The tables and every state leaf kept per table row (Adam moments, per-row counts, wherever
   # the trainer keeps them): whole row count and rows per device.
   rows = {}

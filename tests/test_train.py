@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from engram_jax import trainer
+from engram_jax import memory, trainer
 from engram_jax.config import CheckpointConfig, Config, MeshConfig, load_preset
-from engram_jax.sharding import make_mesh
+from engram_jax.sharding import make_mesh, place_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,18 +147,18 @@ def test_row_sparse_tables_equal_dense_adam_on_the_first_step():
     c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, engram_sparse_updates=sparse))
     tx, shardings, _ = trainer.state_shardings(c, mesh)
     state = trainer.init_state(c, mesh, tx, shardings)
-    init_table = np.asarray(state.params["layer_1"]["engram"]["memory"]["table"])
+    init_table = np.asarray(memory.split(state.params)[1]["layer_1"])
     with jax.set_mesh(mesh):
-      new, metrics = jax.jit(trainer.make_train_step(c, tx))(state, trainer._global_batch(local, mesh))
+      new, metrics = jax.jit(trainer.make_train_step(c, tx))(state, place_batch(local, mesh))
     results[sparse] = jax.device_get(new.params)
     assert bool(metrics["finite"])
   flat_sparse = jax.tree_util.tree_leaves_with_path(results[True])
   flat_dense = jax.tree.leaves(results[False])
   for (path, a), b in zip(flat_sparse, flat_dense):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-  table = results[True]["layer_1"]["engram"]["memory"]["table"]
+  table = memory.split(results[True])[1]["layer_1"]
   changed = np.any(table != init_table, axis=1)
-  _, offsets, _ = trainer.table_layout(cfg.model.engram, 1)
+  _, offsets, _ = memory.table_layout(cfg.model.engram, 1)
   read = np.zeros(table.shape[0], bool)
   read[(local["engram_ids"][:, :, 0] + offsets).reshape(-1)] = True
   assert changed.sum() > 0 and not np.any(changed & ~read)
@@ -182,7 +182,7 @@ def test_gradient_accumulation_equals_one_big_batch(sparse):
     tx, shardings, _ = trainer.state_shardings(cfg, mesh)
     state = trainer.init_state(cfg, mesh, tx, shardings)
     with jax.set_mesh(mesh):
-      new, metrics = jax.jit(trainer.make_train_step(cfg, tx))(state, trainer._global_batch(local, mesh))
+      new, metrics = jax.jit(trainer.make_train_step(cfg, tx))(state, place_batch(local, mesh))
     out[accum] = (jax.device_get(new.params), float(metrics["loss"]))
   np.testing.assert_allclose(out[2][1], out[1][1], rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(out[2][0]), jax.tree.leaves(out[1][0])):

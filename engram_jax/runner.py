@@ -1,0 +1,279 @@
+"""A trained model on a mesh: batch placement, host-side hashing, and the one jitted forward.
+
+`ModelRunner` is what evaluation, the probes and generation run a model through. It holds the params
+(restored onto any mesh: `ModelRunner.from_checkpoint`), the tokenizer and its Engram hashing
+(`data.engram_hashing`, the object the data pipeline uses), and one jitted forward over batches of a
+fixed shape [B, T] that returns the per-token loss, the greedy prediction and every Engram gate, with
+the knock-out scale `engram_scale` as an argument (model.py). Custom rows (prompts, multiple-choice
+continuations, a text to visualise) are right-padded to `data.seq_len`, so one compilation serves a
+whole evaluation; a second one happens only for rows longer than that (padded to `model.max_seq_len`).
+Right-padding cannot change a causal model's outputs at earlier positions: attention is causal, Engram
+hash ids are suffix n-grams, and the Engram conv is causal. (Left-padding would: the hasher's pad id
+is a real token.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import data as data_lib
+from engram_jax.config import Config
+from engram_jax.model import forward, token_nll
+from engram_jax.sharding import LOGICAL_RULES, batch_devices, make_mesh, place_batch
+
+# (contexts, continuations) -> (log-likelihood of each continuation [N], greedy match [N] bool).
+ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tuple[np.ndarray, np.ndarray]]
+
+
+def gather_global(x) -> np.ndarray:
+  """A (possibly multi-process) jax array or local numpy batch -> the global numpy array."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def make_forward(cfg: Config):
+  """forward(params, model_state, batch, engram_scale) -> {"nll", "argmax" [B,T], "gates" [B,T,L,M]}."""
+  layers = cfg.model.engram.layer_ids if cfg.model.engram is not None else ()
+
+  def run(params, model_state, batch, engram_scale):
+    (logits, _), inter = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale,
+                                 mutable=["intermediates"])
+    nll = token_nll(logits, batch["targets"])[0]  # [B,T]
+    argmax = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,T]
+    B, T = batch["tokens"].shape
+    if layers:
+      # Engram blocks are never scanned, so each sows its gates [B,T,M] once under its own name.
+      gates = jnp.stack([inter["intermediates"][f"layer_{l}"]["engram"]["gates"][0] for l in layers], axis=2)
+    else:
+      gates = jnp.zeros((B, T, 0, cfg.model.mhc.expansion), jnp.float32)
+    return {"nll": nll, "argmax": argmax, "gates": gates.astype(jnp.float32)}  # gates [B,T,L,M]
+
+  return run
+
+
+class ModelRunner:
+  """A model with its params on a mesh, and what it takes to feed it rows of token ids.
+
+  `forward(batch, engram_scale)` runs the one jitted function on a batch of [rows, T] numpy arrays
+  (the keys of `data.eval_batches`); `score` and `gate_trace` build such batches from token lists.
+  """
+
+  def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None):
+    self.cfg = cfg
+    self.step: Optional[int] = None  # the checkpoint step, when restored by from_checkpoint
+    self.params = params
+    self.model_state = model_state
+    self.mesh = mesh if mesh is not None else runner_mesh(cfg)
+    self.tokenizer = tokenizer if tokenizer is not None else data_lib.load_tokenizer(cfg.data.tokenizer_path)
+    engram = cfg.model.engram
+    self.engram_layers: Tuple[int, ...] = tuple(engram.layer_ids) if engram is not None else ()
+    self.branches = cfg.model.mhc.expansion
+    self.pad_id = data_lib.special_id(self.tokenizer, cfg.data.pad_token, "pad_token")
+    self.bos_id = data_lib.special_id(self.tokenizer, cfg.data.bos_token, "bos_token") if cfg.data.add_bos else None
+    self.hashing = data_lib.engram_hashing(self.tokenizer, engram)  # None without Engram
+    # Rows per device batch: a multiple of the batch-sharded devices, so any mesh takes it.
+    self.row_multiple = batch_devices(self.mesh)
+    self.batch_rows = -(-cfg.data.batch_size // self.row_multiple) * self.row_multiple
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      self._forward = jax.jit(make_forward(cfg))
+
+  @classmethod
+  def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
+                      log: Callable[[str], None] = print) -> "ModelRunner":
+    """The parameters (not the optimizer state) of a checkpoint restored onto `mesh` (default: every
+    device of this machine, whatever mesh it was trained on); `runner.step` is the step restored."""
+    from engram_jax.trainer import restore_for_eval
+
+    mesh = mesh if mesh is not None else runner_mesh(cfg, log)
+    params, model_state, step = restore_for_eval(cfg, checkpoint_dir, mesh=mesh, step=step)
+    log(f"restored step {step} from {checkpoint_dir} onto {mesh.devices.size} device(s)")
+    runner = cls(cfg, params, model_state, mesh)
+    runner.step = int(step)
+    return runner
+
+  # -- scales ------------------------------------------------------------------------------------
+
+  def scale(self, off: Sequence[int] = ()) -> np.ndarray:
+    """engram_scale [num_engram_layers]: 0 for the Engram layers in `off`, 1 elsewhere."""
+    unknown = set(off) - set(self.engram_layers)
+    if unknown:
+      raise ValueError(f"Engram layers {sorted(unknown)} do not exist: the model has {self.engram_layers}")
+    return np.array([0.0 if l in off else 1.0 for l in self.engram_layers], np.float32)
+
+  # -- forward -----------------------------------------------------------------------------------
+
+  def forward(self, batch: Dict[str, np.ndarray], engram_scale=None) -> Dict[str, np.ndarray]:
+    """This process's batch of rows [b, T] -> global numpy {"nll", "argmax" [R, T], "gates" [R, T, L, M]}.
+
+    Rows are padded up to a multiple of the mesh's batch devices (and cut off again), so the batch
+    size need not divide the device count.
+    """
+    keys = ("tokens", "targets", "segment_ids", "positions") + (("engram_ids",) if self.engram_layers else ())
+    rows = len(batch["tokens"])
+    local_multiple = max(1, self.row_multiple // jax.process_count())
+    padded_rows = -(-rows // local_multiple) * local_multiple
+    local = {}
+    for key in keys:
+      value = np.asarray(batch[key])
+      if key in ("tokens", "targets"):
+        value = value.astype(np.int32)
+      if padded_rows > rows:
+        fill = self.pad_id if key in ("tokens", "targets") else 0
+        value = np.concatenate([value, np.full((padded_rows - rows,) + value.shape[1:], fill, value.dtype)])
+      local[key] = value
+    arrays = place_batch(local, self.mesh)
+    scale = self.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      out = self._forward(self.params, self.model_state, arrays, jnp.asarray(scale))
+    out = {k: gather_global(v) for k, v in out.items()}
+    if padded_rows > rows:
+      # Each process padded its own rows: drop the padding rows of every process's slice.
+      pc = jax.process_count()
+      out = {k: np.concatenate([v[p * padded_rows:p * padded_rows + rows] for p in range(pc)])
+             for k, v in out.items()}
+    return out
+
+  # -- rows from token lists ---------------------------------------------------------------------
+
+  def row_length(self, longest: int) -> int:
+    """The padded row length for rows of up to `longest` tokens: data.seq_len (the eval batches'
+    shape, no new compilation) or model.max_seq_len."""
+    if longest <= self.cfg.data.seq_len:
+      return self.cfg.data.seq_len
+    if longest <= self.cfg.model.max_seq_len:
+      return self.cfg.model.max_seq_len
+    raise ValueError(f"a row of {longest} tokens is longer than model.max_seq_len={self.cfg.model.max_seq_len}")
+
+  def make_batch(self, rows: Sequence[Sequence[int]], length: int) -> Dict[str, np.ndarray]:
+    """Global batch [len(rows), length] of single-document rows, right-padded, with hash ids."""
+    R = len(rows)
+    tokens = np.full((R, length), self.pad_id, np.int32)
+    targets = np.full((R, length), self.pad_id, np.int32)
+    segment_ids = np.zeros((R, length), np.int32)
+    positions = np.zeros((R, length), np.int32)
+    for i, row in enumerate(rows):
+      row = np.asarray(row, np.int32)
+      n = len(row)
+      if n > length:
+        raise ValueError(f"row {i} has {n} tokens: expected at most {length}")
+      tokens[i, :n] = row
+      targets[i, :n - 1] = row[1:]
+      segment_ids[i, :n] = 1
+      positions[i, :n] = np.arange(n)
+    batch = {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+    if self.engram_layers:
+      # Padding after a row's end hashes as pad tokens; suffix n-grams never reach back into it.
+      batch["engram_ids"] = self.hashing.hash_numpy(tokens)
+    return batch
+
+  def run_rows(self, rows: Sequence[Sequence[int]], engram_scale=None) -> List[Dict[str, np.ndarray]]:
+    """Outputs for each row ({"nll", "argmax" [n], "gates" [n, L, M]} cut to the row's length)."""
+    outputs: List[Optional[Dict[str, np.ndarray]]] = [None] * len(rows)
+    by_length: Dict[int, List[int]] = {}
+    for i, row in enumerate(rows):
+      by_length.setdefault(self.row_length(len(row)), []).append(i)
+    pi, pc = jax.process_index(), jax.process_count()
+    per_batch = -(-self.batch_rows // pc) * pc
+    for length, index in by_length.items():
+      for start in range(0, len(index), per_batch):
+        chunk = index[start:start + per_batch]
+        group = [rows[i] for i in chunk] + [[self.pad_id]] * (per_batch - len(chunk))
+        batch = self.make_batch(group, length)
+        b = per_batch // pc
+        local = {k: v[pi * b:(pi + 1) * b] for k, v in batch.items()}
+        out = self.forward(local, engram_scale)
+        for j, i in enumerate(chunk):
+          n = len(rows[i])
+          outputs[i] = {k: v[j, :n] for k, v in out.items()}
+    return outputs
+
+  def score(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
+            engram_scale=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(log-likelihood of each continuation given its context [N], whether greedy decoding from the
+    context would produce the continuation exactly [N]). Teacher forcing makes the two agree: greedy
+    decoding emits the continuation iff every continuation token is the argmax at its position."""
+    if len(contexts) != len(continuations):
+      raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations: expected one each")
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations)):
+      if len(ctx) < 1 or len(cont) < 1:
+        raise ValueError(f"pair {i}: context of {len(ctx)} and continuation of {len(cont)} tokens; "
+                         "expected at least one token each")
+    rows = [list(c) + list(x) for c, x in zip(contexts, continuations)]
+    outs = self.run_rows(rows, engram_scale)
+    logprob = np.zeros(len(rows))
+    greedy = np.zeros(len(rows), bool)
+    for i, (ctx, cont, out) in enumerate(zip(contexts, continuations, outs)):
+      span = slice(len(ctx) - 1, len(ctx) - 1 + len(cont))  # positions predicting the continuation
+      logprob[i] = -float(np.sum(out["nll"][span], dtype=np.float64))
+      greedy[i] = bool(np.all(out["argmax"][span] == np.asarray(cont)))
+    return logprob, greedy
+
+  def score_fn(self, engram_scale=None) -> ScoreFn:
+    return lambda contexts, continuations: self.score(contexts, continuations, engram_scale)
+
+  # -- text --------------------------------------------------------------------------------------
+
+  def encode(self, text: str) -> List[int]:
+    return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+  def gate_trace(self, text: str, engram_scale=None) -> Tuple[List[str], np.ndarray]:
+    """(the text of each token, as its span of `text` ("<bos>" for bos), gates [n, L, M])."""
+    if not self.engram_layers:
+      raise ValueError("the model has no Engram layer (model.engram is None): there are no gates to show")
+    enc = self.tokenizer.encode(text, add_special_tokens=False)
+    ids = list(enc.ids)
+    pieces = [text[a:b] for a, b in enc.offsets]
+    # Byte-level pieces of one character share its span: show the character once.
+    for i in range(1, len(pieces)):
+      if enc.offsets[i] == enc.offsets[i - 1]:
+        pieces[i] = ""
+    if self.bos_id is not None:
+      ids, pieces = [self.bos_id] + ids, [self.cfg.data.bos_token] + pieces
+    if len(ids) < 1:
+      raise ValueError("gate text is empty: expected some text to tokenise")
+    out = self.run_rows([ids], engram_scale)[0]
+    return pieces, out["gates"]
+
+
+
+def load_config_from_checkpoint(checkpoint_dir: str, step: Optional[int] = None) -> Config:
+  """The Config train.py saved in a checkpoint's metadata (so eval.py can run without --config)."""
+  from engram_jax import checkpoint as ckpt_lib
+  from engram_jax.config import CheckpointConfig, from_dict
+
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
+                            "written by train.py)")
+  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
+  try:
+    meta = manager.read_metadata(step)
+  finally:
+    manager.close()
+  if meta is None:
+    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+  if not meta.get("config"):
+    raise ValueError(f"checkpoint {checkpoint_dir!r} has no config in its metadata: pass --config")
+  return from_dict(Config, meta["config"])
+
+
+def runner_mesh(cfg: Config, log: Callable[[str], None] = print):
+  """The config's mesh over this machine's devices; if its fixed axis sizes do not fit them (a run
+  trained on another machine), every device on the data axis instead: restore reshards either way."""
+  from engram_jax.config import MeshConfig
+
+  try:
+    return make_mesh(cfg.mesh)
+  except ValueError as e:
+    log(f"mesh {cfg.mesh} does not fit the {jax.device_count()} devices here ({e}); using data parallelism")
+    return make_mesh(MeshConfig())
+
+
