@@ -206,6 +206,19 @@ class CheckpointManager:
           f"checkpoint {self.step_path(step)}: cannot read its metadata ({type(e).__name__}: {e}); "
           f"the checkpoint was left untouched") from e
 
+  def saved_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
+    """{leaf path ("params/layer_1/engram/memory/table"): shape} of the state saved as `step`, read
+    from its metadata (no array is read)."""
+    if self._manager is None:
+      raise ValueError("CheckpointManager: checkpointing is disabled (CheckpointConfig.enabled=False)")
+    try:
+      saved = self._manager.item_metadata(step)[_STATE]
+    except Exception as e:  # noqa: BLE001 - re-raised with the path
+      raise CheckpointRestoreError(f"checkpoint {self.step_path(step)}: cannot read the state's metadata "
+                                   f"({type(e).__name__}: {e})") from e
+    tree = saved.tree if hasattr(saved, "tree") else saved
+    return {_keystr(p): tuple(getattr(x, "shape", ())) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
   def restore_latest(self, abstract_state, data_iter=None) -> Optional[Tuple[Any, int]]:
     """(state, step) from the newest checkpoint, or None when there is none (fresh start).
 

@@ -366,3 +366,30 @@ class EngramHashing:
     lookup = self.lookup_array() if lookup is None else lookup
     ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, lookup.shape[0] - 1)
     return self.hasher.hash_jnp(jnp.take(lookup, ids, axis=0))
+
+  # -- decoding: the n-gram history ---------------------------------------------------------------
+  #
+  # A token's hash ids depend on itself and the max_n-1 tokens before it (compressed), so a decoder
+  # keeps those per sequence: hashing the window [history, new token] and keeping its last position
+  # gives exactly what `hash_numpy` gives that token in the whole sequence.
+
+  def history_numpy(self, ids, lengths) -> np.ndarray:
+    """int32 [B, max_n-1]: the compressed ids of each row's last max_n-1 tokens (raw ids [B, T],
+    right-padded, row b's first lengths[b] real); positions before the start are the compressed pad id."""
+    ids, lengths = np.asarray(ids), np.asarray(lengths)
+    if ids.ndim != 2 or lengths.shape != ids.shape[:1]:
+      raise ValueError(f"history_numpy: ids {ids.shape} and lengths {lengths.shape}: expected [B, T] and [B]")
+    if lengths.size and (lengths.min() < 0 or lengths.max() > ids.shape[1]):
+      raise ValueError(f"history_numpy: lengths {lengths.tolist()}: expected values in [0, {ids.shape[1]}]")
+    compressed = self.compress(ids)
+    width = self.max_ngram_size - 1
+    index = lengths[:, None] - width + np.arange(width)[None, :]  # [B, max_n-1]
+    taken = np.take_along_axis(compressed, np.maximum(index, 0), axis=1)
+    return np.where(index >= 0, taken, self.compressed_pad_id).astype(np.int32)
+
+  def next_ids(self, history, ids, lookup):
+    """In-graph, one new raw token per row: (hash ids int32 [B, 1, num_layers, heads], the next
+    history [B, max_n-1]) from the history [B, max_n-1] and raw ids [B]; `lookup` is `lookup_array()`."""
+    ids = jnp.clip(jnp.asarray(ids, jnp.int32), 0, lookup.shape[0] - 1)
+    window = jnp.concatenate([jnp.asarray(history, jnp.int32), jnp.take(lookup, ids, axis=0)[:, None]], axis=1)
+    return self.hasher.hash_jnp(window)[:, -1:], window[:, 1:]

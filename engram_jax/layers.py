@@ -308,6 +308,55 @@ def _check_attention_inputs(cfg: ModelConfig, x, positions, segment_ids):
                      f"integers of shape {x.shape[:2]}")
 
 
+CACHE_MODES = (None, "prefill", "decode")
+# The collection that holds decoding caches (attention keys/values or MLA latents, Engram conv
+# state). Scanned block runs stack it along the layer axis like their params.
+CACHE_COLLECTION = "cache"
+
+
+def cache_variable(module: nn.Module, name: str, shape, dtype, names) -> nn.Variable:
+  """A decoding cache in CACHE_COLLECTION, boxed with logical axis names so the mesh shards it through
+  sharding.LOGICAL_RULES like every param and activation. Prefill creates it (zeros of `shape`);
+  decoding needs the one prefill returned."""
+  if module.cache_mode == "decode" and not module.has_variable(CACHE_COLLECTION, name):
+    raise ValueError(f"{module.__class__.__name__} {module.path}: cache_mode='decode' without a '{name}' cache: "
+                     f"pass the '{CACHE_COLLECTION}' collection that prefill returned")
+  return module.variable(CACHE_COLLECTION, name, nn.with_logical_partitioning(jnp.zeros, names), shape, dtype)
+
+
+def write_prefill(cache: nn.Variable, x: Array, names) -> None:
+  """Writes x [B, T, ...] at cache positions [0, T) (the cache is [B, S, ...], S >= T)."""
+  if x.shape[1] > cache.value.shape[1]:
+    raise ValueError(f"prefill of {x.shape[1]} positions into a cache of {cache.value.shape[1]}: expected a "
+                     "cache at least as long as the prompts")
+  value = jax.lax.dynamic_update_slice_in_dim(cache.value, x.astype(cache.value.dtype), 0, axis=1)
+  cache.value = nn.with_logical_constraint(value, names)
+
+
+def write_decode(cache: nn.Variable, x: Array, index: Array, names) -> Array:
+  """Writes x [B, 1, ...] at each row's own position index [B] of the cache [B, S, ...]; returns it.
+
+  A per-row dynamic_update_slice (vmapped: a scatter whose batch dimension XLA partitions like
+  the batch, and which updates the donated cache in place) rather than a one-hot select, which
+  would rewrite the whole cache every step.
+  """
+  write = jax.vmap(lambda c, v, i: jax.lax.dynamic_update_slice_in_dim(c, v, i, axis=0))
+  value = nn.with_logical_constraint(write(cache.value, x.astype(cache.value.dtype), index), names)
+  cache.value = value
+  return value
+
+
+def _decode_mask(index: Array, length: int) -> Array:
+  """[B, S] True where cache position s holds a token row b may attend to (s <= its own position)."""
+  return jnp.arange(length)[None, :] <= index[:, None]
+
+
+def _masked_softmax(logits: Array, mask: Array) -> Array:
+  """Softmax over the last axis where mask, as _einsum_attention does it (finite large negative)."""
+  large_negative = jnp.asarray(0.7 * jnp.finfo(logits.dtype).min, logits.dtype)
+  return jax.nn.softmax(jnp.where(mask, logits, large_negative), axis=-1)
+
+
 class Attention(nn.Module):
   """Causal self-attention over packed sequences, GQA or MLA by `cfg.attention.kind`.
 
@@ -318,10 +367,23 @@ class Attention(nn.Module):
   MLA (DeepSeek-V2/V3) is computed in its training form: the latent is expanded to per-head keys
   and values and attention runs as ordinary multi-head attention. The "absorbed" form (attending
   in latent space, folding k_up into the query and v_up into the output) saves memory only when
-  keys are cached across steps; it is decoding's business and uses the same params.
+  keys are cached across steps, so only decoding uses it, with the same params.
+
+  Decoding (`cache_mode`; the params are the same in every mode):
+  - "prefill": attention over x exactly as in training (right-padded prompts, padding masked by
+    segment id 0), and what later tokens need written into the cache at positions [0, T) of a cache
+    `cache_length` long: GQA keys (after RoPE) and values; MLA the normalised latent and the rotary
+    key, never per-head keys or values.
+  - "decode": one new token per row, x [B,1,D] at `positions` [B,1] (each row's own position), is
+    written into the cache at that position and attends to cache positions <= it. MLA decodes in the
+    absorbed form: the query's non-rotary part is projected into the latent space through k_up, the
+    scores are q_lat . latent + q_rope . rope_key, the probabilities average the latents, and v_up
+    takes the result back to per-head values. The softmax scale stays 1/sqrt(nope + rope).
   """
 
   cfg: ModelConfig
+  cache_mode: Optional[str] = None  # None (training, scoring), "prefill" or "decode"
+  cache_length: int = 0  # prefill: positions the cache holds (prompt bucket + tokens to generate)
 
   @nn.compact
   def __call__(self, x: Array, positions: Array, segment_ids: Optional[Array] = None) -> Array:
@@ -329,9 +391,15 @@ class Attention(nn.Module):
     x, positions = jnp.asarray(x), jnp.asarray(positions)
     segment_ids = None if segment_ids is None else jnp.asarray(segment_ids)
     _check_attention_inputs(cfg, x, positions, segment_ids)
+    if self.cache_mode not in CACHE_MODES:
+      raise ValueError(f"Attention.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
+    if self.cache_mode == "decode" and x.shape[1] != 1:
+      raise ValueError(f"Attention: decoding takes one token per row, got x of shape {x.shape}: expected [B, 1, D]")
     dtype, pdtype, std = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), cfg.init_std
     d_model, num_heads = cfg.d_model, acfg.num_heads
     heads_spec = ("batch", "seq", "act_heads", None)
+    batch = x.shape[0]
+    cache_len = self.cache_length if self.cache_mode == "prefill" else 0
 
     x = nn.with_logical_constraint(x.astype(dtype), ("batch", "seq", "act_embed"))
     if acfg.kind == "gqa":
@@ -345,6 +413,17 @@ class Attention(nn.Module):
       inv_freq = _rope_for(acfg, width)
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
       v_width = width
+      if self.cache_mode is not None:
+        names = ("batch", "cache_seq", "cache_heads", None)
+        k_cache = cache_variable(self, "key", (batch, cache_len, num_kv, width), dtype, names)
+        v_cache = cache_variable(self, "value", (batch, cache_len, num_kv, width), dtype, names)
+        if self.cache_mode == "prefill":
+          write_prefill(k_cache, k, names)
+          write_prefill(v_cache, v, names)
+        else:
+          index = positions[:, 0]
+          keys, values = write_decode(k_cache, k, index, names), write_decode(v_cache, v, index, names)
+          out = _gqa_decode(q[:, 0], keys, values, _decode_mask(index, keys.shape[1]), softmax_scale(acfg))
     else:
       nope, rope, v_width = acfg.qk_nope_head_dim, acfg.qk_rope_head_dim, acfg.v_head_dim
       kv_rank = acfg.kv_lora_rank
@@ -364,22 +443,72 @@ class Attention(nn.Module):
                        std, pdtype)
       kv_down = jnp.einsum("btd,dr->btr", x, w_kv_down.astype(dtype))  # [B, T, kv_rank + rope]
       kv_latent = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="kv_norm")(kv_down[..., :kv_rank])
-      kv = jnp.einsum("btr,rnh->btnh", kv_latent, w_kv_up.astype(dtype))  # [B, T, N, nope + v]
-      k_nope, v = kv[..., :nope], kv[..., nope:]
       inv_freq = _rope_for(acfg, rope)
       q_rope = apply_rope(q[..., nope:], positions, inv_freq)
       k_rope = apply_rope(kv_down[..., None, kv_rank:], positions, inv_freq)  # [B, T, 1, rope], shared by heads
-      q = jnp.concatenate([q[..., :nope], q_rope], axis=-1)
-      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (rope,))], axis=-1)
+      if self.cache_mode is not None:
+        names = ("batch", "cache_seq", "cache_latent")
+        latent_cache = cache_variable(self, "latent", (batch, cache_len, kv_rank), dtype, names)
+        rope_cache = cache_variable(self, "rope_key", (batch, cache_len, rope), dtype, names)
+        if self.cache_mode == "prefill":
+          write_prefill(latent_cache, kv_latent, names)
+          write_prefill(rope_cache, k_rope[:, :, 0], names)
+        else:
+          index = positions[:, 0]
+          latents = write_decode(latent_cache, kv_latent, index, names)
+          rope_keys = write_decode(rope_cache, k_rope[:, :, 0], index, names)
+          out = _mla_absorbed_decode(q[:, 0, :, :nope], q_rope[:, 0], latents, rope_keys, w_kv_up.astype(dtype),
+                                     nope, _decode_mask(index, latents.shape[1]), softmax_scale(acfg))
+      if self.cache_mode != "decode":
+        kv = jnp.einsum("btr,rnh->btnh", kv_latent, w_kv_up.astype(dtype))  # [B, T, N, nope + v]
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        q = jnp.concatenate([q[..., :nope], q_rope], axis=-1)
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (rope,))], axis=-1)
 
-    q = nn.with_logical_constraint(q, heads_spec)
-    k = nn.with_logical_constraint(k, heads_spec)
-    v = nn.with_logical_constraint(v, heads_spec)
-    out = attention_core(q, k, v, segment_ids, softmax_scale(acfg), acfg.implementation)
+    if self.cache_mode != "decode":
+      q = nn.with_logical_constraint(q, heads_spec)
+      k = nn.with_logical_constraint(k, heads_spec)
+      v = nn.with_logical_constraint(v, heads_spec)
+      out = attention_core(q, k, v, segment_ids, softmax_scale(acfg), acfg.implementation)
     out = nn.with_logical_constraint(out, heads_spec)  # [B, T, N, Hv]
     w_o = _param(self, "o_proj", (num_heads, v_width, d_model), ("heads", "head_dim", "embed"), std, pdtype)
     y = jnp.einsum("btnh,nhd->btd", out, w_o.astype(dtype))
     return nn.with_logical_constraint(y, ("batch", "seq", "act_embed"))
+
+
+def _gqa_decode(q: Array, keys: Array, values: Array, mask: Array, scale: float) -> Array:
+  """One query per row against the cache: q [B,N,H], keys/values [B,S,K,H], mask [B,S] -> [B,1,N,H].
+
+  The same arithmetic as _einsum_attention (logits and softmax in float32, or float64 for float64
+  inputs), for a single query position.
+  """
+  batch, num_heads, width = q.shape
+  num_kv = keys.shape[2]
+  compute = _compute_dtype(q.dtype)
+  q_ = q.reshape(batch, num_kv, num_heads // num_kv, width)  # [B, K, G, H]
+  logits = jnp.einsum("bkgh,bskh->bkgs", q_, keys, preferred_element_type=compute) * jnp.asarray(scale, compute)
+  probs = _masked_softmax(logits, mask[:, None, None, :]).astype(values.dtype)
+  out = jnp.einsum("bkgs,bskh->bkgh", probs, values, preferred_element_type=compute)
+  return out.reshape(batch, 1, num_heads, values.shape[-1]).astype(q.dtype)
+
+
+def _mla_absorbed_decode(q_nope: Array, q_rope: Array, latents: Array, rope_keys: Array, w_kv_up: Array,
+                         nope: int, mask: Array, scale: float) -> Array:
+  """MLA attention for one query per row, in latent space (no per-head keys or values).
+
+  q_nope [B,N,nope], q_rope [B,N,rope] (rotated), latents [B,S,r], rope_keys [B,S,rope] (rotated),
+  w_kv_up [r,N,nope+v], mask [B,S] -> [B,1,N,v]. Training form: k_n = latent . W_k[:, n], so
+  q_n . k_n = (W_k[:, n] q_n) . latent; and sum_s p_s v_{s,n} = (sum_s p_s latent_s) . W_v[:, n].
+  """
+  compute = _compute_dtype(q_nope.dtype)
+  w_k, w_v = w_kv_up[..., :nope], w_kv_up[..., nope:]  # [r, N, nope], [r, N, v]
+  q_latent = jnp.einsum("bnh,rnh->bnr", q_nope, w_k, preferred_element_type=compute).astype(latents.dtype)
+  logits = (jnp.einsum("bnr,bsr->bns", q_latent, latents, preferred_element_type=compute)
+            + jnp.einsum("bnh,bsh->bns", q_rope, rope_keys, preferred_element_type=compute))
+  probs = _masked_softmax(logits * jnp.asarray(scale, compute), mask[:, None, :]).astype(latents.dtype)
+  out_latent = jnp.einsum("bns,bsr->bnr", probs, latents, preferred_element_type=compute).astype(latents.dtype)
+  out = jnp.einsum("bnr,rnh->bnh", out_latent, w_v, preferred_element_type=compute)
+  return out[:, None].astype(q_nope.dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ them), so how rows are placed, gathered and differentiated is decided outside th
 Engram knock-out (the paper's sensitivity analysis) is an input, not a config: `engram_scale`
 [num_engram_layers] multiplies each layer's Y, so one compiled function serves the full model
 and every knock-out (scale 0 removes that layer's contribution exactly).
+
+Decoding is a mode of the same modules with the same params (`cache_mode`, see generation.py):
+"prefill" runs right-padded prompts exactly as training does and returns the "cache" collection
+(attention keys/values or MLA latents, each Engram layer's conv state; scanned runs stack theirs
+along the layer axis like their params); "decode" takes one token per row at its own position and
+updates that collection. mHC and MoE are per token and keep nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import jax.numpy as jnp
 from engram_jax import memory
 from engram_jax.config import ModelConfig
 from engram_jax.engram import Engram
-from engram_jax.layers import MLP, Attention, RMSNorm
+from engram_jax.layers import CACHE_COLLECTION, CACHE_MODES, MLP, Attention, RMSNorm
 from engram_jax.mhc import HyperConnection, expand, merge
 from engram_jax.moe import BALANCE_COLLECTION, MoE
 
@@ -75,6 +81,8 @@ class Block(nn.Module):
   cfg: ModelConfig
   moe: bool
   engram_layer: Optional[int] = None
+  cache_mode: Optional[str] = None  # None, "prefill" or "decode" (Attention and Engram keep caches)
+  cache_length: int = 0  # prefill: positions the attention cache holds
 
   @nn.compact
   def __call__(self, streams, positions, segment_ids, engram_rows, engram_scale):
@@ -84,14 +92,16 @@ class Block(nn.Module):
     stats: Dict[str, jax.Array] = {}
 
     if self.engram_layer is not None:
-      y, gates = Engram(cfg.engram, cfg.d_model, cfg.mhc.expansion, dtype=dtype,
-                        param_dtype=pdtype, name="engram")(streams, engram_rows, return_gates=True)
+      y, gates = Engram(cfg.engram, cfg.d_model, cfg.mhc.expansion, dtype=dtype, param_dtype=pdtype,
+                        cache_mode=self.cache_mode, name="engram")(streams, engram_rows, return_gates=True,
+                                                                   segment_ids=segment_ids)
       streams = (streams + engram_scale.astype(y.dtype) * y).astype(streams.dtype)
       stats["engram_gate_mean"] = jnp.mean(gates, axis=(0, 1))  # [M]
 
     hc = HyperConnection(cfg, name="attn_hc")
     x_in, maps = hc.pre(streams)
-    y = Attention(cfg, name="attn")(norm("attn_norm")(x_in), positions, segment_ids)
+    y = Attention(cfg, cache_mode=self.cache_mode, cache_length=self.cache_length, name="attn")(
+        norm("attn_norm")(x_in), positions, segment_ids)
     streams = hc.post(streams, y, maps)
 
     hc = HyperConnection(cfg, name="ffn_hc")
@@ -108,13 +118,19 @@ class Block(nn.Module):
 class Decoder(nn.Module):
   """The language model without its Engram tables. Call with tokens [B,T] (and positions, segment
   ids, Engram rows {table name: [B,T,heads,head_dim]} from `memory.gather`); returns (logits
-  [B,T,V] float32, aux). `init_variables` adds the tables to the parameters.
+  [B,T,V] float32 (float64 for a float64 model), aux). `init_variables` adds the tables to the parameters.
 
   aux: "moe": {segment name: stats stacked over the run's layers}, "engram_gate_mean":
   [num_engram_layers, M], "aux_loss": the summed MoE balance losses.
+
+  `cache_mode` "prefill" (with `cache_length`) or "decode" runs the same params as a decoder with
+  caches in the mutable "cache" collection (module docstring; generation.py drives it): prefill
+  needs segment ids (0 marks each prompt's right padding), decode one token per row and positions.
   """
 
   cfg: ModelConfig
+  cache_mode: Optional[str] = None
+  cache_length: int = 0
 
   @nn.compact
   def __call__(self, tokens, positions=None, segment_ids=None, engram_rows=None, engram_scale=None):
@@ -124,6 +140,13 @@ class Decoder(nn.Module):
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens: shape {tokens.shape} dtype {tokens.dtype}; expected integer ids [batch, seq]")
     B, T = tokens.shape
+    if self.cache_mode not in CACHE_MODES:
+      raise ValueError(f"Decoder.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
+    if self.cache_mode == "prefill" and (segment_ids is None or positions is None or self.cache_length < T):
+      raise ValueError(f"Decoder: prefill of {T} positions needs segment_ids, positions and cache_length >= {T} "
+                       f"(got cache_length={self.cache_length})")
+    if self.cache_mode == "decode" and (T != 1 or positions is None):
+      raise ValueError(f"Decoder: decoding takes tokens [B, 1] and their positions, got tokens of shape {tokens.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
@@ -142,22 +165,24 @@ class Decoder(nn.Module):
     streams = expand(x, cfg.mhc.expansion)
 
     aux = {"moe": {}, "engram_gate_mean": [], "aux_loss": jnp.zeros((), jnp.float32)}
+    caching = dict(cache_mode=self.cache_mode, cache_length=self.cache_length)
     for seg in block_segments(cfg):
       block_cls = Block
-      if cfg.remat_policy != "none":
+      if cfg.remat_policy != "none" and self.cache_mode is None:  # remat only pays off under a backward pass
         block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=seg.length == 1)
       if seg.engram:
         i = engram_layers.index(seg.start)
-        streams, stats = block_cls(cfg, seg.moe, seg.start, name=seg.name)(
+        streams, stats = block_cls(cfg, seg.moe, seg.start, name=seg.name, **caching)(
             streams, positions, segment_ids, engram_rows[memory.table_name(seg.start)], engram_scale[i])
         aux["engram_gate_mean"].append(stats["engram_gate_mean"])
       elif seg.length == 1:
-        streams, stats = block_cls(cfg, seg.moe, name=seg.name)(streams, positions, segment_ids, None, None)
+        streams, stats = block_cls(cfg, seg.moe, name=seg.name, **caching)(streams, positions, segment_ids, None, None)
       else:
-        scanned = nn.scan(block_cls, variable_axes={"params": 0, BALANCE_COLLECTION: 0, "intermediates": 0},
+        scanned = nn.scan(block_cls, variable_axes={"params": 0, BALANCE_COLLECTION: 0, "intermediates": 0,
+                                                    CACHE_COLLECTION: 0},
                           split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4, length=seg.length,
                           metadata_params={nn.PARTITION_NAME: "layers"})
-        streams, stats = scanned(cfg, seg.moe, name=seg.name)(streams, positions, segment_ids, None, None)
+        streams, stats = scanned(cfg, seg.moe, name=seg.name, **caching)(streams, positions, segment_ids, None, None)
       if "moe" in stats:
         moe_stats = stats["moe"]
         if seg.length == 1:
@@ -174,7 +199,8 @@ class Decoder(nn.Module):
                                                                 ("embed", "vocab")),
                         (cfg.d_model, cfg.vocab_size), pdtype)
       logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype))
-    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "seq", "act_vocab"))
+    logits = nn.with_logical_constraint(logits.astype(jnp.promote_types(dtype, jnp.float32)),
+                                       ("batch", "seq", "act_vocab"))
     aux["engram_gate_mean"] = (jnp.stack(aux["engram_gate_mean"]) if aux["engram_gate_mean"]
                                else jnp.zeros((0, cfg.mhc.expansion), jnp.float32))
     return logits, aux
@@ -199,20 +225,22 @@ def init_variables(cfg: ModelConfig, key: jax.Array, batch: int = 1, seq: int = 
   return variables
 
 
-def forward(cfg: ModelConfig, params, model_state, batch, *, engram_scale=None, rows=None, mutable=False):
+def forward(cfg: ModelConfig, params, model_state, batch, *, engram_scale=None, rows=None, mutable=False,
+            cache_mode: Optional[str] = None, cache_length: int = 0):
   """The model on a batch {"tokens", "positions", "segment_ids", "engram_ids" [B,T,L,H]}: returns
   Decoder.apply's result ((logits, aux), plus the mutated collections with `mutable`).
 
   Engram rows are read from the tables in `params` with `memory.gather` (differentiable through the
   tables) unless `rows` are given (then `params` may hold the backbone alone): the one forward that
-  training, its eval step and the model runner share.
+  training, its eval step, the model runner and decoding (`cache_mode`, with the "cache" collection
+  in `model_state` and in `mutable`) share.
   """
   backbone, tables = memory.split(params)
   if rows is None and cfg.engram is not None:
     rows = memory.gather(tables, cfg.engram, batch["engram_ids"])
-  return Decoder(cfg).apply({"params": backbone, **model_state}, batch["tokens"], positions=batch.get("positions"),
-                            segment_ids=batch.get("segment_ids"), engram_rows=rows, engram_scale=engram_scale,
-                            mutable=mutable)
+  return Decoder(cfg, cache_mode=cache_mode, cache_length=cache_length).apply(
+      {"params": backbone, **model_state}, batch["tokens"], positions=batch.get("positions"),
+      segment_ids=batch.get("segment_ids"), engram_rows=rows, engram_scale=engram_scale, mutable=mutable)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array):

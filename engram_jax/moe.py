@@ -59,17 +59,19 @@ def route(x: jax.Array, router_kernel: jax.Array, bias: jax.Array, top_k: int,
 
   x [..., D], router_kernel [D, E], bias [E] -> (scores [..., E] float32, expert_ids [..., k] int32,
   weights [..., k] float32 summing to route_scale). Routing runs in float32 whatever the compute
-  dtype: in bf16 near-ties flip between steps and the load statistics become noise.
+  dtype (float64 for float64 inputs): in bf16 near-ties flip between steps and the load statistics
+  become noise.
   """
   num_experts = router_kernel.shape[-1]
   if bias.shape != (num_experts,):
     raise ValueError(f"balance bias shape {bias.shape}: expected ({num_experts},), one per expert")
-  logits = jnp.einsum("...d,de->...e", x.astype(jnp.float32), router_kernel.astype(jnp.float32))
+  dtype = jnp.promote_types(x.dtype, jnp.float32)
+  logits = jnp.einsum("...d,de->...e", x.astype(dtype), router_kernel.astype(dtype))
   scores = jax.nn.sigmoid(logits)
-  _, expert_ids = jax.lax.top_k(scores + jax.lax.stop_gradient(bias.astype(jnp.float32)), top_k)
+  _, expert_ids = jax.lax.top_k(scores + jax.lax.stop_gradient(bias.astype(dtype)), top_k)
   chosen = jnp.take_along_axis(scores, expert_ids, axis=-1)  # [..., k]
   # Sigmoids are positive, but can underflow to 0 together for extreme logits.
-  total = jnp.maximum(jnp.sum(chosen, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  total = jnp.maximum(jnp.sum(chosen, axis=-1, keepdims=True), jnp.finfo(dtype).tiny)
   weights = chosen / total * route_scale
   return scores, expert_ids.astype(jnp.int32), weights
 
@@ -166,7 +168,7 @@ def _combine(y_sorted: jax.Array, order: jax.Array, keep: jax.Array, weights: ja
   # where, not a multiply: rows nobody computed may hold garbage (even NaN) on some backends.
   y_flat = jnp.where(keep[:, None], y_flat, 0).reshape(tokens, top_k, -1)  # [N, k, D]
   out = jnp.einsum("nkd,nk->nd", y_flat, weights.astype(y_flat.dtype),
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.promote_types(y_flat.dtype, jnp.float32))
   return out.astype(y_sorted.dtype)
 
 

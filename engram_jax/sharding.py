@@ -27,6 +27,11 @@ LOGICAL_RULES = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("act_branch", None),
+    # Decoding caches (generation.py): batch as above; positions kept whole on every device; GQA
+    # cache heads split like the heads that read them; MLA's latent is shared by all heads (whole).
+    ("cache_seq", None),
+    ("cache_heads", "tensor"),
+    ("cache_latent", None),
     # Params.
     ("embed", "fsdp"),
     ("vocab", "tensor"),

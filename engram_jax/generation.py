@@ -1,0 +1,524 @@
+"""Generation: prefill a batch of prompts, then decode one token per row per step with caches.
+
+A decode step is three parts, in this order, in one jitted function:
+
+  sample  the next token of every row from the logits the previous step (or prefill) left, per row
+          (greedy, temperature, top-k, top-p; parameters are arrays, so changing them recompiles
+          nothing; the key is the row's seed folded with its sequence index and position);
+  hash    the token's Engram hash ids, in-graph, from the row's n-gram history (its last max_n-1
+          compressed ids), and gather their rows from the tables (`memory.gather`: the one place
+          a decode step reads table rows, so a host-memory table can replace it);
+  blocks  the model (`model.forward` with cache_mode="decode", the training modules' own params) on
+          that one token at the row's position, updating the caches: attention keys/values (GQA) or
+          the latent and rotary key (MLA, decoded in the absorbed form), each Engram layer's conv
+          state. mHC and MoE are per token and keep nothing.
+
+Prefill runs the prompts exactly as training would (`model.forward` with cache_mode="prefill"):
+right-padded, with per-row lengths, because the hasher's pad id is a real token (left padding would
+change hash ids and conv inputs); its hash ids come from the host hasher, like every training batch.
+Caches are declared with logical axis names (sharding.LOGICAL_RULES shards them like everything
+else: rows over the batch axes, GQA heads over "tensor") and donated to each step.
+
+Shapes are bucketed so a session compiles a handful of programs: prompt lengths to powers of two
+(at least MIN_PROMPT_BUCKET), cache lengths to powers of two (at most model.max_seq_len), rows to
+powers of two (and a multiple of the mesh's batch shards). MoE must not drop a token while decoding
+(a decoded token's output would depend on what else is in the batch): a configured capacity factor is
+switched off for decoding (dropless dispatch), and the generator says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import data as data_lib
+from engram_jax import memory
+from engram_jax.config import Config
+from engram_jax.layers import CACHE_COLLECTION
+from engram_jax.model import forward
+from engram_jax.runner import ModelRunner, gather_global
+from engram_jax.sharding import LOGICAL_RULES, place_batch, tree_shardings
+
+MIN_PROMPT_BUCKET = 16
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling.
+
+
+class Sampling(NamedTuple):
+  """Per-row sampling parameters, arrays [B] (values, not compile-time constants)."""
+
+  temperature: Any  # float32; 0 = greedy (argmax)
+  top_k: Any  # int32; keep the k most likely tokens, 0 = no limit
+  top_p: Any  # float32 in (0, 1]; keep the smallest set of most likely tokens whose probability reaches p
+  seed: Any  # int32: the row's seed
+  sequence: Any  # int32: the row's index in its request (rows sharing a seed still draw differently)
+
+
+def sampling_arrays(rows: int, temperature=0.0, top_k=0, top_p=1.0, seed=0, sequence=None) -> Sampling:
+  """Host arrays [rows] from scalars or per-row sequences, checked: temperature >= 0, top_k >= 0,
+  0 < top_p <= 1."""
+  column = lambda value, dtype: np.broadcast_to(np.asarray(value, dtype), (rows,)).copy()  # noqa: E731
+  temperature, top_k, top_p = column(temperature, np.float32), column(top_k, np.int32), column(top_p, np.float32)
+  if not np.all(np.isfinite(temperature)) or np.any(temperature < 0):
+    raise ValueError(f"temperature={temperature.tolist()}: expected finite values >= 0 (0 = greedy)")
+  if np.any(top_k < 0):
+    raise ValueError(f"top_k={top_k.tolist()}: expected integers >= 0 (0 = no limit)")
+  if not np.all((top_p > 0) & (top_p <= 1)):
+    raise ValueError(f"top_p={top_p.tolist()}: expected values in (0, 1] (1 = no limit)")
+  sequence = np.arange(rows) if sequence is None else sequence
+  return Sampling(temperature, top_k, top_p, column(seed, np.int32), column(sequence, np.int32))
+
+
+def sample_tokens(logits: jax.Array, sampling: Sampling, positions: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(tokens [B] int32, their log-probabilities under the model [B] float32) from logits [B, V].
+
+  Rows with temperature 0 take the argmax. The others sample from softmax(logits / temperature)
+  restricted to the top_k most likely tokens, then to the smallest prefix of those (by probability)
+  whose mass reaches top_p; the ordering is a stable sort of the raw logits, so top_k = 1 is the
+  argmax exactly. The key of row b is key(seed_b) folded with sequence_b and positions_b (the
+  position the token will take), so a row draws the same tokens whatever batch it is in.
+  The log-probability reported is the model's (log_softmax of the raw logits), not the tempered one.
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  vocab = logits.shape[-1]
+  temperature = jnp.asarray(sampling.temperature, logits.dtype)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] most likely first, ties by token id
+  scaled = jnp.take_along_axis(logits, order, axis=-1) / jnp.where(temperature > 0, temperature, 1)[:, None]
+  top_k = jnp.asarray(sampling.top_k, jnp.int32)
+  in_k = jnp.arange(vocab)[None, :] < jnp.where(top_k > 0, top_k, vocab)[:, None]
+  probs = jax.nn.softmax(jnp.where(in_k, scaled, -jnp.inf), axis=-1)
+  in_p = (jnp.cumsum(probs, axis=-1) - probs) < jnp.asarray(sampling.top_p, logits.dtype)[:, None]
+  masked = jnp.where(in_k & in_p, scaled, -jnp.inf)
+
+  def draw(seed, sequence, position, row):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sequence), position)
+    return jax.random.categorical(key, row)
+
+  choice = jax.vmap(draw)(jnp.asarray(sampling.seed, jnp.int32), jnp.asarray(sampling.sequence, jnp.int32),
+                          positions, masked)
+  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+  tokens = jnp.where(temperature > 0, sampled, greedy)
+  logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+  return tokens, logprobs.astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding state.
+
+
+class DecodeState(NamedTuple):
+  """What a batch of sequences carries between decode steps (every leaf has the batch first)."""
+
+  cache: Any  # the model's "cache" collection: per attention layer keys/values or MLA latents, per Engram layer its conv state
+  history: Any  # [B, max_n-1] int32: compressed ids of each row's last max_n-1 tokens ([B, 0] without Engram)
+  positions: Any  # [B] int32: the position of each row's next token (= its tokens so far)
+  logits: Any  # [B, V] float32: the next token's logits
+
+
+class StepOutput(NamedTuple):
+  tokens: Any  # [B] int32: the token each row sampled
+  logprobs: Any  # [B] float32: its log-probability under the model
+  gates: Any  # [B, num_engram_layers] float32: each Engram layer's gate at that token, mean over branches
+
+
+def _box(x, *names):
+  return nn.LogicallyPartitioned(x, names)
+
+
+def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
+  """The config decoding runs: MoE without a capacity factor. With one, a group's tokens beyond
+  ceil(capacity_factor * tokens * top_k / experts) per expert are dropped, so a token's output
+  would depend on the rest of its batch (and decode steps would not equal a forward over the
+  sequence); the dropless dispatch computes every assignment."""
+  moe = cfg.model.moe
+  if moe is None or moe.capacity_factor is None:
+    return cfg
+  log(f"decoding: MoE capacity_factor={moe.capacity_factor} could drop tokens; decoding uses dropless dispatch "
+      "(capacity_factor=None) instead")
+  return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, capacity_factor=None)))
+
+
+def _power_of_two_at_least(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+@dataclasses.dataclass
+class Completion:
+  """One prompt's generation."""
+
+  prompt_ids: List[int]
+  token_ids: List[int]  # generated tokens (the end-of-sequence token included when it ended the row)
+  logprobs: List[float]  # per generated token, under the model
+  gate_means: List[List[float]]  # per generated token, per Engram layer: its gate, mean over mHC branches
+  finish_reason: str  # "eos" or "length"
+
+
+class Generator:
+  """Prefill and cached decoding for a `ModelRunner`'s model, params and mesh.
+
+  `generate(prompts, max_new_tokens, ...)` is the whole loop; `prefill` and `step` are its two
+  jitted parts (tests and benchmarks drive them directly). `compiled` lists the shape buckets
+  compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache length).
+  """
+
+  def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print):
+    self.runner = runner
+    self.cfg = decoding_config(runner.cfg, log)
+    self.mesh = runner.mesh
+    self.engram = self.cfg.model.engram
+    check_tables(self.cfg, runner.params)
+    self.hashing = runner.hashing
+    self.eos_id = data_lib.special_id(runner.tokenizer, self.cfg.data.eos_token, "eos_token")
+    self.lookup = None
+    if self.engram is not None:
+      with jax.set_mesh(self.mesh):
+        self.lookup = jax.device_put(self.hashing.lookup_array(),
+                                     jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+    self.compiled: List[Tuple] = []
+    self._programs: Dict[Tuple, Callable] = {}  # (rows, prompt length, cache length) -> jitted prefill
+    self._steps: Dict[Tuple, Callable] = {}  # the state's leaf shapes -> jitted decode step
+
+  @classmethod
+  def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
+                      log: Callable[[str], None] = print) -> "Generator":
+    """A checkpoint's parameters restored onto `mesh` (default: every device here), after checking
+    that `cfg`'s Engram config is the one the checkpoint's tables were written with."""
+    check_checkpoint_engram(cfg, checkpoint_dir, step)
+    return cls(ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log), log=log)
+
+  # -- the two jitted parts ----------------------------------------------------------------------
+
+  def _prefill_fn(self, params, model_state, batch, history, engram_scale, *, cache_length: int):
+    (logits, _), mutated = forward(self.cfg.model, params, model_state, batch, engram_scale=engram_scale,
+                                   mutable=[CACHE_COLLECTION], cache_mode="prefill", cache_length=cache_length)
+    lengths = jnp.sum(batch["segment_ids"] != 0, axis=1).astype(jnp.int32)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    return DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
+                       positions=_box(lengths, "batch"), logits=_box(last, "batch", "act_vocab"))
+
+  def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
+    cfg = self.cfg.model
+    # sample
+    tokens, logprobs = sample_tokens(state.logits, sampling, state.positions)
+    # hash + gather: the step's one read of table rows
+    history, rows = state.history, None
+    if self.engram is not None:
+      engram_ids, history = self.hashing.next_ids(state.history, tokens, lookup)  # [B, 1, L, H]
+      rows = memory.gather(memory.split(params)[1], self.engram, engram_ids)
+    # blocks
+    batch = {"tokens": tokens[:, None], "positions": state.positions[:, None]}
+    (logits, _), mutated = forward(cfg, params, {**model_state, CACHE_COLLECTION: state.cache}, batch, rows=rows,
+                                   engram_scale=engram_scale, mutable=[CACHE_COLLECTION, "intermediates"],
+                                   cache_mode="decode")
+    B = tokens.shape[0]
+    if self.engram is not None:
+      inter = mutated["intermediates"]
+      gates = jnp.stack([inter[memory.table_name(l)]["engram"]["gates"][0][:, 0] for l in self.engram.layer_ids],
+                        axis=1)  # [B, L, M]
+      gates = jnp.mean(gates.astype(jnp.float32), axis=-1)
+    else:
+      gates = jnp.zeros((B, 0), jnp.float32)
+    new_state = DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
+                            positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"))
+    return new_state, StepOutput(_box(tokens, "batch"), _box(logprobs, "batch"), _box(gates, "batch", None))
+
+  def _compile(self, rows: int, prompt_length: int, cache_length: int, example):
+    """(prefill, step) jitted for one (rows, prompt length, cache length) bucket, with the state's
+    shardings derived from its logical axis names and the state donated to each step."""
+    key = (rows, prompt_length, cache_length)
+    if key in self._programs:
+      return self._programs[key]
+    params, model_state, batch, history, scale = example
+    prefill = lambda *a: self._prefill_fn(*a, cache_length=cache_length)  # noqa: E731
+    sampling = Sampling(*(jax.ShapeDtypeStruct((rows,), d) for d in
+                          (jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      abstract = jax.eval_shape(prefill, params, model_state, batch, history, scale)
+      step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
+                                     self.lookup, scale)
+    # (outside the mesh context: unboxing there applies sharding constraints, which abstract values refuse)
+    state_shardings = tree_shardings(abstract, self.mesh)
+    step_shardings = tree_shardings(step_abstract, self.mesh)
+    prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
+    state_key = _shapes(_unbox_abstract(abstract))
+    if state_key not in self._steps:
+      self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
+                                       donate_argnums=(2,))
+      self.compiled.append(("step", rows, cache_length))
+    self.compiled.append(("prefill",) + key)
+    self._programs[key] = prefill_jit
+    return prefill_jit
+
+  # -- buckets and checks ------------------------------------------------------------------------
+
+  def prompt_bucket(self, longest: int) -> int:
+    return min(max(MIN_PROMPT_BUCKET, _power_of_two_at_least(longest)), self.cfg.model.max_seq_len)
+
+  def cache_bucket(self, longest_total: int) -> int:
+    return min(max(MIN_PROMPT_BUCKET, _power_of_two_at_least(longest_total)), self.cfg.model.max_seq_len)
+
+  def row_bucket(self, rows: int) -> int:
+    multiple = self.runner.row_multiple
+    return -(-_power_of_two_at_least(rows) // multiple) * multiple
+
+  def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    """Raises ValueError for an empty prompt list or prompt, a budget < 1, an out-of-vocabulary id,
+    or a prompt too long for model.max_seq_len with the budget."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+    if len(prompts) == 0:
+      raise ValueError("no prompts: expected at least one prompt")
+    limit = self.cfg.model.max_seq_len
+    vocab = self.cfg.model.vocab_size
+    for i, prompt in enumerate(prompts):
+      if len(prompt) == 0:
+        raise ValueError(f"prompt {i} is empty: expected at least one token")
+      if len(prompt) + max_new_tokens > limit:
+        raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} that exceeds "
+                         f"model.max_seq_len={limit}; expected at most {limit - max_new_tokens} prompt tokens")
+      arr = np.asarray(prompt)
+      if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= vocab:
+        raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (model.vocab_size): "
+                         f"{[int(t) for t in arr if not 0 <= t < vocab][:5]}")
+
+  # -- prefill and step --------------------------------------------------------------------------
+
+  def _place(self, local: Dict[str, np.ndarray]):
+    return place_batch(local, self.mesh)
+
+  def prefill(self, prompts: Sequence[Sequence[int]], cache_length: int, engram_scale=None) -> DecodeState:
+    """Runs right-padded prompts (rows a multiple of the mesh's batch shards) and returns the state
+    whose logits are each row's last; the caches hold `cache_length` positions."""
+    rows = len(prompts)
+    if rows % self.runner.row_multiple:
+      raise ValueError(f"{rows} prompt rows: expected a multiple of the mesh's {self.runner.row_multiple} batch shards")
+    longest = max(len(p) for p in prompts)
+    if cache_length < longest or cache_length > self.cfg.model.max_seq_len:
+      raise ValueError(f"cache_length={cache_length}: expected between the longest prompt ({longest}) and "
+                       f"model.max_seq_len={self.cfg.model.max_seq_len}")
+    length = min(self.prompt_bucket(longest), cache_length)
+    batch = self.runner.make_batch(prompts, length)
+    del batch["targets"]
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    history = (self.hashing.history_numpy(batch["tokens"], lengths) if self.engram is not None
+               else np.zeros((rows, 0), np.int32))
+    placed = self._place({**batch, "history": history})
+    history = placed.pop("history")
+    scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
+    example = (self.runner.params, self.runner.model_state, placed, history, scale)
+    prefill_jit = self._compile(rows, length, cache_length, example)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      return prefill_jit(*example)
+
+  def step(self, state: DecodeState, sampling: Sampling, engram_scale=None) -> Tuple[DecodeState, StepOutput]:
+    """One decode step (the state is donated: use the returned one)."""
+    program = self._steps.get(_shapes(state))
+    if program is None:
+      raise ValueError("no decode program for this state's shapes: pass a state that prefill (or step) returned")
+    if not isinstance(sampling.temperature, jax.Array):
+      sampling = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
+    scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      return program(self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale)
+
+  # -- the loop ----------------------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=0.0, top_k=0,
+               top_p=1.0, seed: int = 0, batch_size: int = 8, engram_off: Sequence[int] = (),
+               on_token: Optional[Callable[[int, int], None]] = None) -> List[Completion]:
+    """Completions of token-id prompts, in order, `batch_size` prompts per batch.
+
+    Each row stops at end-of-sequence or after `max_new_tokens`. `temperature`, `top_k`,
+    `top_p` are scalars or one value per prompt; prompt i samples with key(seed) folded with i,
+    so its tokens do not depend on the batch it lands in. `on_token(prompt index, token id)` is
+    called as each token is produced (streaming). `engram_off` knocks out those Engram layers.
+    """
+    self.check_prompts(prompts, max_new_tokens)
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+    n = len(prompts)
+    per_prompt = lambda v: np.broadcast_to(np.asarray(v), (n,))  # noqa: E731
+    try:
+      temperature, top_k, top_p = per_prompt(temperature), per_prompt(top_k), per_prompt(top_p)
+    except ValueError:
+      raise ValueError(f"temperature/top_k/top_p: expected scalars or {n} values (one per prompt)") from None
+    sampling_arrays(n, temperature, top_k, top_p, seed)  # validates before anything runs
+    scale = self.runner.scale(engram_off)
+    out: List[Optional[Completion]] = [None] * n
+    for start in range(0, n, batch_size):
+      index = list(range(start, min(n, start + batch_size)))
+      done = self._generate_batch([list(prompts[i]) for i in index], index, max_new_tokens,
+                                  sampling_arrays(len(index), temperature[index], top_k[index], top_p[index],
+                                                  seed, index), scale, on_token)
+      for i, completion in zip(index, done):
+        out[i] = completion
+    return out
+
+  def _generate_batch(self, prompts, index, max_new_tokens, sampling: Sampling, scale, on_token):
+    real = len(prompts)
+    rows = self.row_bucket(real)
+    padded = prompts + [[self.runner.pad_id]] * (rows - real)
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - real)])  # noqa: E731
+    sampling = Sampling(*(pad(np.asarray(v)) for v in sampling))
+    cache_length = self.cache_bucket(max(len(p) for p in prompts) + max_new_tokens)
+    state = self.prefill(padded, cache_length, scale)
+    placed = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
+    completions = [Completion(list(map(int, p)), [], [], [], "length") for p in prompts]
+    finished = np.zeros(real, bool)
+    for _ in range(max_new_tokens):
+      state, out = self.step(state, placed, scale)
+      tokens, logprobs, gates = (gather_global(x) for x in out)
+      for b in np.flatnonzero(~finished):
+        c = completions[b]
+        c.token_ids.append(int(tokens[b]))
+        c.logprobs.append(float(logprobs[b]))
+        c.gate_means.append([float(g) for g in gates[b]])
+        if on_token is not None:
+          on_token(index[b], int(tokens[b]))
+        if tokens[b] == self.eos_id:
+          finished[b] = True
+          c.finish_reason = "eos"
+      if finished.all():
+        break
+    return completions
+
+  # -- text --------------------------------------------------------------------------------------
+
+  def encode_prompt(self, text: str) -> List[int]:
+    """A prompt's token ids as training saw documents: <bos> (when the data config adds it) + text."""
+    ids = self.runner.encode(text)
+    if not text or not ids:
+      raise ValueError(f"prompt {text!r} is empty: expected some text")
+    return ([self.runner.bos_id] if self.runner.bos_id is not None else []) + ids
+
+  def decode(self, token_ids: Sequence[int]) -> str:
+    return self.runner.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+
+def _unbox_abstract(tree):
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x, tree,
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def _shapes(tree) -> Tuple:
+  return tuple(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
+
+
+class TextStream:
+  """Incremental detokenisation for streaming: `push(token)` returns the text it adds (held back while
+  the text ends in an incomplete UTF-8 character, which byte-level BPE pieces can split)."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer = tokenizer
+    self.ids: List[int] = []
+    self.emitted = 0
+
+  def push(self, token: int) -> str:
+    self.ids.append(int(token))
+    text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+    if text.endswith("\ufffd"):
+      return ""
+    new, self.emitted = text[self.emitted:], len(text)
+    return new
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks of the model against its Engram config.
+
+
+def check_tables(cfg: Config, params) -> None:
+  """The params hold exactly the tables `cfg.model.engram` describes (names and shapes)."""
+  _, tables = memory.split(params)
+  engram = cfg.model.engram
+  want = {} if engram is None else {memory.table_name(l): (memory.table_layout(engram, l)[2], engram.head_dim)
+                                    for l in engram.layer_ids}
+  got = {name: tuple(t.shape) for name, t in tables.items()}
+  if got != want:
+    raise ValueError(f"the parameters hold Engram tables {got or 'none'}, but model.engram={engram} describes "
+                     f"{want or 'none'}: generate with the Engram config the model was trained with")
+
+
+def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int] = None) -> None:
+  """Raises ValueError when `cfg`'s Engram config is not the one the checkpoint was written with: the
+  checkpoint's saved config (train.py writes it) names a different model.engram, or its parameters
+  hold tables that `cfg` lacks (a restore would silently leave them out and decode without Engram)."""
+  from engram_jax import checkpoint as ckpt_lib
+  from engram_jax.config import CheckpointConfig, from_dict
+
+  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+    meta = manager.read_metadata(step) or {}
+    saved_tables = sorted(path.split("/")[1] for path in manager.saved_shapes(step) if _is_table(path))
+  finally:
+    manager.close()
+  engram = cfg.model.engram
+  want = sorted(memory.table_names(engram))
+  if meta.get("config"):
+    saved = from_dict(Config, meta["config"]).model.engram
+    if saved != engram:
+      raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) was written with model.engram={saved}; the config "
+                       f"given has model.engram={engram}: generate with the Engram config it was trained with")
+  if saved_tables != want:
+    raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) holds Engram tables {saved_tables or 'none'}, but "
+                     f"model.engram={engram} expects {want or 'none'}: generate with the Engram config the "
+                     "checkpoint was trained with (--config)")
+
+
+def _is_table(path: str) -> bool:
+  return path.startswith("params/") and path.endswith("/engram/memory/table")
+
+
+# ----------------------------------------------------------------------------------------------
+# Output.
+
+
+def completion_record(generator: Generator, prompt: str, completion: Completion) -> Dict[str, Any]:
+  """One JSONL line of generate.py's --output_jsonl."""
+  layers = list(generator.engram.layer_ids) if generator.engram is not None else []
+  return {"prompt": prompt, "completion": generator.decode(completion.token_ids),
+          "token_ids": completion.token_ids, "logprobs": completion.logprobs, "engram_layers": layers,
+          "engram_gate_means": completion.gate_means, "finish_reason": completion.finish_reason,
+          "prompt_tokens": len(completion.prompt_ids)}
+
+
+def read_prompts(path: str) -> List[str]:
+  """Prompts from a file: JSONL with a "prompt" field per line (when the file ends in .jsonl or its
+  first line is a JSON object), else one prompt per non-empty line."""
+  import os
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"prompts file {path!r} does not exist")
+  with open(path, encoding="utf-8") as f:
+    lines = [line.rstrip("\n") for line in f]
+  first = next((line for line in lines if line.strip()), "")
+  if path.endswith(".jsonl") or first.lstrip().startswith("{"):
+    prompts = []
+    for n, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not a JSON object ({e}): expected {{\"prompt\": ...}} per line") from None
+      if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        raise ValueError(f"{path}:{n}: expected a JSON object with a string \"prompt\" field")
+      prompts.append(record["prompt"])
+  else:
+    prompts = [line for line in lines if line.strip()]
+  if not prompts:
+    raise ValueError(f"prompts file {path!r} holds no prompt")
+  return prompts
