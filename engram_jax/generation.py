@@ -44,7 +44,7 @@ from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import forward
 from engram_jax.runner import ModelRunner, gather_global
-from engram_jax.sharding import LOGICAL_RULES, place_batch, tree_shardings
+from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
 
 MIN_PROMPT_BUCKET = 16
 
@@ -149,8 +149,44 @@ def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, capacity_factor=None)))
 
 
+class _Programs(NamedTuple):
+  prefill: Callable  # jitted prefill of one bucket
+  step: Callable  # jitted decode step (shared by buckets whose states have the same shapes)
+  state: DecodeState  # abstract state (ShapeDtypeStructs with shardings)
+  sampling: Sampling  # abstract sampling arrays
+
+
 def _power_of_two_at_least(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq_len: int, vocab_size: int):
+  """Raises ValueError for no prompts, an empty prompt, a budget < 1, a token id outside the
+  vocabulary, or a prompt too long for max_seq_len with the budget (each naming the value)."""
+  if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+  if len(prompts) == 0:
+    raise ValueError("no prompts: expected at least one prompt")
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f"prompt {i} is empty: expected at least one token")
+    if len(prompt) + max_new_tokens > max_seq_len:
+      raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} that exceeds "
+                       f"model.max_seq_len={max_seq_len}; expected at most {max_seq_len - max_new_tokens} prompt tokens")
+    arr = np.asarray(prompt)
+    if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= vocab_size:
+      bad = [t for t in arr.tolist() if not (isinstance(t, int) and 0 <= t < vocab_size)][:5]
+      raise ValueError(f"prompt {i} has token ids {bad}: expected integers in [0, {vocab_size}) (model.vocab_size)")
+
+
+def encode_prompt(tokenizer, data_cfg, text: str) -> List[int]:
+  """A prompt's token ids as training saw a document's start: <bos> (when the data config adds
+  it) + the text's tokens. Empty text is a ValueError."""
+  ids = list(tokenizer.encode(text, add_special_tokens=False).ids) if text else []
+  if not ids:
+    raise ValueError(f"prompt {text!r} is empty: expected some text")
+  bos = [data_lib.special_id(tokenizer, data_cfg.bos_token, "bos_token")] if data_cfg.add_bos else []
+  return bos + ids
 
 
 @dataclasses.dataclass
@@ -186,7 +222,7 @@ class Generator:
         self.lookup = jax.device_put(self.hashing.lookup_array(),
                                      jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.compiled: List[Tuple] = []
-    self._programs: Dict[Tuple, Callable] = {}  # (rows, prompt length, cache length) -> jitted prefill
+    self._programs: Dict[Tuple, _Programs] = {}  # (rows, prompt length, cache length) -> its programs
     self._steps: Dict[Tuple, Callable] = {}  # the state's leaf shapes -> jitted decode step
 
   @classmethod
@@ -233,9 +269,9 @@ class Generator:
                             positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"))
     return new_state, StepOutput(_box(tokens, "batch"), _box(logprobs, "batch"), _box(gates, "batch", None))
 
-  def _compile(self, rows: int, prompt_length: int, cache_length: int, example):
-    """(prefill, step) jitted for one (rows, prompt length, cache length) bucket, with the state's
-    shardings derived from its logical axis names and the state donated to each step."""
+  def _compile(self, rows: int, prompt_length: int, cache_length: int, example) -> "_Programs":
+    """The jitted prefill and decode step of one (rows, prompt length, cache length) bucket, with the
+    state's shardings derived from its logical axis names and the state donated to each step."""
     key = (rows, prompt_length, cache_length)
     if key in self._programs:
       return self._programs[key]
@@ -247,18 +283,44 @@ class Generator:
       abstract = jax.eval_shape(prefill, params, model_state, batch, history, scale)
       step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
                                      self.lookup, scale)
-    # (outside the mesh context: unboxing there applies sharding constraints, which abstract values refuse)
+    # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
+    # decode-mode apply, so its names are the prefill's); its outputs have their own names.
     state_shardings = tree_shardings(abstract, self.mesh)
-    step_shardings = tree_shardings(step_abstract, self.mesh)
+    step_shardings = (state_shardings, tree_shardings(step_abstract[1], self.mesh))
     prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
-    state_key = _shapes(_unbox_abstract(abstract))
+    state = _unbox_abstract(abstract)
+    state_key = _shapes(state)
     if state_key not in self._steps:
       self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
                                        donate_argnums=(2,))
       self.compiled.append(("step", rows, cache_length))
     self.compiled.append(("prefill",) + key)
-    self._programs[key] = prefill_jit
-    return prefill_jit
+    with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    batch_sharding = place_sharding(self.mesh, 1)
+    self._programs[key] = _Programs(
+        prefill=prefill_jit, step=self._steps[state_key], state=jax.tree.map(with_sharding, state, state_shardings),
+        sampling=Sampling(*(with_sharding(x, batch_sharding) for x in sampling)))
+    return self._programs[key]
+
+  def programs(self, rows: int, prompt_length: int, cache_length: int) -> Dict[str, Tuple[Callable, tuple]]:
+    """{"prefill": (jitted, abstract args), "step": (jitted, abstract args)} of one bucket, every
+    argument a ShapeDtypeStruct with its sharding: what `jax.export` and the benchmarks need
+    (nothing is run). Trace them (call, lower, export) with the mesh and the logical axis rules set."""
+    engram = self.engram
+    sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=place_sharding(self.mesh, len(shape)))  # noqa: E731
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+    params = jax.tree.map(abstract, self.runner.params)
+    model_state = jax.tree.map(abstract, self.runner.model_state)
+    batch = {k: sharded((rows, prompt_length), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+    if engram is not None:
+      batch["engram_ids"] = sharded((rows, prompt_length, len(engram.layer_ids), engram.num_heads), jnp.int32)
+    history = sharded((rows, engram.max_ngram_size - 1 if engram is not None else 0), jnp.int32)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    scale = jax.ShapeDtypeStruct((len(self.runner.engram_layers),), jnp.float32, sharding=replicated)
+    p = self._compile(rows, prompt_length, cache_length, (params, model_state, batch, history, scale))
+    lookup = None if self.lookup is None else abstract(self.lookup)
+    return {"prefill": (p.prefill, (params, model_state, batch, history, scale)),
+            "step": (p.step, (params, model_state, p.state, p.sampling, lookup, scale))}
 
   # -- buckets and checks ------------------------------------------------------------------------
 
@@ -273,24 +335,7 @@ class Generator:
     return -(-_power_of_two_at_least(rows) // multiple) * multiple
 
   def check_prompts(self, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    """Raises ValueError for an empty prompt list or prompt, a budget < 1, an out-of-vocabulary id,
-    or a prompt too long for model.max_seq_len with the budget."""
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-    if len(prompts) == 0:
-      raise ValueError("no prompts: expected at least one prompt")
-    limit = self.cfg.model.max_seq_len
-    vocab = self.cfg.model.vocab_size
-    for i, prompt in enumerate(prompts):
-      if len(prompt) == 0:
-        raise ValueError(f"prompt {i} is empty: expected at least one token")
-      if len(prompt) + max_new_tokens > limit:
-        raise ValueError(f"prompt {i} has {len(prompt)} tokens: with max_new_tokens={max_new_tokens} that exceeds "
-                         f"model.max_seq_len={limit}; expected at most {limit - max_new_tokens} prompt tokens")
-      arr = np.asarray(prompt)
-      if arr.dtype.kind not in "iu" or arr.min() < 0 or arr.max() >= vocab:
-        raise ValueError(f"prompt {i} has token ids outside [0, {vocab}) (model.vocab_size): "
-                         f"{[int(t) for t in arr if not 0 <= t < vocab][:5]}")
+    check_prompts(prompts, max_new_tokens, self.cfg.model.max_seq_len, self.cfg.model.vocab_size)
 
   # -- prefill and step --------------------------------------------------------------------------
 
@@ -317,7 +362,7 @@ class Generator:
     history = placed.pop("history")
     scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
     example = (self.runner.params, self.runner.model_state, placed, history, scale)
-    prefill_jit = self._compile(rows, length, cache_length, example)
+    prefill_jit = self._compile(rows, length, cache_length, example).prefill
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       return prefill_jit(*example)
 
@@ -336,13 +381,15 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature=0.0, top_k=0,
                top_p=1.0, seed: int = 0, batch_size: int = 8, engram_off: Sequence[int] = (),
-               on_token: Optional[Callable[[int, int], None]] = None) -> List[Completion]:
+               on_token: Optional[Callable[[int, int], None]] = None,
+               on_done: Optional[Callable[[int, "Completion"], None]] = None) -> List[Completion]:
     """Completions of token-id prompts, in order, `batch_size` prompts per batch.
 
     Each row stops at end-of-sequence or after `max_new_tokens`. `temperature`, `top_k`,
     `top_p` are scalars or one value per prompt; prompt i samples with key(seed) folded with i,
     so its tokens do not depend on the batch it lands in. `on_token(prompt index, token id)` is
-    called as each token is produced (streaming). `engram_off` knocks out those Engram layers.
+    called as each token is produced (streaming), `on_done(prompt index, completion)` as each prompt
+    finishes. `engram_off` knocks out those Engram layers.
     """
     self.check_prompts(prompts, max_new_tokens)
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -360,12 +407,12 @@ class Generator:
       index = list(range(start, min(n, start + batch_size)))
       done = self._generate_batch([list(prompts[i]) for i in index], index, max_new_tokens,
                                   sampling_arrays(len(index), temperature[index], top_k[index], top_p[index],
-                                                  seed, index), scale, on_token)
+                                                  seed, index), scale, on_token, on_done)
       for i, completion in zip(index, done):
         out[i] = completion
     return out
 
-  def _generate_batch(self, prompts, index, max_new_tokens, sampling: Sampling, scale, on_token):
+  def _generate_batch(self, prompts, index, max_new_tokens, sampling: Sampling, scale, on_token, on_done):
     real = len(prompts)
     rows = self.row_bucket(real)
     padded = prompts + [[self.runner.pad_id]] * (rows - real)
@@ -386,9 +433,11 @@ class Generator:
         c.gate_means.append([float(g) for g in gates[b]])
         if on_token is not None:
           on_token(index[b], int(tokens[b]))
-        if tokens[b] == self.eos_id:
+        if tokens[b] == self.eos_id or len(c.token_ids) == max_new_tokens:
           finished[b] = True
-          c.finish_reason = "eos"
+          c.finish_reason = "eos" if tokens[b] == self.eos_id else "length"
+          if on_done is not None:
+            on_done(index[b], c)
       if finished.all():
         break
     return completions
@@ -396,11 +445,7 @@ class Generator:
   # -- text --------------------------------------------------------------------------------------
 
   def encode_prompt(self, text: str) -> List[int]:
-    """A prompt's token ids as training saw documents: <bos> (when the data config adds it) + text."""
-    ids = self.runner.encode(text)
-    if not text or not ids:
-      raise ValueError(f"prompt {text!r} is empty: expected some text")
-    return ([self.runner.bos_id] if self.runner.bos_id is not None else []) + ids
+    return encode_prompt(self.runner.tokenizer, self.cfg.data, text)
 
   def decode(self, token_ids: Sequence[int]) -> str:
     return self.runner.tokenizer.decode(list(token_ids), skip_special_tokens=True)

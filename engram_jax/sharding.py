@@ -100,7 +100,10 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules=LOGICAL_RULES):
   specs = nn.get_partition_spec(abstract_tree)  # logical names per leaf (replicated: PartitionSpec())
   shardings = jax.tree.map(lambda names: jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(names), rules)),
                            specs, is_leaf=is_spec)
-  values = nn.meta.unbox(abstract_tree)
+  # Only the shapes are needed: unbox without applying sharding constraints (which abstract values
+  # refuse inside a mesh context).
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+  values = jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, abstract_tree, is_leaf=is_box)
 
   def check(path, value, sharding):
     for dim, axes in zip(value.shape, sharding.spec):

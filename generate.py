@@ -1,0 +1,110 @@
+"""Generate text with a trained Engram model: `python generate.py --workdir runs/tiny --prompt "The os module"`.
+
+Restores the latest checkpoint of `<workdir>/checkpoints` (or `--checkpoint <dir>`, `--step N`) onto
+every device of this machine, prefills the prompts and decodes with caches (attention keys/values or
+MLA latents, each Engram layer's conv state and n-gram history; see engram_jax/generation.py), and
+prints each prompt followed by its completion. A batch holding one prompt (a single --prompt, or
+--batch_size 1) streams its tokens as they are produced; larger batches print each completion when it
+ends. Every row stops at end-of-sequence or after --max_new_tokens. --output_jsonl writes one line
+per prompt: prompt, completion, token ids, per-token log-probabilities and Engram gate means.
+
+Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
+as in train.py and eval.py.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
+                                          "saved in the checkpoint).", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: reads <workdir>/checkpoints.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints directory (instead of --workdir).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to restore (default: the latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "The prompt text.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Prompts, one per line, or JSONL with a \"prompt\" field "
+                                    "per line (instead of --prompt).")
+_OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Write one JSON line per prompt here: prompt, completion, "
+                                    "token_ids, logprobs, engram_gate_means, finish_reason.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 = greedy (argmax).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens only; 0 = no limit.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens whose probability reaches p; 1 = "
+                            "no limit.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (prompt i draws with the seed folded with i).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+
+
+def _log(message: str):
+  print(message, file=sys.stderr, flush=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
+    logging.set_verbosity(logging.WARNING)   # would bury the text (--verbosity=0 for it)
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
+  if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
+    raise app.UsageError("pass exactly one of --prompt and --prompts_file")
+  from engram_jax import data as data_lib
+  from engram_jax import generation
+  from engram_jax.config import Config, from_dict
+  from engram_jax.runner import load_config_from_checkpoint
+
+  checkpoint_dir = os.path.join(_WORKDIR.value, "checkpoints") if _WORKDIR.value else _CHECKPOINT.value
+  # Everything that can be wrong with the request fails here, before the (slow) restore.
+  try:
+    texts = [_PROMPT.value] if _PROMPT.value is not None else generation.read_prompts(_PROMPTS_FILE.value)
+    if _CONFIG.value is not None:
+      cfg = from_dict(Config, _CONFIG.value)
+    else:
+      cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer_path)
+    prompts = [generation.encode_prompt(tokenizer, cfg.data, t) for t in texts]
+    generation.check_prompts(prompts, _MAX_NEW.value, cfg.model.max_seq_len, cfg.model.vocab_size)
+    generation.sampling_arrays(1, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+    if _BATCH_SIZE.value < 1:
+      raise ValueError(f"--batch_size={_BATCH_SIZE.value}: expected a positive integer")
+    generation.check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"generate.py: error: {e}")
+
+  import jax
+
+  generator = generation.Generator.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, log=_log)
+  single = len(texts) == 1 or _BATCH_SIZE.value == 1
+  streams = {}
+
+  def on_token(i, token):
+    if single:
+      if i not in streams:
+        streams[i] = generation.TextStream(generator.runner.tokenizer)
+        print(("\n" if i else "") + texts[i], end="", flush=True)
+      print(streams[i].push(token), end="", flush=True)
+
+  def on_done(i, completion):
+    if single:
+      print(f"\n[{completion.finish_reason}, {len(completion.token_ids)} tokens]", flush=True)
+    else:
+      print(f"{'' if i == 0 else chr(10)}{texts[i]}{generator.decode(completion.token_ids)}\n"
+            f"[{completion.finish_reason}, {len(completion.token_ids)} tokens]", flush=True)
+
+  completions = generator.generate(prompts, _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                                   top_p=_TOP_P.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
+                                   on_token=on_token, on_done=on_done)
+  if _OUTPUT_JSONL.value and jax.process_index() == 0:
+    out_dir = os.path.dirname(os.path.abspath(_OUTPUT_JSONL.value))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(_OUTPUT_JSONL.value, "w", encoding="utf-8") as f:
+      for text, completion in zip(texts, completions):
+        f.write(json.dumps(generation.completion_record(generator, text, completion)) + "\n")
+    print(f"\nCompletions: {_OUTPUT_JSONL.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
