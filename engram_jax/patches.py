@@ -124,16 +124,6 @@ class Patch:
     return sum(t.ids.nbytes + t.new.nbytes + t.base.nbytes for t in self.tables.values())
 
 
-def diff_tables(base: Dict[str, np.ndarray], new: Dict[str, np.ndarray]) -> Dict[str, TableRows]:
-  """The rows that differ between two sets of tables (any element), per table."""
-  out = {}
-  for name in base:
-    b, n = np.asarray(base[name]), np.asarray(new[name])
-    ids = np.flatnonzero(np.any(b != n, axis=1)).astype(np.int64)
-    out[name] = TableRows(ids, n[ids], b[ids])
-  return out
-
-
 def make_patch(cfg: ModelConfig, hashing: EngramHashing, tables: Dict[str, TableRows], training: dict) -> Patch:
   base_fp = _sha256(*(t.base.tobytes() for _, t in sorted(tables.items())))
   manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint(cfg, hashing),
