@@ -39,6 +39,11 @@ _TOP_NGRAMS = flags.DEFINE_integer("top_ngrams", 10, "N-grams with the highest m
 _MIN_COUNT = flags.DEFINE_integer("min_ngram_count", 5, "Occurrences an n-gram needs to be listed.")
 _GATE_TEXT = flags.DEFINE_string("gate_text", None, "Text to visualise: writes gates.png and gates.html.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the needle-in-a-haystack prompts.")
+_PATCHES = flags.DEFINE_list("patches", [], "Knowledge patch directories (patch.py create) applied to the tables "
+                             "before evaluating, in order; the checkpoint is not modified.")
+_PATCH_POLICY = flags.DEFINE_enum("patch_policy", "sum", ["sum", "last", "refuse"],
+                                  "Rows changed by several patches: add their deltas, the last patch wins, or refuse.")
+_FORCE_PATCHES = flags.DEFINE_boolean("force_patches", False, "Apply patches whose base rows differ from the model's.")
 
 
 def main(argv):
@@ -79,7 +84,8 @@ def main(argv):
   import jax
 
   results = evaluation.evaluate_checkpoint(cfg, checkpoint_dir, options, step=_STEP.value, out_dir=out_dir,
-                                           gate_text=_GATE_TEXT.value)
+                                           gate_text=_GATE_TEXT.value, patches=tuple(_PATCHES.value),
+                                           patch_policy=_PATCH_POLICY.value, force_patches=_FORCE_PATCHES.value)
   if jax.process_index() == 0:
     print()
     print(evaluation.format_table(results))

@@ -4,8 +4,14 @@
 #   bash bench/fetch_wheels.sh                       # once, where pip can reach an index: -> .wheels/
 #   OUT=/some/dir bash bench/run_gpu.sh [PART ...]   # on the GPU machine, with .wheels/ beside it
 #
-# PARTs (default: all five in this order). Each runs under its own `timeout` (the limits below), so
-# `model`, `plan e2e hashing` and `engram_layer` each stay under 10 minutes: run them as three calls.
+# PARTs. The default is the ~10-minute set that fits one lease, most important figures first:
+#   engram_layer_quick  (<= 200 s) the Engram layer vs the PyTorch module: float32 gate on 1 x 256
+#                       tokens, 10 repeats, no torch.compile
+#   model_quick         (<= 200 s) train-step tokens/s and MFU of `small` alone, 10 repeats
+#   hashing             (<= 45 s)  jnp hashing on the GPU
+#   generate            (<= 75 s)  bench/bench_generate.py (if present) on `small`
+#   offload             (<= 75 s)  bench/bench_offload.py (if present)
+# Longer parts, each its own call when more device time is lent:
 #   model         bench/bench_model.py: MoE layer vs dense MLP, then small, small:no_engram and
 #                 small:no_engram,dense: train-step and forward+backward tokens/s and MFU, Engram
 #                 cost                                                                  (<= 540 s)
@@ -26,7 +32,7 @@ OUT=${OUT:-runs/bench_gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(model plan e2e hashing engram_layer)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(engram_layer_quick model_quick hashing generate offload)
 STATUS="$OUT/run_gpu.txt"
 # Extra arguments per part (word-split), e.g. a CPU smoke run:
 #   BENCH_MODEL_ARGS="--preset configs/tiny.py --repeats 2 --set data.batch_size=4"
@@ -93,6 +99,18 @@ run_part() {  # name, time limit in seconds, command...
 
 for part in "${PARTS[@]}"; do
   case "$part" in
+    engram_layer_quick)
+      run_part bench_engram_layer 200 $PY bench/bench_engram_layer.py --out "$OUT/bench_engram_layer.json" \
+        --check_small --repeats 10 --torch_compile off $ENGRAM_LAYER_ARGS ;;
+    model_quick)
+      run_part bench_model 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_model.py \
+        --json "$OUT/bench_model.json" --variants base --repeats 10 --no_moe_layer $MODEL_ARGS ;;
+    generate|offload)
+      if [ -f "bench/bench_$part.py" ]; then
+        run_part "bench_$part" 75 $PY "bench/bench_$part.py" --gpu --json "$OUT/bench_$part.json"
+      else
+        echo "== $part: bench/bench_$part.py not found, skipped" >>"$STATUS"
+      fi ;;
     model)
       run_part bench_model 540 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY bench/bench_model.py --json "$OUT/bench_model.json" $MODEL_ARGS ;;
     hashing)
@@ -110,7 +128,7 @@ for part in "${PARTS[@]}"; do
         echo "== engram_layer: bench/bench_engram_layer.py not found, skipped" >>"$STATUS"
       fi ;;
     *)
-      echo "== unknown part $part (expected model, plan, hashing, e2e, engram_layer)" >>"$STATUS" ;;
+      echo "== unknown part $part (expected engram_layer_quick, model_quick, hashing, generate, offload, model, plan, e2e, engram_layer)" >>"$STATUS" ;;
   esac
 done
 cat "$STATUS"

@@ -191,7 +191,8 @@ class MoEConfig:
   seq_aux_loss_coef: float = 0.0
   # None = dropless; else tokens per expert = ceil(capacity_factor * tokens * top_k / num_experts).
   capacity_factor: Optional[float] = None
-  # Expert-parallel dispatch: "auto" (ragged all-to-all where supported), "ragged" or "capacity".
+  # Expert-parallel dispatch: "auto" (ragged all-to-all off CPU; traced on a CPU host, chosen per lowering
+  # platform, so an export for TPU/GPU gets it: moe.resolve_dispatch), "ragged" or "capacity".
   dispatch: str = "auto"
 
   def __post_init__(self):

@@ -476,12 +476,6 @@ def _cached(key, build):
   return value
 
 
-def clear_cache():
-  """Forgets cached tokenised corpora and compressed tokenizers (frees their memory)."""
-  with _CACHE_LOCK:
-    _CACHE.clear()
-
-
 def _fingerprint(tokenizer) -> str:
   return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
 

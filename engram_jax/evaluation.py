@@ -312,7 +312,8 @@ def run_evaluation(runner: ModelRunner, options: EvalOptions = EvalOptions(), *,
   engram = cfg.model.engram
   results = {
       "schema_version": SCHEMA_VERSION,
-      "checkpoint": {"directory": checkpoint_dir, "step": step},
+      "checkpoint": {"directory": checkpoint_dir, "step": step,
+                     "patches": [os.path.abspath(p) for p in runner.patches]},
       "model": {"preset": cfg.name, "engram_layers": list(runner.engram_layers), "mhc_branches": runner.branches,
                 "max_ngram_size": engram.max_ngram_size if engram is not None else None,
                 "params": {k: int(v) for k, v in counts.items()}},
@@ -401,6 +402,8 @@ def format_table(results: dict) -> str:
   lines = []
   ck = results["checkpoint"]
   lines.append(f"Model {results['model']['preset']}  step {ck['step']}  Engram layers {results['model']['engram_layers']}")
+  if ck.get("patches"):
+    lines.append("Knowledge patches: " + ", ".join(ck["patches"]))
   lines.append("")
   lines.append(f"{'benchmark':<18}{'condition':<14}{'loss':>9}{'ppl':>11}{'bpb':>8}{'d_loss':>9}{'retained':>10}")
   for b in results["benchmarks"]:
@@ -453,11 +456,20 @@ def write_results(results: dict, out_dir: str) -> str:
 
 def evaluate_checkpoint(cfg: Config, checkpoint_dir: str, options: EvalOptions = EvalOptions(), *,
                         step: Optional[int] = None, mesh=None, out_dir: Optional[str] = None,
-                        gate_text: Optional[str] = None, log: Callable[[str], None] = print) -> dict:
-  """Restores `checkpoint_dir` onto `mesh` (default: every device), evaluates, and writes
-  `out_dir/results.json` (plus the gate visualisation of `gate_text`) when out_dir is given."""
+                        gate_text: Optional[str] = None, patches: Sequence[str] = (), patch_policy: str = "sum",
+                        force_patches: bool = False, log: Callable[[str], None] = print) -> dict:
+  """Restores `checkpoint_dir` onto `mesh` (default: every device), applies knowledge `patches` (if
+  any), evaluates, and writes `out_dir/results.json` (plus the gate visualisation of `gate_text`)
+  when out_dir is given."""
   options.check_files()
+  if patches:
+    from engram_jax.patches import load_patch
+
+    for path in patches:  # a missing or damaged patch fails before the (slow) restore
+      load_patch(path)
   runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log)
+  if patches:
+    runner.apply_patches(patches, policy=patch_policy, force=force_patches, log=log)
   results = run_evaluation(runner, options, step=runner.step, checkpoint_dir=os.path.abspath(checkpoint_dir),
                            gate_text=gate_text, out_dir=out_dir, log=log)
   if out_dir and jax.process_index() == 0:

@@ -169,3 +169,18 @@ def write_knowledge(corpus: KnowledgeCorpus, out_dir: str) -> Dict[str, str]:
     for probe in corpus.probes:
       f.write(json.dumps(probe) + "\n")
   return paths
+
+
+# Question forms that never occur in the training text (no template ends this way), for measuring
+# whether a fact was stored or only its sentences: the prompt differs, the answer is the same.
+PARAPHRASE_PROMPTS: Dict[str, str] = {
+    "birthplace": "Asked where they were born, {name} named",
+    "occupation": "Asked about their work, {name} said they were",
+    "birth_year": "Asked when they were born, {name} gave the year",
+    "instrument": "Asked about music, {name} said they played the",
+}
+
+
+def paraphrase_probes(probes: Sequence[dict]) -> List[dict]:
+  """The same multiple-choice probes asked with `PARAPHRASE_PROMPTS` instead of the canonical prefix."""
+  return [dict(p, question=PARAPHRASE_PROMPTS[p["attribute"]].format(name=p["entity"])) for p in probes]

@@ -252,7 +252,7 @@ def _exchange_ragged(x_sorted_, counts_, counts_all, me, *, pair_rows, experts_l
 
 
 def _routed_ep_body(x_, expert_ids_, weights_, w_gate_, w_up_, w_down_, *, expert_axes, mlp_axes,
-                    batch_axes, shards, capacity_factor, ragged_all_to_all):
+                    batch_axes, shards, capacity_factor, mode, ragged_all_to_all):
   tokens_, top_k = expert_ids_.shape
   experts_local = w_gate_.shape[0]
   num_experts = experts_local * shards
@@ -277,19 +277,34 @@ def _routed_ep_body(x_, expert_ids_, weights_, w_gate_, w_up_, w_down_, *, exper
 
   common = dict(pair_rows=pair_rows, experts_local=experts_local, expert_axes=expert_axes,
                 expert_fn=expert_fn)
-  if ragged_all_to_all is None:
-    y_sorted_ = _exchange_fixed(x_sorted_, sorted_experts_, counts_, counts_all, me, **common)
+  fixed = lambda x, e, c, ca, i: _exchange_fixed(x, e, c, ca, i, **common)  # noqa: E731
+  ragged = lambda x, e, c, ca, i: _exchange_ragged(  # noqa: E731
+      x, c, ca, i, batch_axes=batch_axes, ragged_all_to_all=ragged_all_to_all or jax.lax.ragged_all_to_all,
+      **common)
+  args = (x_sorted_, sorted_experts_, counts_, counts_all, me)
+  if mode == "per_platform":  # see resolve_dispatch
+    y_sorted_ = jax.lax.platform_dependent(*args, cpu=fixed, default=ragged)
   else:
-    y_sorted_ = _exchange_ragged(x_sorted_, counts_, counts_all, me, batch_axes=batch_axes,
-                                 ragged_all_to_all=ragged_all_to_all, **common)
+    y_sorted_ = (ragged if mode == "ragged" else fixed)(*args)
   y_ = _combine(y_sorted_, order_, keep_, weights_)
   return y_, jax.lax.psum(dropped_, batch_axes)
 
 
 def resolve_dispatch(dispatch: str) -> str:
-  """"auto" -> "ragged" off CPU (XLA:CPU has no ragged all-to-all), else "capacity"."""
+  """The exchange for `dispatch`: "ragged", "capacity" or, for "auto" on a CPU host, "per_platform".
+
+  "auto" means the ragged all-to-all on TPU/GPU and the fixed-capacity all_to_all on CPU (XLA:CPU
+  has no ragged all-to-all), for the platform the program is *lowered* for. On an accelerator host
+  that is "ragged". A CPU host may lower for CPU (tests, CPU runs) or for TPU/GPU (`jax.export`,
+  AOT lowering, memory plans), which tracing cannot tell apart, so there "auto" traces both
+  exchanges under `jax.lax.platform_dependent` and only the lowering platform's is lowered
+  (a multi-platform export keeps both). Not on accelerator hosts too: under autodiff, JAX's
+  partial evaluation moves the platform index out of the scanned layers, and XLA then keeps a
+  one-branch conditional around the exchange's collectives (seen in CPU-compiled train steps),
+  which a step on the accelerator should not pay for.
+  """
   if dispatch == "auto":
-    return "capacity" if jax.default_backend() == "cpu" else "ragged"
+    return "per_platform" if jax.default_backend() == "cpu" else "ragged"
   if dispatch not in ("ragged", "capacity"):
     raise ValueError(f"dispatch={dispatch!r}: expected 'auto', 'ragged' or 'capacity'")
   return dispatch
@@ -341,14 +356,9 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_ga
   if set(batch_axes) & set(mlp_axes):
     raise ValueError(f"'batch' axes {batch_axes} and 'expert_mlp' axes {mlp_axes} overlap: "
                      "tokens must be replicated over the shards of an expert's hidden dim")
-  if mode == "ragged" and shards > 1:
-    if ragged_all_to_all is None:
-      if jax.default_backend() == "cpu":
-        raise ValueError("dispatch='ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU lacks: "
-                         "use 'capacity' or 'auto' on CPU")
-      ragged_all_to_all = jax.lax.ragged_all_to_all
-  else:
-    ragged_all_to_all = None
+  if mode == "ragged" and shards > 1 and ragged_all_to_all is None and jax.default_backend() == "cpu":
+    raise ValueError("dispatch='ragged' needs jax.lax.ragged_all_to_all, which XLA:CPU lacks: "
+                     "use 'capacity' or 'auto' on CPU")
 
   # Every batch shard must hold the same token count: pad with "no expert" rows.
   groups = math.prod(mesh.shape[a] for a in batch_axes)
@@ -366,7 +376,7 @@ def routed_experts(x: jax.Array, expert_ids: jax.Array, weights: jax.Array, w_ga
   body = jax.shard_map(
       lambda *args: _routed_ep_body(
           *args, expert_axes=spec_entry(expert_axes), mlp_axes=spec_entry(mlp_axes),
-          batch_axes=batch_axes, shards=shards, capacity_factor=capacity_factor,
+          batch_axes=batch_axes, shards=shards, capacity_factor=capacity_factor, mode=mode,
           ragged_all_to_all=ragged_all_to_all),
       mesh=mesh, in_specs=(rows, rows, rows, w_in, w_in, w_out), out_specs=(rows, PartitionSpec()))
   y, dropped = body(x, expert_ids, weights, w_gate, w_up, w_down)

@@ -70,6 +70,8 @@ class ModelRunner:
   def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None):
     self.cfg = cfg
     self.step: Optional[int] = None  # the checkpoint step, when restored by from_checkpoint
+    self.patches: List[str] = []  # knowledge patch directories applied (apply_patches)
+    self._undo: list = []
     self.params = params
     self.model_state = model_state
     self.mesh = mesh if mesh is not None else runner_mesh(cfg)
@@ -99,6 +101,30 @@ class ModelRunner:
     runner = cls(cfg, params, model_state, mesh)
     runner.step = int(step)
     return runner
+
+  # -- knowledge patches -------------------------------------------------------------------------
+
+  def apply_patches(self, patches: Sequence[str], *, policy: str = "sum", force: bool = False,
+                    log: Callable[[str], None] = print):
+    """Applies knowledge patch directories (patches.py) to the runner's tables (the checkpoint on
+    disk is not touched); `revert_patches` restores the base rows exactly. Returns the ApplyReport."""
+    from engram_jax import patches as patches_lib
+
+    if self.hashing is None:
+      raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
+    self.params, undo, report = patches_lib.apply_patches(self.params, self.cfg.model, self.hashing, list(patches),
+                                                          policy=policy, force=force, log=log)
+    self._undo.append(undo)
+    self.patches = self.patches + list(patches)
+    return report
+
+  def revert_patches(self):
+    """Undoes every `apply_patches`, newest first: the tables are bit-identical to the base again."""
+    from engram_jax import patches as patches_lib
+
+    while self._undo:
+      self.params = patches_lib.revert(self.params, self._undo.pop())
+    self.patches = []
 
   # -- scales ------------------------------------------------------------------------------------
 

@@ -1,0 +1,460 @@
+"""Knowledge patches: new facts written into Engram table rows only, shipped as a small directory,
+applied at load time, stacked and reverted exactly.
+
+Why rows only: Engram's addresses depend only on the input tokens, so the rows a facts corpus can
+ever read are known before training (hash the corpus). Training only those rows, with the backbone,
+projections, gates, conv and the MoE balancing bias frozen, changes nothing else in the model; the
+patch is the changed rows (row ids, new values, the base values they replace), so its size scales
+with the rows changed, never with the table.
+
+Training (`train_rows`): the rows the facts read are gathered once into a compact [U, d] array per
+table; each step reads rows from it (host-side remapped ids), takes the gradient with respect to
+that compact array only (the backbone's weight gradients are never formed, and blocks before the
+first Engram layer get no backward pass), and Adam updates it. Optionally, rows that a reference
+sample of ordinary text reads often (shared template n-grams such as "was born in") are frozen or
+pulled back towards their base values (`protect`).
+
+The format (a directory, `FORMAT_VERSION` 1):
+  manifest.json   format version; `fingerprint` (sha256 of everything that gives a row its meaning:
+                  the model config, each layer's table layout, hash multipliers and primes, the
+                  compressed-tokenizer lookup, pad ids); `base_fingerprint` (sha256 of the base
+                  values of the changed rows); per table the row count and the sha256 of its files;
+                  `training` (what it was trained on and how).
+  <table>.ids.npy   int64 [K] row ids (sorted), <table>.new.npy / <table>.base.npy  [K, d] values.
+A patch is written to a temporary directory and renamed into place; an existing directory is never
+written over.
+
+Applying (`apply_patches`) refuses a patch whose fingerprint differs from the model's (its rows would
+mean other n-grams) and, unless forced, one whose base values differ from the model's rows; rows that
+several patches change are reported and resolved by a stated policy: "sum" (base + the sum of every
+patch's delta, the default: disjoint facts that share template rows add up), "last" (the last patch
+listed wins) or "refuse". It returns the patched params and an `Undo`; `revert` restores the base rows
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from engram_jax import memory
+from engram_jax.config import Config, ModelConfig, to_dict
+from engram_jax.hashing import EngramHashing
+from engram_jax.model import forward, token_nll
+
+FORMAT_VERSION = 1
+POLICIES = ("sum", "last", "refuse")
+
+
+class PatchError(ValueError):
+  """A patch that cannot be read or applied; the message says which and why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints.
+
+
+def _sha256(*chunks: bytes) -> str:
+  h = hashlib.sha256()
+  for chunk in chunks:
+    h.update(chunk)
+  return h.hexdigest()
+
+
+def fingerprint(cfg: ModelConfig, hashing: EngramHashing) -> str:
+  """sha256 of everything that gives a table row its meaning: the model config, each layer's table
+  layout (head sizes, offsets, padded rows, head width), hash multipliers and primes, the compressed
+  tokenizer's lookup and the pad ids. Two models with equal fingerprints address the same n-gram
+  with the same row."""
+  if cfg.engram is None:
+    raise PatchError("the model has no Engram layers (model.engram is None): it has no table rows to patch")
+  e = cfg.engram
+  layout = {}
+  for layer in e.layer_ids:
+    sizes, offsets, rows = memory.table_layout(e, layer)
+    layout[str(layer)] = {"sizes": sizes.tolist(), "offsets": offsets.tolist(), "rows": rows,
+                          "head_dim": e.head_dim, "multipliers": hashing.hasher.multipliers[layer].tolist(),
+                          "primes": hashing.hasher.primes[layer].tolist()}
+  desc = {"model": to_dict(cfg), "layout": layout, "pad_id": hashing.pad_id,
+          "compressed_pad_id": hashing.compressed_pad_id}
+  return _sha256(json.dumps(desc, sort_keys=True).encode(), np.ascontiguousarray(hashing.compressed.lookup,
+                                                                                  np.int64).tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# The patch.
+
+
+@dataclasses.dataclass
+class TableRows:
+  """The changed rows of one table: ids int64 [K] (sorted, unique), new and base values [K, d]."""
+
+  ids: np.ndarray
+  new: np.ndarray
+  base: np.ndarray
+
+  def __post_init__(self):
+    if self.ids.ndim != 1 or self.new.shape != self.base.shape or self.new.shape[:1] != self.ids.shape:
+      raise PatchError(f"rows of shapes ids {self.ids.shape}, new {self.new.shape}, base {self.base.shape}: "
+                       "expected ids [K] and values [K, d]")
+
+
+@dataclasses.dataclass
+class Patch:
+  manifest: dict
+  tables: Dict[str, TableRows]
+
+  @property
+  def num_rows(self) -> int:
+    return sum(len(t.ids) for t in self.tables.values())
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.ids.nbytes + t.new.nbytes + t.base.nbytes for t in self.tables.values())
+
+
+def make_patch(cfg: ModelConfig, hashing: EngramHashing, tables: Dict[str, TableRows], training: dict) -> Patch:
+  base_fp = _sha256(*(t.base.tobytes() for _, t in sorted(tables.items())))
+  manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint(cfg, hashing),
+              "base_fingerprint": base_fp, "training": training,
+              "tables": {name: {"rows": int(len(t.ids)), "dim": int(t.new.shape[1]) if t.new.ndim == 2 else None,
+                                "dtype": str(t.new.dtype),
+                                "table_rows": int(memory.table_layout(cfg.engram, int(name.split("_")[-1]))[2])}
+                         for name, t in tables.items()}}
+  return Patch(manifest, tables)
+
+
+_FILES = ("ids", "new", "base")
+
+
+def save_patch(patch: Patch, out_dir: str) -> str:
+  """Writes the patch directory (refusing an existing path); returns its path."""
+  if os.path.exists(out_dir):
+    raise FileExistsError(f"patch directory {out_dir!r} already exists: choose another --out (nothing was written)")
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".patch-", dir=parent)
+  try:
+    manifest = json.loads(json.dumps(patch.manifest))
+    for name, rows in patch.tables.items():
+      entry = manifest["tables"][name]
+      for kind in _FILES:
+        path = os.path.join(tmp, f"{name}.{kind}.npy")
+        np.save(path, getattr(rows, kind), allow_pickle=False)
+        with open(path, "rb") as f:
+          entry[f"{kind}_sha256"] = _sha256(f.read())
+    with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
+      f.write("\n")
+    os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  patch.manifest = manifest
+  return out_dir
+
+
+def load_patch(path: str) -> Patch:
+  """Reads and verifies a patch directory: every file present, its checksum, shapes and dtypes."""
+  manifest_path = os.path.join(path, "manifest.json")
+  if not os.path.isdir(path):
+    raise PatchError(f"patch {path!r} does not exist (expected a directory written by `patch.py create`)")
+  try:
+    with open(manifest_path, encoding="utf-8") as f:
+      manifest = json.load(f)
+  except FileNotFoundError:
+    raise PatchError(f"patch {path!r} has no manifest.json: not a patch directory, or an incomplete copy") from None
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise PatchError(f"patch {path!r}: manifest.json is not valid JSON ({e}); the patch is damaged") from None
+  version = manifest.get("format_version") if isinstance(manifest, dict) else None
+  if version != FORMAT_VERSION:
+    raise PatchError(f"patch {path!r} has format_version {version!r}; this engram_jax reads version {FORMAT_VERSION}")
+  for key in ("fingerprint", "base_fingerprint", "tables"):
+    if key not in manifest:
+      raise PatchError(f"patch {path!r}: manifest.json lacks {key!r}; the patch is damaged")
+  tables = {}
+  for name, entry in manifest["tables"].items():
+    arrays = {}
+    for kind in _FILES:
+      file = os.path.join(path, f"{name}.{kind}.npy")
+      try:
+        with open(file, "rb") as f:
+          raw = f.read()
+      except FileNotFoundError:
+        raise PatchError(f"patch {path!r} lacks {os.path.basename(file)} (listed in manifest.json)") from None
+      if _sha256(raw) != entry.get(f"{kind}_sha256"):
+        raise PatchError(f"patch {path!r}: {os.path.basename(file)} does not match its checksum in manifest.json "
+                         "(truncated or modified); the patch is damaged")
+      arrays[kind] = np.load(file, allow_pickle=False)
+    if len(arrays["ids"]) != entry.get("rows"):
+      raise PatchError(f"patch {path!r}: {name} has {len(arrays['ids'])} rows; manifest.json says {entry.get('rows')}")
+    tables[name] = TableRows(arrays["ids"].astype(np.int64), arrays["new"], arrays["base"])
+  patch = Patch(manifest, tables)
+  base_fp = _sha256(*(t.base.tobytes() for _, t in sorted(tables.items())))
+  if base_fp != manifest["base_fingerprint"]:
+    raise PatchError(f"patch {path!r}: base rows do not match base_fingerprint; the patch is damaged")
+  return patch
+
+
+def describe(patch: Patch) -> str:
+  """What `patch.py info` prints."""
+  m = patch.manifest
+  lines = [f"format version {m['format_version']}", f"fingerprint {m['fingerprint'][:16]}...",
+           f"rows changed {patch.num_rows} ({patch.nbytes / 1e6:.2f} MB of row data)"]
+  for name, entry in sorted(m["tables"].items()):
+    share = entry["rows"] / entry["table_rows"] if entry.get("table_rows") else float("nan")
+    lines.append(f"  {name}: {entry['rows']} of {entry['table_rows']} rows ({100 * share:.2f}%), dim {entry['dim']}, "
+                 f"{entry['dtype']}")
+  training = m.get("training") or {}
+  for key in sorted(training):
+    lines.append(f"training.{key}: {json.dumps(training[key])[:200]}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Apply, stack, revert.
+
+
+@dataclasses.dataclass
+class Undo:
+  """The base values of every row a set of patches changed: `revert` writes them back."""
+
+  tables: Dict[str, TableRows]
+
+
+@dataclasses.dataclass
+class ApplyReport:
+  patches: List[str]
+  rows_changed: Dict[str, int]
+  overlapping_rows: Dict[str, int]  # rows changed by more than one patch, per table
+  policy: str
+
+
+def _resolve(patches: Sequence[Tuple[str, Patch]], name: str, policy: str):
+  """(ids [K], base [K, d], new [K, d], overlapping row count) of one table over every patch."""
+  present = [(label, p.tables[name]) for label, p in patches if name in p.tables and len(p.tables[name].ids)]
+  if not present:
+    return None
+  all_ids = np.unique(np.concatenate([t.ids for _, t in present]))
+  dim = present[0][1].new.shape[1]
+  base = np.zeros((len(all_ids), dim), present[0][1].base.dtype)
+  new = None
+  seen = np.zeros(len(all_ids), np.int64)
+  delta = np.zeros((len(all_ids), dim), np.float64)
+  last = np.zeros((len(all_ids), dim), present[0][1].new.dtype)
+  for label, t in present:
+    at = np.searchsorted(all_ids, t.ids)
+    earlier = seen[at] > 0
+    if np.any(earlier & np.any(base[at] != t.base, axis=1)):
+      raise PatchError(f"patch {label!r} and an earlier one disagree on the base values of {name} rows: they were "
+                       "trained from different models")
+    base[at] = t.base
+    seen[at] += 1
+    delta[at] += t.new.astype(np.float64) - t.base.astype(np.float64)
+    last[at] = t.new
+  overlap = int(np.sum(seen > 1))
+  if overlap and policy == "refuse":
+    raise PatchError(f"{overlap} rows of {name} are changed by more than one patch and patch_policy='refuse'; "
+                     "use 'sum' (add the deltas) or 'last' (the last patch wins)")
+  new = (base.astype(np.float64) + delta).astype(base.dtype) if policy == "sum" else last
+  # A row changed by one patch only gets that patch's value exactly, whatever the policy.
+  single = seen == 1
+  new[single] = last[single]
+  return all_ids, base, new, overlap
+
+
+def _write_rows(table: jax.Array, ids: np.ndarray, values: np.ndarray) -> jax.Array:
+  """A copy of `table` with rows `ids` set to `values`, on the table's sharding."""
+  write = jax.jit(lambda t, i, v: t.at[i].set(v.astype(t.dtype), mode="drop"),
+                  out_shardings=getattr(table, "sharding", None))
+  return write(table, jnp.asarray(ids, jnp.int32), jnp.asarray(values))
+
+
+def apply_patches(params, cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str], *,
+                  policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None,
+                  log: Callable[[str], None] = lambda s: None) -> Tuple[dict, Undo, ApplyReport]:
+  """(patched params, Undo, report). `patches` are Patch objects or directories; the base params
+  are not modified (their tables are copied where rows change)."""
+  if policy not in POLICIES:
+    raise PatchError(f"patch_policy={policy!r}: expected one of {POLICIES}")
+  loaded = [load_patch(p) if isinstance(p, str) else p for p in patches]
+  labels = list(labels) if labels is not None else [p if isinstance(p, str) else f"patch {i}"
+                                                     for i, p in enumerate(patches)]
+  want = fingerprint(cfg, hashing)
+  backbone, tables = memory.split(params)
+  for label, p in zip(labels, loaded):
+    if p.manifest["fingerprint"] != want:
+      raise PatchError(f"patch {label!r} was made for another model (fingerprint {p.manifest['fingerprint'][:16]}... "
+                       f"vs this model's {want[:16]}...): its rows would mean different n-grams")
+    for name, rows in p.tables.items():
+      if name not in tables:
+        raise PatchError(f"patch {label!r} changes table {name!r}, which this model does not have ({sorted(tables)})")
+      if len(rows.ids) and (rows.ids.min() < 0 or rows.ids.max() >= tables[name].shape[0]):
+        raise PatchError(f"patch {label!r}: {name} row ids outside [0, {tables[name].shape[0]})")
+      if len(rows.ids) and not force:
+        current = np.asarray(jax.device_get(jnp.take(tables[name], jnp.asarray(rows.ids, jnp.int32), axis=0)))
+        bad = int(np.sum(np.any(current != rows.base, axis=1)))
+        if bad:
+          raise PatchError(f"patch {label!r}: {bad} of its {len(rows.ids)} {name} rows differ from this model's "
+                           "(it was trained from another checkpoint, or another patch is applied already); pass "
+                           "force=True (--force_patches) to apply it anyway")
+  pairs = list(zip(labels, loaded))
+  new_tables, undo, changed, overlapping = dict(tables), {}, {}, {}
+  for name in tables:
+    resolved = _resolve(pairs, name, policy)
+    if resolved is None:
+      continue
+    ids, base, new, overlap = resolved
+    if force:  # the Undo must restore what the model had, which may differ from the patches' base
+      base = np.asarray(jax.device_get(jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0)))
+    new_tables[name] = _write_rows(tables[name], ids, new)
+    undo[name] = TableRows(ids, new, base)
+    changed[name], overlapping[name] = int(len(ids)), overlap
+    log(f"{name}: {len(ids)} rows patched" + (f", {overlap} changed by several patches ({policy})" if overlap else ""))
+  report = ApplyReport(labels, changed, overlapping, policy)
+  return memory.merge(backbone, new_tables), Undo(undo), report
+
+
+def revert(params, undo: Undo) -> dict:
+  """The params with every row an `apply_patches` call changed set back to its base value."""
+  backbone, tables = memory.split(params)
+  tables = dict(tables)
+  for name, rows in undo.tables.items():
+    tables[name] = _write_rows(tables[name], rows.ids, rows.base)
+  return memory.merge(backbone, tables)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables-only training.
+
+
+@dataclasses.dataclass(frozen=True)
+class RowTraining:
+  """How `train_rows` trains a patch (stored in the manifest's `training`)."""
+
+  steps: int = 200
+  learning_rate: float = 1e-2
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  # Protection of rows that ordinary text reads often: "none", "freeze" (their gradient is zeroed)
+  # or "l2" (a penalty protect_weight * ||row - base||^2 pulls them back).
+  protect: str = "none"
+  # A row is protected when the reference text reads it at least this many times.
+  protect_min_count: int = 2
+  protect_weight: float = 1.0
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"RowTraining.steps={self.steps}: expected a positive step count")
+    if not self.learning_rate > 0:
+      raise ValueError(f"RowTraining.learning_rate={self.learning_rate}: expected a positive float")
+    if self.protect not in ("none", "freeze", "l2"):
+      raise ValueError(f"RowTraining.protect={self.protect!r}: expected 'none', 'freeze' or 'l2'")
+
+
+def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_counts: bool = False):
+  """{table name: sorted distinct global row ids} that the batches' real tokens read (and how often)."""
+  e = cfg.engram
+  out = {}
+  for i, layer in enumerate(e.layer_ids):
+    offsets = memory.table_layout(e, layer)[1]
+    ids = [(np.asarray(b["engram_ids"])[..., i, :].astype(np.int64) + offsets)[np.asarray(b["segment_ids"]) > 0]
+           for b in batches]
+    ids = np.concatenate([x.reshape(-1) for x in ids]) if ids else np.zeros(0, np.int64)
+    out[memory.table_name(layer)] = np.unique(ids, return_counts=with_counts)
+  return out
+
+
+def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.ndarray]],
+               training: RowTraining = RowTraining(), *, reference_batches: Sequence[Dict[str, np.ndarray]] = (),
+               log: Callable[[str], None] = print) -> Tuple[Dict[str, TableRows], dict]:
+  """Trains only the Engram rows the facts batches read; returns ({table name: changed rows}, stats).
+
+  `batches` are train-pipeline batches of the facts corpus (cycled for `training.steps` steps);
+  `reference_batches`, of ordinary text, choose the protected rows. The backbone, every other Engram
+  parameter and the MoE balancing bias stay exactly as given.
+  """
+  if cfg.model.engram is None:
+    raise PatchError("the model has no Engram layers (model.engram is None): there are no rows to train")
+  if not batches:
+    raise PatchError("the facts corpus gave no batch: expected at least one document")
+  backbone, tables = memory.split(params)
+  uniq = {name: ids for name, ids in rows_read(cfg.model, batches).items()}
+  compact0 = {name: jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0) for name, ids in uniq.items()}
+  base_np = {name: np.asarray(jax.device_get(v)) for name, v in compact0.items()}
+  protected = {name: np.zeros(len(ids), bool) for name, ids in uniq.items()}
+  if training.protect != "none" and reference_batches:
+    ref = rows_read(cfg.model, reference_batches, with_counts=True)
+    for name, ids in uniq.items():
+      ref_ids, counts = ref[name]
+      common = ref_ids[counts >= training.protect_min_count]
+      protected[name] = np.isin(ids, common)
+  trainable = {name: jnp.asarray(~p, jnp.float32)[:, None] for name, p in protected.items()}
+  tx = optax.adam(training.learning_rate, b1=training.b1, b2=training.b2, eps=training.eps)
+  opt_state = tx.init(compact0)
+  weight = training.protect_weight if training.protect == "l2" else 0.0
+
+  def loss_fn(compact, batch, cids):
+    rows = {name: jnp.take(compact[name], cids[name], axis=0) for name in compact}  # [B,T,H,d]
+    (logits, _) = forward(cfg.model, backbone, model_state, batch, rows=rows)
+    nll = token_nll(logits, batch["targets"])[0]
+    mask = batch["loss_mask"]
+    loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    penalty = sum(jnp.sum((1.0 - trainable[n]) * jnp.square(compact[n] - compact0[n])) for n in compact)
+    return loss + weight * penalty, loss
+
+  @jax.jit
+  def step(compact, opt_state, batch, cids):
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(compact, batch, cids)
+    if training.protect == "freeze":
+      grads = {n: g * trainable[n] for n, g in grads.items()}
+    updates, opt_state = tx.update(grads, opt_state, compact)
+    return optax.apply_updates(compact, updates), opt_state, loss
+
+  def compact_ids(batch):
+    e = cfg.model.engram
+    out = {}
+    for i, layer in enumerate(e.layer_ids):
+      name = memory.table_name(layer)
+      rows = batch["engram_ids"][..., i, :].astype(np.int64) + memory.table_layout(e, layer)[1]
+      pos = np.searchsorted(uniq[name], rows)
+      pos = np.clip(pos, 0, len(uniq[name]) - 1)
+      # Padding positions may read rows outside the set: they are masked out of the loss, and any
+      # id of the set serves (the gradient through a masked position is zero).
+      out[name] = jnp.asarray(pos, jnp.int32)
+    return out
+
+  keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
+  prepared = [({k: jnp.asarray(b[k]) for k in keys}, compact_ids(b)) for b in batches]
+  compact = compact0
+  losses = []
+  t0 = time.perf_counter()
+  for s in range(training.steps):
+    batch, cids = prepared[s % len(prepared)]
+    compact, opt_state, loss = step(compact, opt_state, batch, cids)
+    if s == 0 or (s + 1) % max(1, training.steps // 10) == 0:
+      losses.append((s + 1, float(loss)))
+      log(f"patch step {s + 1}/{training.steps}  facts loss {float(loss):.4f}")
+  jax.block_until_ready(compact)
+  seconds = time.perf_counter() - t0
+  new_np = {name: np.asarray(jax.device_get(v)) for name, v in compact.items()}
+  out = {}
+  for name, ids in uniq.items():
+    changed = np.any(new_np[name] != base_np[name], axis=1)
+    out[name] = TableRows(ids[changed].astype(np.int64), new_np[name][changed], base_np[name][changed])
+  stats = {"rows_read": {n: int(len(i)) for n, i in uniq.items()},
+           "rows_protected": {n: int(p.sum()) for n, p in protected.items()},
+           "losses": losses, "train_seconds": seconds}
+  return out, stats

@@ -1,0 +1,234 @@
+"""Knowledge patches: tables-only training, the patch format, apply / stack / revert, the CLI."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax import data as data_lib
+from engram_jax import knowledge, memory, patches
+from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig, MeshConfig, MHCConfig,
+                               ModelConfig, MoEConfig, TrainConfig)
+from engram_jax.model import init_variables
+from engram_jax.runner import ModelRunner
+from engram_jax.sharding import LOGICAL_RULES, make_mesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "tiny_checkpoint", "checkpoints")
+
+MODEL = ModelConfig(
+    vocab_size=8192, d_model=32, num_layers=2, num_dense_layers=1, mlp_hidden=64,
+    attention=AttentionConfig(kind="gqa", num_heads=2, num_kv_heads=1, head_dim=16, implementation="xla"),
+    moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, expert_hidden=16, dispatch="capacity"),
+    engram=EngramConfig(vocab_size_per_ngram=(1009, 1009), max_ngram_size=3, n_embed_per_ngram=16,
+                        n_head_per_ngram=2, layer_ids=(0, 1), pad_id=2, conv_zero_init=False, table_init_std=0.5),
+    mhc=MHCConfig(expansion=2), max_seq_len=32)
+
+
+def _facts(tmp, seed, n=6):
+  kc = knowledge.generate_knowledge(n, seed=seed, documents_per_entity=1)
+  return kc, knowledge.write_knowledge(kc, str(tmp / f"facts{seed}"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("patches")
+  cfg = Config(model=MODEL, data=DataConfig(seq_len=32, batch_size=4), train=TrainConfig(steps=10, warmup_steps=0),
+               mesh=MeshConfig(data=1), name="test")
+  mesh = make_mesh(cfg.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    variables = jax.jit(lambda: nn.meta.unbox(init_variables(MODEL, jax.random.key(0))))()
+  params = variables.pop("params")
+  runner = ModelRunner(cfg, params, dict(variables), mesh)
+  return cfg, runner, tmp
+
+
+def _batches(cfg, runner, files):
+  data_cfg = dataclasses.replace(cfg.data, train_files=tuple(files), num_epochs=1)
+  return list(data_lib.make_dataset(data_cfg, "train", engram=cfg.model.engram, vocab_size=cfg.model.vocab_size,
+                                    tokenizer=runner.tokenizer))
+
+
+def _train(cfg, runner, files, steps=8, **kw):
+  tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, _batches(cfg, runner, files),
+                                     patches.RowTraining(steps=steps, learning_rate=0.05, **kw), log=lambda s: None)
+  return tables, stats
+
+
+def _patch(cfg, runner, tables):
+  return patches.make_patch(cfg.model, runner.hashing, tables, {"note": "test"})
+
+
+def _tables_np(params):
+  return {n: np.asarray(t) for n, t in memory.split(params)[1].items()}
+
+
+def test_tables_only_training_changes_only_rows_the_facts_read(setup):
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 1)
+  batches = _batches(cfg, runner, [paths["train"]])
+  tables, stats = _train(cfg, runner, [paths["train"]])
+  read = patches.rows_read(cfg.model, batches)
+  assert stats["losses"][-1][1] < stats["losses"][0][1]  # it learns the facts
+  for name, rows in tables.items():
+    assert len(rows.ids) > 0 and np.all(np.isin(rows.ids, read[name]))
+    assert len(rows.ids) < 0.5 * memory.table_layout(cfg.model.engram, int(name.split("_")[1]))[2]
+  patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [_patch(cfg, runner, tables)])
+  # Everything but the changed rows is bit-identical: backbone, projections, gates, conv, norms.
+  base_backbone, base_tables = memory.split(runner.params)
+  new_backbone, new_tables = memory.split(patched)
+  for a, b in zip(jax.tree.leaves(base_backbone), jax.tree.leaves(new_backbone)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for name in base_tables:
+    changed = np.any(np.asarray(base_tables[name]) != np.asarray(new_tables[name]), axis=1)
+    np.testing.assert_array_equal(np.flatnonzero(changed), tables[name].ids)
+
+
+def test_create_apply_revert_round_trip_is_bit_exact_and_patched_eval_equals_hand_edit(setup):
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 2)
+  tables, _ = _train(cfg, runner, [paths["train"]])
+  out = str(tmp / "p2")
+  patches.save_patch(_patch(cfg, runner, tables), out)
+  loaded = patches.load_patch(out)
+  for name, rows in tables.items():
+    np.testing.assert_array_equal(loaded.tables[name].new, rows.new)
+  base = _tables_np(runner.params)
+  probe_rows = [[runner.bos_id] + runner.encode(t) for t in ("Zorvak was born in", "The os module")]
+  before = runner.run_rows(probe_rows)
+  runner.apply_patches([out], log=lambda s: None)
+  patched = runner.run_rows(probe_rows)
+  # The same rows written into the tables by hand give the same outputs.
+  edited = dict(base)
+  for name, rows in tables.items():
+    edited[name] = edited[name].copy()
+    edited[name][rows.ids] = rows.new
+  hand = ModelRunner(runner.cfg, memory.merge(memory.split(runner.params)[0], {n: jnp.asarray(v) for n, v in
+                                                                              edited.items()}),
+                     runner.model_state, runner.mesh, runner.tokenizer)
+  for a, b in zip(patched, hand.run_rows(probe_rows)):
+    np.testing.assert_array_equal(a["nll"], b["nll"])
+  assert any(not np.array_equal(a["nll"], b["nll"]) for a, b in zip(before, patched))
+  runner.revert_patches()
+  for name, table in _tables_np(runner.params).items():
+    np.testing.assert_array_equal(table, base[name])
+  for a, b in zip(before, runner.run_rows(probe_rows)):
+    np.testing.assert_array_equal(a["nll"], b["nll"])
+
+
+def test_disjoint_patches_commute_and_overlaps_follow_the_policy(setup):
+  cfg, runner, tmp = setup
+  ta, _ = _train(cfg, runner, [_facts(tmp, 3)[1]["train"]])
+  tb, _ = _train(cfg, runner, [_facts(tmp, 4)[1]["train"]])
+  # Make the two disjoint: drop from b every row a changes.
+  tb_disjoint = {n: patches.TableRows(r.ids[~np.isin(r.ids, ta[n].ids)], r.new[~np.isin(r.ids, ta[n].ids)],
+                                      r.base[~np.isin(r.ids, ta[n].ids)]) for n, r in tb.items()}
+  pa, pb = _patch(cfg, runner, ta), _patch(cfg, runner, tb_disjoint)
+  ab, _, rep = patches.apply_patches(runner.params, cfg.model, runner.hashing, [pa, pb])
+  ba, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [pb, pa])
+  assert sum(rep.overlapping_rows.values()) == 0
+  for n, t in _tables_np(ab).items():
+    np.testing.assert_array_equal(t, _tables_np(ba)[n])
+  # Overlapping patches: "sum" adds both deltas, "last" takes the last, "refuse" refuses.
+  pb_full = _patch(cfg, runner, tb)
+  overlap = {n: np.intersect1d(ta[n].ids, tb[n].ids) for n in ta}
+  assert sum(len(v) for v in overlap.values()) > 0  # facts share template n-grams
+  summed, _, rep = patches.apply_patches(runner.params, cfg.model, runner.hashing, [pa, pb_full], policy="sum")
+  last, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [pa, pb_full], policy="last")
+  assert rep.overlapping_rows == {n: len(v) for n, v in overlap.items()}
+  base = _tables_np(runner.params)
+  for n, ids in overlap.items():
+    da = ta[n].new[np.searchsorted(ta[n].ids, ids)] - base[n][ids]
+    db = tb[n].new[np.searchsorted(tb[n].ids, ids)] - base[n][ids]
+    np.testing.assert_allclose(_tables_np(summed)[n][ids], base[n][ids] + da + db, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(_tables_np(last)[n][ids], tb[n].new[np.searchsorted(tb[n].ids, ids)])
+  with pytest.raises(patches.PatchError, match="changed by more than one patch"):
+    patches.apply_patches(runner.params, cfg.model, runner.hashing, [pa, pb_full], policy="refuse")
+
+
+def test_fingerprint_and_base_rows_mismatches_refuse(setup):
+  cfg, runner, tmp = setup
+  tables, _ = _train(cfg, runner, [_facts(tmp, 5)[1]["train"]], steps=2)
+  patch = _patch(cfg, runner, tables)
+  other = dataclasses.replace(cfg.model, engram=dataclasses.replace(cfg.model.engram, seed=7))
+  other_hashing = data_lib.engram_hashing(runner.tokenizer, other.engram)
+  with pytest.raises(patches.PatchError, match="made for another model"):
+    patches.apply_patches(runner.params, other, other_hashing, [patch])
+  once, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [patch])
+  with pytest.raises(patches.PatchError, match="differ from this model's"):
+    patches.apply_patches(once, cfg.model, runner.hashing, [patch])
+  twice, undo, _ = patches.apply_patches(once, cfg.model, runner.hashing, [patch], force=True)
+  for n, t in _tables_np(patches.revert(twice, undo)).items():  # revert restores what the model had
+    np.testing.assert_array_equal(t, _tables_np(once)[n])
+
+
+def test_protect_freeze_keeps_common_rows(setup):
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 6)
+  ref = _batches(cfg, runner, [paths["train"]])  # the facts themselves as the reference: every row is common
+  tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, ref,
+                                     patches.RowTraining(steps=3, protect="freeze", protect_min_count=1),
+                                     reference_batches=ref, log=lambda s: None)
+  assert all(stats["rows_protected"][n] == stats["rows_read"][n] for n in tables)
+  assert all(len(r.ids) == 0 for r in tables.values())
+
+
+def test_damaged_patches_are_clear_errors_and_nothing_is_written_over(setup):
+  cfg, runner, tmp = setup
+  tables, _ = _train(cfg, runner, [_facts(tmp, 8)[1]["train"]], steps=2)
+  out = str(tmp / "p8")
+  patches.save_patch(_patch(cfg, runner, tables), out)
+  with pytest.raises(FileExistsError, match="already exists"):
+    patches.save_patch(_patch(cfg, runner, tables), out)
+  bad = str(tmp / "p8_truncated")
+  shutil.copytree(out, bad)
+  name = sorted(tables)[0]
+  with open(os.path.join(bad, f"{name}.new.npy"), "r+b") as f:
+    f.truncate(100)
+  with pytest.raises(patches.PatchError, match="checksum.*damaged"):
+    patches.load_patch(bad)
+  os.remove(os.path.join(bad, "manifest.json"))
+  with pytest.raises(patches.PatchError, match="no manifest.json"):
+    patches.load_patch(bad)
+  with pytest.raises(patches.PatchError, match="does not exist"):
+    patches.load_patch(str(tmp / "nope"))
+  with open(os.path.join(out, "manifest.json")) as f:
+    manifest = json.load(f)
+  with pytest.raises(patches.PatchError, match="patch_policy='nope'"):
+    patches.apply_patches(runner.params, cfg.model, runner.hashing, [out], policy="nope")
+  assert manifest["format_version"] == patches.FORMAT_VERSION
+
+
+def test_patch_py_create_info_and_eval_py_patches(tmp_path):
+  """The CLI on the committed tiny checkpoint: create, info, eval.py --patches (checkpoint untouched)."""
+  checkpoints = str(tmp_path / "checkpoints")
+  shutil.copytree(FIXTURE, checkpoints)
+  _, paths = _facts(tmp_path, 9, n=4)
+  out = str(tmp_path / "facts_patch")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
+                                     timeout=600)
+  proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out,
+             "--steps", "5", "--seq_len", "32", "--batch_size", "4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Patch written to" in proc.stdout and os.path.isfile(os.path.join(out, "manifest.json"))
+  proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out)
+  assert proc.returncode != 0 and "already exists" in proc.stderr
+  proc = run("patch.py", "info", out)
+  assert proc.returncode == 0 and "rows changed" in proc.stdout, proc.stderr[-2000:]
+  proc = run("eval.py", "--checkpoint", checkpoints, "--patches", out, "--max_eval_batches", "40",
+             "--niah_lengths=", "--output_dir", str(tmp_path / "eval"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "eval" / "results.json") as f:
+    results = json.load(f)
+  assert results["checkpoint"]["patches"] == [os.path.abspath(out)]
+  proc = run("eval.py", "--checkpoint", checkpoints, "--patches", str(tmp_path / "missing"), "--niah_lengths=")
+  assert proc.returncode != 0 and "missing" in proc.stderr
