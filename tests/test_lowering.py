@@ -14,7 +14,9 @@ conftest.py:
   Adam update exchange table rows with all_to_all; each device holds every expert) and
   fsdp=2 x expert=2 x tensor=2 (the MoE exchanges tokens between expert shards, hidden dims and
   heads are split, parameters are fsdp-sharded);
-- the evaluation forward as the model runner jits it (`jitted_eval_forward`).
+- the evaluation forward as the model runner jits it (`jitted_eval_forward`);
+- generation's decode step (sample | hash + gather | blocks, the state donated) and its prefill, as
+  `generation.Generator` jits them, both platforms in one module.
 
 Each export must name the requested platforms, span the 8 devices and carry a non-empty StableHLO
 module with its in-graph collectives: the Engram tables' all_to_all exchanges and, on the
@@ -53,7 +55,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from engram_jax import runner, trainer
+from engram_jax import generation, runner, trainer
 from engram_jax.config import Config, MeshConfig, load_preset
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
@@ -215,3 +217,39 @@ def test_moe_dispatch_follows_the_lowering_platform():
     # The CPU module moves the MoE's tokens with all_to_all instead (the ragged exchange's backward
     # uses all_to_all too, but only on its integer offsets).
     assert _float_all_to_alls(cpu) > _float_all_to_alls(accelerator), platforms
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation: the decode step and the prefill.
+
+
+@functools.lru_cache(maxsize=None)
+def export_generation(mesh_name: str, part: str) -> export.Exported:
+  """Generation's jitted prefill or decode step (generation.Generator.programs: 8 rows, 16 prompt
+  positions, a 64-position cache) on params sharded as a restored checkpoint's, for TPU and CUDA."""
+  cfg = tiny(mesh_name)
+  mesh = make_mesh(cfg.mesh)
+  _, _, abstract_state = trainer.state_shardings(cfg, mesh)
+  model_runner = runner.ModelRunner(cfg, abstract_state.params, abstract_state.model_state, mesh)
+  generator = generation.Generator(model_runner, log=lambda s: None)
+  jitted, args = generator.programs(8, 16, 64)[part]
+  return _export(jitted, mesh, ("tpu", "cuda"), *args)
+
+
+@pytest.mark.parametrize("part", ["step", "prefill"])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_generation_exports(mesh_name, part):
+  exported = export_generation(mesh_name, part)
+  _check_module(exported, ("tpu", "cuda"))
+  # The step hashes its new tokens in-graph and reads their rows with the sharded lookup (ids out,
+  # rows back); prefill reads the prompt's rows the same way.
+  assert _count(exported, "stablehlo.all_to_all") >= 2 * _engram_layers()
+  ragged = _count(exported, f"custom_call @{RAGGED_ALL_TO_ALL}")
+  if _expert_parallel(mesh_name):
+    assert ragged >= 2, ragged  # the MoE's dispatch and combine, dropless
+  else:
+    assert ragged == 0, ragged
+  if part == "step":
+    # The sampler's sort over the vocabulary and its per-row keys are in the module.
+    assert _count(exported, "stablehlo.sort") >= 1 and "threefry" in exported.mlir_module()
+
