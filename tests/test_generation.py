@@ -200,17 +200,17 @@ def test_decode_attention_equals_training_form(kind, dtype, tol):
     B, T = 2, 6
     x = jax.random.normal(jax.random.key(1), (B, T + 1, cfg.d_model), jnp.dtype(dtype))
     positions = jnp.broadcast_to(jnp.arange(T + 1), (B, T + 1))
-    params = Attention(cfg).init(jax.random.key(0), x, positions)
-    train_out = Attention(cfg).apply(params, x, positions)
+    params = jax.jit(Attention(cfg).init)(jax.random.key(0), x, positions)
+    train = jax.jit(Attention(cfg).apply)
     lengths = np.array([T, 3])  # row 1 is a 3-token prompt padded to T; it decodes position 3
     seg = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
     x_pre = jnp.where(seg[..., None] == 1, x[:, :T], 0.0)
-    _, cache = Attention(cfg, cache_mode="prefill", cache_length=T + 1).apply(
-        params, x_pre, positions[:, :T] * seg, seg, mutable=[CACHE_COLLECTION])
-    x_new = x[np.arange(B), lengths][:, None]
-    out, _ = Attention(cfg, cache_mode="decode").apply(
-        {**params, **cache}, x_new, jnp.asarray(lengths)[:, None], mutable=[CACHE_COLLECTION])
-    want = jnp.stack([train_out[0, T], Attention(cfg).apply(params, x[1:, :4], positions[1:, :4])[0, 3]])
+    prefill = jax.jit(lambda p, *a: Attention(cfg, cache_mode="prefill", cache_length=T + 1).apply(
+        p, *a, mutable=[CACHE_COLLECTION])[1])
+    decode = jax.jit(lambda p, *a: Attention(cfg, cache_mode="decode").apply(p, *a, mutable=[CACHE_COLLECTION])[0])
+    cache = prefill(params, x_pre, positions[:, :T] * seg, seg)
+    out = decode({**params, **cache}, x[np.arange(B), lengths][:, None], jnp.asarray(lengths)[:, None])
+    want = jnp.stack([train(params, x, positions)[0, T], train(params, x[1:, :4], positions[1:, :4])[0, 3]])
     np.testing.assert_allclose(out[:, 0], want, rtol=tol, atol=tol)
 
 
@@ -222,16 +222,17 @@ def test_engram_conv_state_prefill_then_decode_equals_the_whole_sequence():
     hidden = jax.random.normal(key[0], (B, T, M, D), jnp.float64)
     rows = jax.random.normal(key[1], (B, T, cfg.num_heads, cfg.head_dim), jnp.float64)
     module = lambda mode=None: Engram(cfg, D, M, dtype=jnp.float64, param_dtype=jnp.float64, cache_mode=mode)  # noqa: E731
-    params = module().init(jax.random.key(0), hidden, rows)
-    whole = module().apply(params, hidden, rows)
+    params = jax.jit(module().init)(jax.random.key(0), hidden, rows)
+    whole = jax.jit(module().apply)(params, hidden, rows)
     lengths = np.array([2, 11])  # prompts shorter and longer than the conv window (W = (4-1) x 3 = 9)
     P = 11
     seg = (np.arange(P)[None] < lengths[:, None]).astype(np.int32)
-    _, cache = module("prefill").apply(params, hidden[:, :P], rows[:, :P], segment_ids=seg, mutable=[CACHE_COLLECTION])
+    prefill = jax.jit(lambda p, h, r, s: module("prefill").apply(p, h, r, segment_ids=s, mutable=[CACHE_COLLECTION])[1])
+    decode = jax.jit(lambda p, h, r: module("decode").apply(p, h, r, mutable=[CACHE_COLLECTION]))
+    cache = prefill(params, hidden[:, :P], rows[:, :P], seg)
     for t in range(T - P):
       pos = lengths + t
-      y, cache = module("decode").apply({**params, **cache}, hidden[np.arange(B), pos][:, None],
-                                        rows[np.arange(B), pos][:, None], mutable=[CACHE_COLLECTION])
+      y, cache = decode({**params, **cache}, hidden[np.arange(B), pos][:, None], rows[np.arange(B), pos][:, None])
       np.testing.assert_allclose(y[:, 0], whole[np.arange(B), pos], rtol=0, atol=1e-12)
 
 
