@@ -93,22 +93,26 @@ def sample_tokens(logits: jax.Array, sampling: Sampling, positions: jax.Array) -
   temperature = jnp.asarray(sampling.temperature, logits.dtype)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] most likely first, ties by token id
-  scaled = jnp.take_along_axis(logits, order, axis=-1) / jnp.where(temperature > 0, temperature, 1)[:, None]
-  top_k = jnp.asarray(sampling.top_k, jnp.int32)
-  in_k = jnp.arange(vocab)[None, :] < jnp.where(top_k > 0, top_k, vocab)[:, None]
-  probs = jax.nn.softmax(jnp.where(in_k, scaled, -jnp.inf), axis=-1)
-  in_p = (jnp.cumsum(probs, axis=-1) - probs) < jnp.asarray(sampling.top_p, logits.dtype)[:, None]
-  masked = jnp.where(in_k & in_p, scaled, -jnp.inf)
+  def sample():
+    order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] most likely first, ties by token id
+    scaled = jnp.take_along_axis(logits, order, axis=-1) / jnp.where(temperature > 0, temperature, 1)[:, None]
+    top_k = jnp.asarray(sampling.top_k, jnp.int32)
+    in_k = jnp.arange(vocab)[None, :] < jnp.where(top_k > 0, top_k, vocab)[:, None]
+    probs = jax.nn.softmax(jnp.where(in_k, scaled, -jnp.inf), axis=-1)
+    in_p = (jnp.cumsum(probs, axis=-1) - probs) < jnp.asarray(sampling.top_p, logits.dtype)[:, None]
+    masked = jnp.where(in_k & in_p, scaled, -jnp.inf)
 
-  def draw(seed, sequence, position, row):
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sequence), position)
-    return jax.random.categorical(key, row)
+    def draw(seed, sequence, position, row):
+      key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sequence), position)
+      return jax.random.categorical(key, row)
 
-  choice = jax.vmap(draw)(jnp.asarray(sampling.seed, jnp.int32), jnp.asarray(sampling.sequence, jnp.int32),
-                          positions, masked)
-  sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-  tokens = jnp.where(temperature > 0, sampled, greedy)
+    choice = jax.vmap(draw)(jnp.asarray(sampling.seed, jnp.int32), jnp.asarray(sampling.sequence, jnp.int32),
+                            positions, masked)
+    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jnp.where(temperature > 0, sampled, greedy)
+
+  # An all-greedy batch skips the vocabulary sort.
+  tokens = jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
   return tokens, logprobs.astype(jnp.float32)
 
