@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -213,6 +212,9 @@ class Generator:
   """
 
   def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print):
+    if jax.process_count() > 1:
+      raise NotImplementedError(f"generation runs in one process (this is process {jax.process_index()} of "
+                                f"{jax.process_count()}): prompts are placed as one process's rows")
     self.runner = runner
     self.cfg = decoding_config(runner.cfg, log)
     self.mesh = runner.mesh
