@@ -2,9 +2,9 @@
 
 The exactness tests roll out greedy decoding and compare the logits of every step with one forward
 over prompt + generated tokens: they fail if an attention cache, the MLA absorbed form, the Engram
-conv state or the n-gram history is off by one position or one row. Models are tiny (d_model 32,
-3 layers: a dense layer with Engram, then a scanned run of two MoE layers, whose caches stack).
-Shapes are shared between tests where possible: XLA's CPU compile dominates their time.
+conv state or the n-gram history is off by one position or one row. Models are the tiny preset
+(a dense layer, an Engram MoE layer, then a scanned run of two MoE layers, whose caches stack) with
+64 positions. Shapes are shared between tests where possible: XLA's CPU compile dominates their time.
 """
 
 import dataclasses
@@ -22,8 +22,8 @@ import pytest
 from engram_jax import data as data_lib
 from engram_jax import generation
 from engram_jax import runner as runner_lib
-from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig, MeshConfig, MHCConfig, ModelConfig,
-                               MoEConfig, TrainConfig)
+from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig, MeshConfig, ModelConfig, TrainConfig,
+                               load_preset)
 from engram_jax.engram import Engram
 from engram_jax.layers import CACHE_COLLECTION, Attention
 from engram_jax.model import forward, init_variables
@@ -34,18 +34,21 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_checkpoint",
 TEXTS = ["The code module provides", "A list", "x = [1, 2, 3] and y = {'a': 1} are Python literals"]
 
 
+TINY = load_preset(os.path.join(ROOT, "configs", "tiny.py")).model
+MESH_8 = MeshConfig(data=2, fsdp=1, expert=2, tensor=2)  # batch over data x expert, experts over expert, heads over tensor
+
+
 def _model(kind: str, engram: bool, dtype: str = "float32") -> ModelConfig:
+  """The tiny preset (MLA, or GQA with 4 query and 2 kv heads), 64 positions, plain einsum attention
+  (float64 needs it), and an Engram layer whose conv is not zero-initialised (else its state would
+  not matter) and whose table rows are large enough to move the output."""
   if kind == "mla":
-    attention = AttentionConfig(kind="mla", num_heads=4, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-                                qk_rope_head_dim=4, v_head_dim=8, implementation="einsum")
+    attention = dataclasses.replace(TINY.attention, implementation="einsum")
   else:
-    attention = AttentionConfig(kind="gqa", num_heads=4, num_kv_heads=2, head_dim=8, implementation="einsum")
-  return ModelConfig(
-      vocab_size=8192, d_model=32, num_layers=3, num_dense_layers=1, mlp_hidden=64, attention=attention,
-      moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1, expert_hidden=16),
-      engram=EngramConfig(vocab_size_per_ngram=(211, 211), max_ngram_size=3, n_embed_per_ngram=16, n_head_per_ngram=2,
-                          layer_ids=(0,), pad_id=2, conv_zero_init=False, table_init_std=0.5) if engram else None,
-      mhc=MHCConfig(expansion=2), max_seq_len=64, dtype=dtype, param_dtype=dtype)
+    attention = AttentionConfig(kind="gqa", num_heads=4, num_kv_heads=2, head_dim=16, implementation="einsum")
+  engram_cfg = dataclasses.replace(TINY.engram, conv_zero_init=False, table_init_std=0.5) if engram else None
+  return dataclasses.replace(TINY, attention=attention, engram=engram_cfg, max_seq_len=64, dtype=dtype,
+                             param_dtype=dtype)
 
 
 def _runner(model: ModelConfig, mesh_cfg=MeshConfig(data=1), devices=1):
@@ -105,16 +108,35 @@ def _check_against_full_forward(runner, prompts, tokens, logits, **tol):
 # Exactness: the caches, the n-gram history and the conv state reproduce the full forward.
 
 
-@pytest.mark.parametrize("kind,engram", [("mla", True), ("gqa", True), ("mla", False), ("gqa", False)],
-                         ids=["mla-engram", "gqa-engram", "mla", "gqa"])
-def test_greedy_step_logits_equal_full_forward_float64(kind, engram):
+@pytest.mark.parametrize("kind,engram,devices", [("mla", True, 1), ("gqa", True, 1), ("mla", False, 1),
+                                                 ("gqa", False, 1), ("mla", True, 8), ("gqa", True, 8)],
+                         ids=["mla-engram", "gqa-engram", "mla", "gqa", "mla-engram-8dev", "gqa-engram-8dev"])
+def test_greedy_step_logits_equal_full_forward_float64(kind, engram, devices):
   with jax.enable_x64(True):
-    runner = _runner(_model(kind, engram, "float64"))
+    runner = _runner(_model(kind, engram, "float64"), MESH_8 if devices == 8 else MeshConfig(data=1), devices)
     gen = generation.Generator(runner, log=lambda s: None)
     prompts = _prompts(runner)
     tokens, logits = _rollout(gen, prompts, steps=12)
     assert logits.dtype == np.float64
     _check_against_full_forward(runner, prompts, tokens, logits, rtol=0, atol=1e-9)
+    if devices == 8:
+      _check_cache_shardings(gen, kind, prompts)
+
+
+def _check_cache_shardings(gen, kind, prompts):
+  """The caches carry their logical names onto the mesh: rows over the batch axes, GQA heads over
+  tensor; the scanned run's caches stack along the layer axis; MLA keeps no per-head keys or values."""
+  state = gen.prefill([list(p) for p in prompts] + [[2]], 32)
+  batch_axes = ("data", "fsdp", "expert")
+  conv = state.cache["layer_1"]["engram"]["conv_state"]  # [B, W, M, D]
+  assert conv.shape == (4, (4 - 1) * 3, 2, 64) and conv.sharding.spec[0] == batch_axes
+  stacked = state.cache["layers_2_3"]["attn"]
+  if kind == "gqa":
+    assert stacked["key"].shape == (2, 4, 32, 2, 16)
+    assert tuple(stacked["key"].sharding.spec)[:4] == (None, batch_axes, None, "tensor")
+  else:
+    assert sorted(stacked) == ["latent", "rope_key"] and stacked["latent"].shape == (2, 4, 32, 32)
+    assert tuple(stacked["latent"].sharding.spec)[:3] == (None, batch_axes, None)
 
 
 @pytest.fixture(scope="module")
@@ -141,31 +163,15 @@ def test_ragged_batch_rows_equal_rows_alone_with_their_logprobs_and_gates(genera
     assert np.all((np.asarray(c.gate_means) > 0) & (np.asarray(c.gate_means) < 1))
 
 
-@pytest.mark.parametrize("kind", ["mla", "gqa"])
-def test_8_device_mesh_equals_one_device_and_the_full_forward_in_float32(kind):
-  one = generation.Generator(_runner(_model(kind, True)), log=lambda s: None)
-  # Batch over data x expert (4 shards), experts over expert, GQA cache heads over tensor.
-  mesh_cfg = MeshConfig(data=2, fsdp=1, expert=2, tensor=2)
-  eight = generation.Generator(_runner(_model(kind, True), mesh_cfg, devices=8), log=lambda s: None)
-  prompts = _prompts(one.runner)
-  tokens_1, logits_1 = _rollout(one, prompts, steps=8)
+def test_float32_8_device_mesh_equals_one_device_and_the_full_forward(generator):
+  eight = generation.Generator(_runner(_model("mla", True), MESH_8, devices=8), log=lambda s: None)
+  prompts = _prompts(generator.runner)
+  tokens_1, logits_1 = _rollout(generator, prompts, steps=8)
   tokens_8, logits_8 = _rollout(eight, prompts, steps=8)
+  scale = np.max(np.abs(logits_1))
   np.testing.assert_array_equal(tokens_8, tokens_1)
-  np.testing.assert_allclose(logits_8, logits_1, rtol=1e-5, atol=1e-5 * np.max(np.abs(logits_1)))
-  _check_against_full_forward(eight.runner, prompts, tokens_8, logits_8, rtol=1e-5,
-                              atol=1e-5 * np.max(np.abs(logits_8)))
-  state = eight.prefill([list(p) for p in prompts] + [[2]], 32)
-  cache = state.cache
-  conv = cache["layer_0"]["engram"]["conv_state"]  # [B, W, M, D]
-  batch_axes = ("data", "fsdp", "expert")
-  assert conv.sharding.spec[0] == batch_axes and conv.shape[1] == (4 - 1) * 3
-  stacked = cache["layers_1_2"]["attn"]  # the scanned run's caches stack along the layer axis
-  if kind == "gqa":
-    assert stacked["key"].shape == (2, 4, 32, 2, 8)
-    assert tuple(stacked["key"].sharding.spec)[:4] == (None, batch_axes, None, "tensor")
-  else:  # MLA caches the latent and the rotary key only, never per-head keys or values
-    assert sorted(stacked) == ["latent", "rope_key"] and stacked["latent"].shape == (2, 4, 32, 16)
-    assert tuple(stacked["latent"].sharding.spec)[:3] == (None, batch_axes, None)
+  np.testing.assert_allclose(logits_8, logits_1, rtol=1e-5, atol=1e-5 * scale)
+  _check_against_full_forward(eight.runner, prompts, tokens_8, logits_8, rtol=1e-5, atol=1e-5 * scale)
 
 
 # ----------------------------------------------------------------------------------------------
