@@ -475,6 +475,14 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
   return summary
 
 
+def _prune_empty(tree):
+  """A nested dict without its empty sub-dicts (orbax's partial restore reads `{}` as a mismatched leaf)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _prune_empty(v) for k, v in tree.items()}
+  return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
 def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None, *,
                      tables: bool = True):
   """(params, model_state, step) from a checkpoint directory (`<workdir>/checkpoints`), restored onto
@@ -494,7 +502,7 @@ def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    params = abstract_state.params if tables else memory.split(abstract_state.params)[0]
+    params = abstract_state.params if tables else _prune_empty(memory.split(abstract_state.params)[0])
     state = manager.restore(step, {"params": params, "model_state": abstract_state.model_state}, partial=True)
   finally:
     manager.close()

@@ -4,8 +4,11 @@ the plain gather, quantized rows stay within their documented bounds, and bad ta
 errors that write nothing. One tiny two-Engram-layer model on the 8-device test mesh."""
 
 import dataclasses
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import flax.linen as nn
@@ -358,3 +361,62 @@ def test_bad_table_dirs_are_clear_errors_and_nothing_is_written(setup, tmp_path,
   assert not os.path.exists(tmp_path / "half") and not [p for p in os.listdir(tmp_path) if p.startswith(".tables-")]
   with pytest.raises(ValueError, match="quantize='int4'"):
     offload.quantize_rows(np.zeros((1, 2)), "int4")
+
+
+# ----------------------------------------------------------------------------------------------
+# A real checkpoint: export, then evaluate from disk and from host memory.
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "tiny_checkpoint", "checkpoints")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_checkpoint_export_and_eval_from_disk_and_host_equal_device(tmp_path):
+  checkpoints = str(tmp_path / "checkpoints")
+  shutil.copytree(FIXTURE, checkpoints)
+  cfg = runner_lib.load_config_from_checkpoint(checkpoints)
+  table_dir = str(tmp_path / "tables")
+  offload.export_tables(cfg, checkpoints, table_dir, chunk_rows=1000, log=lambda m: None)
+  manifest = json.load(open(os.path.join(table_dir, "manifest.json")))
+  assert manifest["source"] == {"checkpoint_step": 3} and manifest["quantize"] == "float32"
+  options = EvalOptions(max_batches=8, knockout=False, niah_lengths=(), top_ngrams=2, min_ngram_count=2)
+  quiet = dict(log=lambda m: None)
+  want = evaluation.evaluate_checkpoint(cfg, checkpoints, options, **quiet)
+  # The exported rows are the checkpoint's rows, read by orbax onto the devices.
+  device = runner_lib.ModelRunner.from_checkpoint(cfg, checkpoints, **quiet)
+  disk = offload.HostTables.open(table_dir, cfg.model, fingerprint(cfg.model, device.hashing), "disk", verify=True)
+  for name, table in memory.split(device.params)[1].items():
+    np.testing.assert_array_equal(np.asarray(disk.rows[name]), np.asarray(table))
+  for kw in (dict(engram_tables="disk", table_dir=table_dir), dict(engram_tables="host"),
+             dict(engram_tables="host", table_dir=table_dir, prefetch=False)):
+    got = evaluation.evaluate_checkpoint(cfg, checkpoints, options, **kw, **quiet)
+    assert got["benchmarks"] == want["benchmarks"], kw
+    assert got["engram_tables"]["placement"] == kw["engram_tables"]
+  # A cache chosen from the training split; int8 rows read from the checkpoint into host memory.
+  got = evaluation.evaluate_checkpoint(cfg, checkpoints, options, engram_tables="host", quantize="int8",
+                                       cache_rows=256, **quiet)
+  assert abs(got["benchmarks"][0]["loss"] - want["benchmarks"][0]["loss"]) < 1e-3
+  assert got["engram_tables"]["bytes_per_row"] == 4 + cfg.model.engram.head_dim
+  assert all(0 < l["hit_rate"] < 1 for l in got["engram_tables"]["cache"]["layers"])
+  with pytest.raises(ValueError, match="engram_tables='disk' memory-maps exported table files: pass table_dir"):
+    runner_lib.ModelRunner.from_checkpoint(cfg, checkpoints, engram_tables="disk", **quiet)
+  with pytest.raises(ValueError, match="engram_tables='gpu'"):
+    runner_lib.ModelRunner.from_checkpoint(cfg, checkpoints, engram_tables="gpu", **quiet)
+  with pytest.raises(ValueError, match="need 'host' or 'disk'"):
+    runner_lib.ModelRunner.from_checkpoint(cfg, checkpoints, cache_rows=10, **quiet)
+
+
+def test_eval_py_exports_tables_and_refuses_an_existing_directory(tmp_path):
+  checkpoints = str(tmp_path / "checkpoints")
+  shutil.copytree(FIXTURE, checkpoints)
+  out = tmp_path / "tables"
+  cmd = [sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint", checkpoints, "--export_tables", str(out),
+         "--quantize", "float8_e4m3"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  manifest = json.load(open(out / "manifest.json"))
+  assert manifest["quantize"] == "float8_e4m3" and sorted(manifest["tables"]) == ["layer_1"]
+  before = {p: os.path.getmtime(out / p) for p in os.listdir(out)}
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode != 0 and "already exists" in proc.stderr
+  assert {p: os.path.getmtime(out / p) for p in os.listdir(out)} == before
