@@ -343,8 +343,10 @@ class HostTables:
 
   `rows[name]` [R, d] in the storage dtype, `scales[name]` float32 [R] for int8 / float8 (else None).
   With several processes (`row_range`), a process holds only rows [lo, hi) of each table (a
-  contiguous range per process; `rows[name]` is then that range) and contributes them to the
-  batch's reassembly (see `HostRows`).
+  contiguous range per process; `rows[name]` is then that range). Every process hashes the same
+  global batch, finds the same distinct rows per batch shard, fills in the ones it owns (zeros
+  elsewhere) and the devices add the processes' contributions (`assemble_rows`): each row is
+  reassembled exactly, from its one owner.
   """
 
   cfg: EngramConfig
@@ -459,8 +461,28 @@ class HostTables:
     return out
 
   def take(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
-    """Rows at sorted or unsorted int64 ids (global row ids of this table's range)."""
+    """Rows at int64 global row ids [n] -> [n, d]. With a row range (several processes), rows outside
+    this process's range come back as zeros: the owner of each row contributes it (`HostRows`)."""
     table = self.rows[name]
+    if self.row_range is not None:
+      lo, hi = self.row_range[name]
+      own = (flat_ids >= lo) & (flat_ids < hi)
+      out = np.zeros((len(flat_ids), table.shape[1]), table.dtype)
+      out[own] = self._take(table, flat_ids[own] - lo)
+      return out
+    return self._take(table, flat_ids)
+
+  def take_scale(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
+    scale = self.scales[name]
+    if self.row_range is not None:
+      lo, hi = self.row_range[name]
+      own = (flat_ids >= lo) & (flat_ids < hi)
+      out = np.zeros(len(flat_ids), np.float32)
+      out[own] = scale[flat_ids[own] - lo]
+      return out
+    return scale[flat_ids]
+
+  def _take(self, table, flat_ids):
     if self.placement == "disk" and len(flat_ids) > 1:
       # Reading a memory map in address order turns random page faults into mostly forward reads.
       order = np.argsort(flat_ids, kind="stable")
@@ -626,7 +648,7 @@ def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: n
     for s, uniq in enumerate(uniqs):
       rows[s, :len(uniq)] = tables.take(name, uniq)
       if scale is not None:
-        scale[s, :len(uniq)] = tables.scales[name][uniq]
+        scale[s, :len(uniq)] = tables.take_scale(name, uniq)
     entry = {"index": index.reshape(table_ids.shape), "rows": rows}
     if scale is not None:
       entry["scale"] = scale
@@ -646,6 +668,13 @@ def assemble_rows(host: Dict[str, dict], cache: Optional[Dict[str, Tuple[jax.Arr
   out = {}
   for name, entry in host.items():
     index, rows, scale = entry["index"], entry["rows"], entry.get("scale")
+    if rows.ndim == 4:
+      # Several processes: [devices, S, U, d] partial rows, each row filled by the one device (of the
+      # process owning it) that carries its process's contribution, zeros elsewhere. The sum is
+      # exact: every value is added to zeros only (int8 / float8 / bfloat16 values are exact in
+      # float32, so summing there changes nothing).
+      rows = jnp.sum(rows.astype(jnp.float32), axis=0)
+      scale = None if scale is None else jnp.sum(scale, axis=0)
     B, T, H = index.shape
     S = rows.shape[0]
     K = 0 if cache is None else cache[name][0].shape[0]

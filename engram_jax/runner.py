@@ -260,13 +260,47 @@ class ModelRunner:
         value = np.concatenate([value, np.full((padded_rows - rows,) + value.shape[1:], fill, value.dtype)])
       local[key] = value
     host = None
-    if self.tables is not None:
+    if self.tables is not None and jax.process_count() > 1:
+      host = self._prepare_partial(local.pop("engram_ids"), padded_rows)
+    elif self.tables is not None:
       shards = max(1, self.row_multiple // jax.process_count())
       host_np = offload.prepare_rows(self.tables, self.cache, local.pop("engram_ids"), shards,
                                      mask=local["segment_ids"] > 0, counter=self.hit_counter)
       host = {name: {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
                      for k, v in entry.items()} for name, entry in host_np.items()}
     return Prepared(place_batch(local, self.mesh), host, rows, padded_rows)
+
+  def _prepare_partial(self, local_ids: np.ndarray, padded_rows: int):
+    """Host rows when each process holds a row range of the tables (several processes): every
+    process gathers the global batch's hash ids (a small int32 all-gather), finds
+    the same distinct rows per global batch shard, and contributes the rows it owns as one device's
+    slice of a [devices, S, U, d] array (zeros on its other devices); the forward sums over devices.
+    A collective: every process must prepare the same batches in the same order (no thread)."""
+    from jax.experimental import multihost_utils
+
+    glob = np.asarray(multihost_utils.process_allgather(local_ids, tiled=True))  # [B, T, L, H] global
+    host_np = offload.prepare_rows(self.tables, None, glob, self.row_multiple)
+    pi = jax.process_index()
+    owner = self.tables.row_range is not None or pi == 0  # whole tables on every process: process 0 gives them
+    devices = self.mesh.devices.size
+    spec = jax.sharding.PartitionSpec(tuple(self.mesh.axis_names))
+    out = {}
+    for name, entry in host_np.items():
+      placed = {"index": jax.make_array_from_process_local_data(
+          batch_sharding(self.mesh, 3), entry["index"][pi * padded_rows:(pi + 1) * padded_rows])}
+      for key in ("rows", "scale"):
+        if key not in entry:
+          continue
+        part = entry[key]
+        shape = (devices,) + part.shape
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * part.ndim)))
+        index_map = sharding.addressable_devices_indices_map(shape)
+        first = min(index_map, key=lambda d: index_map[d][0].start or 0)
+        zeros = np.zeros((1,) + part.shape, part.dtype)
+        arrays = [jax.device_put(part[None] if (d == first and owner) else zeros, d) for d in index_map]
+        placed[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+      out[name] = placed
+    return out
 
   def prepared(self, batches: Iterable[Dict[str, np.ndarray]]) -> Iterator[Tuple[Dict[str, np.ndarray], Prepared]]:
     """(batch, prepare(batch)) for each batch in order; with `prefetch`, prepared on a background thread
