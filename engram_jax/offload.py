@@ -8,7 +8,7 @@ accelerator: the host gathers the rows of a batch (`HostTables.prepare`), the ru
 on the batch's devices and the jitted forward assembles them (`assemble_rows`) and passes them to
 the model as `rows` (model.forward). `placement="device"` keeps today's in-graph `memory.gather`.
 
-What crosses to the devices per batch and table (`HostRows`): the distinct rows the batch reads
+What crosses to the devices per batch and table (`prepare_rows`): the distinct rows the batch reads
 that are not in the hot-row cache, once per batch shard ([S, U, d], U padded up to a power of two
 so only a handful of shapes ever compile), and an int32 index [B, T, H] into "cache rows, then
 this shard's rows". Repeated n-grams (frequent: the traffic is Zipfian) therefore cross once, and
@@ -43,7 +43,7 @@ import queue
 import shutil
 import tempfile
 import threading
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -462,7 +462,7 @@ class HostTables:
 
   def take(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
     """Rows at int64 global row ids [n] -> [n, d]. With a row range (several processes), rows outside
-    this process's range come back as zeros: the owner of each row contributes it (`HostRows`)."""
+    this process's range come back as zeros: the owner of each row contributes it (`assemble_rows` adds them)."""
     table = self.rows[name]
     if self.row_range is not None:
       lo, hi = self.row_range[name]
@@ -564,7 +564,7 @@ class HotRowCache:
 
 
 # ----------------------------------------------------------------------------------------------
-# A batch's rows: host side (HostRows) and device side (assemble_rows).
+# A batch's rows: host side (prepare_rows) and device side (assemble_rows).
 
 
 def row_bucket(n: int) -> int:
