@@ -220,6 +220,26 @@ def lru_hit_rate(stream: np.ndarray, size: int) -> float:
   return hits / max(1, len(stream))
 
 
+def transfer_per_batch(stream: np.ndarray, batch_lookups: int, cached: np.ndarray, lru_size: int):
+  """Rows crossing from the host per batch of `batch_lookups` lookups (distinct misses: repeats within
+  a batch cross once anyway): no cache, the static cache `cached`, and an LRU of `lru_size` rows updated
+  after each batch (its rows then serve the next batches). Returns means over batches."""
+  static = set(cached.tolist())
+  lru = collections.OrderedDict()
+  none_, stat_, lru_ = [], [], []
+  for start in range(0, len(stream) - batch_lookups + 1, batch_lookups):
+    distinct = set(stream[start:start + batch_lookups].tolist())
+    none_.append(len(distinct))
+    stat_.append(len(distinct - static))
+    lru_.append(sum(1 for x in distinct if x not in lru))
+    for x in distinct:
+      lru[x] = None
+      lru.move_to_end(x)
+    while len(lru) > lru_size:
+      lru.popitem(last=False)
+  return {"no_cache": float(np.mean(none_)), "static": float(np.mean(stat_)), "lru_per_batch": float(np.mean(lru_))}
+
+
 def part_hitrate(args, cfg, mesh, work):
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=16, seq_len=128))
   tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer_path)
@@ -249,6 +269,10 @@ def part_hitrate(args, cfg, mesh, work):
     if k <= args.lru_max:
       # Time order: tokens in order, each token's H heads one after another.
       rec["lru"] = {str(l): lru_hit_rate(np.asarray(ev_ids[memory.table_name(l)]).reshape(-1), k) for l in e.layer_ids}
+      # What crosses per batch of 16 x 128 tokens: distinct missed rows.
+      rec["rows_sent_per_batch"] = {
+          str(l): transfer_per_batch(np.asarray(ev_ids[memory.table_name(l)]).reshape(-1), 16 * 128 * e.num_heads,
+                                     cache.ids[memory.table_name(l)], k) for l in e.layer_ids}
     out["sizes"].append(rec)
   if args.plot:
     import matplotlib
