@@ -475,10 +475,21 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
   return summary
 
 
-def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None):
+def _prune_empty(tree):
+  """A nested dict without its empty sub-dicts (orbax's partial restore reads `{}` as a mismatched leaf)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _prune_empty(v) for k, v in tree.items()}
+  return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None, *,
+                     tables: bool = True):
   """(params, model_state, step) from a checkpoint directory (`<workdir>/checkpoints`), restored onto
   `mesh` (default: every local device, resharding as needed). Only the parameters and the model
-  state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk. A
+  state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk; with
+  `tables=False` the Engram tables stay there too (params hold the backbone: for tables kept on the
+  host, engram_jax/offload.py). A
   missing or empty directory is a FileNotFoundError naming it; a damaged or incompatible one a
   CheckpointRestoreError."""
   mesh = mesh or make_mesh(cfg.mesh)
@@ -491,8 +502,8 @@ def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    state = manager.restore(step, {"params": abstract_state.params, "model_state": abstract_state.model_state},
-                            partial=True)
+    params = abstract_state.params if tables else _prune_empty(memory.split(abstract_state.params)[0])
+    state = manager.restore(step, {"params": params, "model_state": abstract_state.model_state}, partial=True)
   finally:
     manager.close()
   return state["params"], state["model_state"], step
