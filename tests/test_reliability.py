@@ -75,9 +75,18 @@ def _files(directory):
   return out
 
 
+def _env():
+  """The subprocess environment: CPU, and the test session's compilation cache (as conftest sets it)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  if jax.config.jax_compilation_cache_dir:
+    env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return env
+
+
 def _run_py(script, *args, timeout=600):
   return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
-                        text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                        text=True, timeout=timeout, cwd=ROOT, env=_env())
 
 
 @pytest.fixture
@@ -129,36 +138,36 @@ def test_issue_command_diverges_without_poisoning_a_checkpoint(tmp_path):
 
 
 def test_divergence_stops_on_its_step_and_names_the_last_good_checkpoint(tmp_path, poison_batches):
-  poison_batches({5, 6})
-  cfg = tiny(steps=20, every=2, log_every=100, max_consecutive_nonfinite=2)
+  poison_batches({3, 4})
+  cfg = tiny(steps=6, every=1, log_every=100, max_consecutive_nonfinite=2)
   with pytest.raises(trainer.NonFiniteError) as err:
     trainer.train(cfg, str(tmp_path), progress=False, log=quiet)
-  assert err.value.step == 6 and err.value.last_good_step == 4
-  assert "steps 5-6" in str(err.value) and "last good checkpoint is step 4" in str(err.value)
-  assert _steps_on_disk(tmp_path) == [2, 4]
+  assert err.value.step == 4 and err.value.last_good_step == 2
+  assert "steps 3-4" in str(err.value) and "last good checkpoint is step 2" in str(err.value)
+  assert _steps_on_disk(tmp_path) == [1, 2]  # not 3 (mid-run), not 4
   # A rerun resumes from that good step.
   logs = []
-  out = trainer.train(cfg, str(tmp_path), progress=False, log=logs.append, max_steps=5)
-  assert "Resumed from step 4" in logs[0] and out["step"] == 5
+  out = trainer.train(cfg, str(tmp_path), progress=False, log=logs.append, max_steps=3)
+  assert "Resumed from step 2" in logs[0] and out["step"] == 3
 
 
 def test_skipped_steps_counts_every_skip_and_no_checkpoint_mid_run(tmp_path, poison_batches):
-  poison_batches({3, 4, 7})
-  cfg = tiny(steps=8, every=2)
+  poison_batches({2, 3, 5})
+  cfg = tiny(steps=6, every=2)
   logs = []
   out = trainer.train(cfg, str(tmp_path), progress=False, log=logs.append)
   assert out["stopped_by"] == "completed" and out["skipped_steps"] == 3
   rows = {r["step"]: r for r in _rows(tmp_path)}
-  assert [rows[s]["finite"] for s in range(1, 9)] == [1, 1, 0, 0, 1, 1, 0, 1]
-  assert [rows[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 2, 2, 2, 3, 3]
-  assert [rows[s]["nonfinite_run"] for s in range(1, 9)] == [0, 0, 1, 2, 0, 0, 1, 0]
-  # Step 4 ends a run of two skipped steps: not saved; 2, 6 and 8 are.
-  assert _steps_on_disk(tmp_path) == [2, 6, 8]
-  assert any("step 4: not checkpointed" in line for line in logs)
+  assert [rows[s]["finite"] for s in range(1, 7)] == [1, 0, 0, 1, 0, 1]
+  assert [rows[s]["skipped_steps"] for s in range(1, 7)] == [0, 1, 2, 2, 3, 3]
+  assert [rows[s]["nonfinite_run"] for s in range(1, 7)] == [0, 1, 2, 0, 1, 0]
+  # Step 2 is in a run of skipped steps: not saved; 4 and 6 are.
+  assert _steps_on_disk(tmp_path) == [4, 6]
+  assert any("step 2: not checkpointed" in line for line in logs)
   # The total survives a resume (it is saved with each checkpoint).
-  shutil.rmtree(tmp_path / "checkpoints" / "8")
+  shutil.rmtree(tmp_path / "checkpoints" / "6")
   out = trainer.train(cfg, str(tmp_path), progress=False, log=quiet)
-  assert out["skipped_steps"] == 2  # 3 and 4 before step 6; the replayed 7 and 8 are not poisoned now
+  assert out["skipped_steps"] == 2  # 2 and 3 before step 4; the replayed 5 is not poisoned this time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def test_second_run_refuses_at_once_naming_the_holder_and_a_killed_holder_blocks
   finally:
     holder.kill()  # SIGKILL: the kernel drops its lock
     holder.wait()
-  out = trainer.train(tiny(steps=1, every=1), str(workdir), progress=False, log=quiet)
+  out = trainer.train(tiny(), str(workdir), progress=False, log=quiet, max_steps=1)
   assert out["step"] == 1
   # The lock is free again once train returns.
   with runlock.WorkdirLock(str(workdir)):
@@ -251,7 +260,8 @@ def test_train_py_on_own_files_and_tokenizer(tmp_path):
   proc = _run_py("train.py", "--config", TINY, "--workdir", workdir, *SMALL_FLAGS,
                  f"--config.data.train_files={a},{b}", f"--config.data.eval_files={heldout}",
                  f"--config.data.tokenizer_path={tokenizer}", "--config.data.num_epochs=3",
-                 "--config.train.steps=3", "--config.train.eval_every=3", "--config.train.eval_max_batches=1")
+                 "--config.train.steps=6", "--max_steps=3", "--config.train.eval_every=3",
+                 "--config.train.eval_max_batches=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = load_config_from_checkpoint(str(workdir / "checkpoints"))
   assert saved.data.train_files == (a, b) and saved.data.eval_files == (heldout,)
@@ -265,11 +275,11 @@ def test_train_py_on_own_files_and_tokenizer(tmp_path):
 
 def test_finite_epochs_end_training_with_a_checkpoint(tmp_path):
   corpus = _write_corpus(tmp_path / "small.txt", 40)
-  cfg = tiny(steps=50, every=50)
+  cfg = tiny(steps=6, every=50)
   cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_files=(corpus,), num_epochs=1,
                                                           eval_files=(corpus,)))
   out = trainer.train(cfg, str(tmp_path / "w"), progress=False, log=quiet)
-  assert out["stopped_by"] == "end_of_data" and 1 <= out["step"] < 50
+  assert out["stopped_by"] == "end_of_data" and 1 <= out["step"] < 6
   assert _steps_on_disk(tmp_path / "w") == [out["step"]]
 
 
@@ -336,7 +346,7 @@ def test_truncated_checkpoint_names_the_intact_step_and_resume_step_uses_it(tmp_
 
 
 def test_resume_step_that_is_not_there_lists_the_steps(tmp_path):
-  cfg = tiny(steps=4, every=2)
+  cfg = tiny(steps=6, every=2)
   trainer.train(cfg, str(tmp_path), progress=False, log=quiet, max_steps=2)
   with pytest.raises(ckpt_lib.CheckpointNotFoundError, match=r"has no step 3; available: 2"):
     trainer.train(cfg, str(tmp_path), progress=False, log=quiet, resume_step=3)
@@ -444,7 +454,7 @@ def test_sigterm_exits_with_143_after_a_checkpoint(tmp_path):
   proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY, "--workdir",
                            str(workdir), *SMALL_FLAGS, "--config.train.steps=100000",
                            "--config.train.checkpoint.every_n_steps=100000"], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
   try:
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 600
