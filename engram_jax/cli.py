@@ -59,7 +59,7 @@ def report(error: BaseException, prog: str, suggestion: Optional[str] = None, *,
   if verbose:
     traceback.print_exception(error, file=stream)
     print(file=stream)
-  text = paragraph(f"{prog}: error: {error}")
+  text = paragraph(f"{prog}: {type(error).__name__}: {error}")
   if not verbose:
     text += " (--verbosity=1 prints the full traceback.)"
   if suggestion:

@@ -327,7 +327,7 @@ def test_truncated_checkpoint_names_the_intact_step_and_resume_step_uses_it(tmp_
   proc = _run_py("train.py", *args)
   assert proc.returncode == 1
   lines = [line for line in proc.stderr.splitlines() if line.strip()]
-  error = [line for line in lines if line.startswith("train.py: error:")]
+  error = [line for line in lines if line.startswith("train.py: CheckpointRestoreError: checkpoint")]
   assert error and "Step 2 is intact" in error[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith("Run: python") and lines[-1].endswith("--resume_step=2"), lines[-3:]
   assert len(proc.stderr) < 3000, proc.stderr
