@@ -13,7 +13,8 @@ as in train.py (e.g. `--config.data.batch_size=32`).
 
 Expected failures (a missing file, a step the checkpoint directory does not hold, a damaged
 checkpoint) print one paragraph naming the cause, the steps that are there or intact, and the
-command to run next, and exit with status 1; `--verbosity=1` adds the traceback.
+command to run next, and exit with status 1; any `--verbosity` (`-1` keeps the log level) adds
+the traceback.
 """
 
 import os

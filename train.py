@@ -11,7 +11,7 @@ A run resumes from the newest checkpoint in its workdir (`--resume_step N`: from
 steps are moved to `<workdir>/checkpoints.superseded/`). One run at a time may use a workdir.
 Expected failures (bad config values or flags, missing or non-UTF-8 data, a damaged checkpoint,
 a busy workdir, a diverged run) print one paragraph, with the command to run next where there is
-one; `--verbosity=1` adds the traceback.
+one; any `--verbosity` (`-1` keeps the log level) adds the traceback.
 
 Exit status: 0 when training completed (or reached --max_steps, or a finite data.num_epochs ran
 out); 1 on an error; 128 + the signal number when SIGTERM (143) or SIGINT (130) preempted it, after

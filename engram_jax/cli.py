@@ -61,7 +61,7 @@ def report(error: BaseException, prog: str, suggestion: Optional[str] = None, *,
     print(file=stream)
   text = paragraph(f"{prog}: {type(error).__name__}: {error}")
   if not verbose:
-    text += " (--verbosity=1 prints the full traceback.)"
+    text += " (--verbosity=-1 prints the full traceback.)"
   if suggestion:
     text += f"\nRun: {suggestion}"
   print(text, file=stream)

@@ -575,7 +575,8 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
       hint = (f"Step {intact} is intact (checked by restoring it): resume from it with resume_step={intact} "
               f"(train.py --resume_step {intact}), which moves the newer steps to "
               f"{manager.directory}.superseded/ rather than deleting them.")
-    first = str(cause) if cause is not None else f"checkpoint {manager.step_path(step)} {problem}; it was left untouched."
+    first = (str(cause) if cause is not None else
+             f"checkpoint {manager.step_path(step)} {problem}; it was left untouched.")
     raise ckpt_lib.CheckpointRestoreError(f"{first.rstrip('.')}. {hint}", directory=manager.directory, step=step,
                                           available=manager.all_steps(), intact=intact) from cause
   if resume_step is not None:
@@ -803,7 +804,8 @@ def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional
     except ckpt_lib.CheckpointRestoreError as e:
       intact = manager.find_intact(target, below=step, partial=True)
       hint = (f"Step {intact}'s parameters are intact (checked by reading them): evaluate it with step={intact} "
-              f"(eval.py --step {intact})." if intact is not None else "No older step restores into this config either.")
+              f"(eval.py --step {intact})." if intact is not None else
+              "No older step restores into this config either.")
       raise ckpt_lib.CheckpointRestoreError(f"{str(e).rstrip('.')}. {hint}", directory=manager.directory, step=step,
                                             available=manager.all_steps(), intact=intact) from e
   finally:
