@@ -10,6 +10,7 @@ bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import shlex
 import sys
 import traceback
@@ -67,10 +68,42 @@ def report(error: BaseException, prog: str, suggestion: Optional[str] = None, *,
   print(text, file=stream)
 
 
+def _is_closed_loop_noise(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+class _NeverRetrievedFilter(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+def silence_failed_read_noise():
+  """Drop what orbax's asyncio machinery prints after a failed checkpoint read.
+
+  When one array of a restore fails, orbax's gather of read tasks raises and its event loop
+  closes while tensorstore still completes the other reads: the sibling tasks' errors are logged
+  at garbage collection ("Task exception was never retrieved", one traceback each) and late
+  completions hit the closed loop ("RuntimeError: Event loop is closed", reported as unraisable),
+  hundreds of tracebacks for a train state that would bury the one-paragraph error. They carry
+  nothing the restore's own error does not say. Only these two are dropped; with `--verbosity`
+  nothing is.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_NeverRetrievedFilter())
+
+
 def run_reporting_errors(main: Callable, prog: str, suggest: Callable[[BaseException], Optional[str]] = lambda e: None):
   """Wrap an absl main: expected errors become one paragraph and exit status 1."""
 
   def wrapped(argv):
+    if not flags.FLAGS["verbosity"].present:
+      silence_failed_read_noise()
     try:
       return main(argv)
     except expected_errors() as e:
