@@ -10,6 +10,11 @@ needle-in-a-haystack probe; multiple-choice files scored with and without Engram
 
 Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
 as in train.py (e.g. `--config.data.batch_size=32`).
+
+Expected failures (a missing file, a step the checkpoint directory does not hold, a damaged
+checkpoint) print one paragraph naming the cause, the steps that are there or intact, and the
+command to run next, and exit with status 1; any `--verbosity` (`-1` keeps the log level) adds
+the traceback.
 """
 
 import os
@@ -21,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in c
                                           "saved in the checkpoint).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: reads <workdir>/checkpoints, writes <workdir>/eval.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints directory (instead of --workdir).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json goes (default: <workdir>/eval, or "
                                   "eval/ beside the checkpoints directory).")
 _EVAL_FILES = flags.DEFINE_list("eval_files", None, "Benchmark sets: text, JSONL or Parquet files, one set each "
@@ -121,5 +126,19 @@ def main(argv):
     print(f"Results: {os.path.join(out_dir, 'results.json')}")
 
 
+def _suggest(error):
+  """The command that gets past `error`, when there is one."""
+  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
+  from engram_jax.cli import command_with
+
+  if isinstance(error, CheckpointNotFoundError) and error.available:
+    return command_with("step", max(error.available))
+  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
+    return command_with("step", error.intact)
+  return None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from engram_jax.cli import run_reporting_errors
+
+  app.run(run_reporting_errors(main, "eval.py", _suggest))
