@@ -10,6 +10,11 @@ needle-in-a-haystack probe; multiple-choice files scored with and without Engram
 
 Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
 as in train.py (e.g. `--config.data.batch_size=32`).
+
+Expected failures (a missing file, a step the checkpoint directory does not hold, a damaged
+checkpoint) print one paragraph naming the cause, the steps that are there or intact, and the
+command to run next, and exit with status 1; any `--verbosity` (`-1` keeps the log level) adds
+the traceback.
 """
 
 import os
@@ -21,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in c
                                           "saved in the checkpoint).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: reads <workdir>/checkpoints, writes <workdir>/eval.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints directory (instead of --workdir).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).", lower_bound=0)
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where results.json goes (default: <workdir>/eval, or "
                                   "eval/ beside the checkpoints directory).")
 _EVAL_FILES = flags.DEFINE_list("eval_files", None, "Benchmark sets: text, JSONL or Parquet files, one set each "
@@ -44,6 +49,24 @@ _PATCHES = flags.DEFINE_list("patches", [], "Knowledge patch directories (patch.
 _PATCH_POLICY = flags.DEFINE_enum("patch_policy", "sum", ["sum", "last", "refuse"],
                                   "Rows changed by several patches: add their deltas, the last patch wins, or refuse.")
 _FORCE_PATCHES = flags.DEFINE_boolean("force_patches", False, "Apply patches whose base rows differ from the model's.")
+_ENGRAM_TABLES = flags.DEFINE_enum("engram_tables", "device", ["device", "host", "disk"],
+                                   "Where the Engram tables live: in accelerator memory (device), host RAM (host: "
+                                   "from --table_dir, or read from the checkpoint), or memory-mapped table files "
+                                   "(disk: --table_dir). Rows are gathered on the host and prefetched.")
+_TABLE_DIR = flags.DEFINE_string("table_dir", None, "A table directory written by --export_tables (host/disk).")
+_CACHE_ROWS = flags.DEFINE_integer("cache_rows", 0, "Hot-row cache on the devices: rows per table, chosen by "
+                                   "frequency over the start of the training split (0: no cache; host/disk).")
+_QUANTIZE = flags.DEFINE_enum("quantize", None, ["float32", "bfloat16", "int8", "float8_e4m3"],
+                              "Row storage of exported tables (--export_tables) or of host tables read from the "
+                              "checkpoint; with --table_dir, checked against the stored kind.")
+_VERIFY_TABLES = flags.DEFINE_boolean("verify_tables", False, "Check every table file's sha256 before using it "
+                                      "(reads every byte).")
+_PREFETCH = flags.DEFINE_boolean("prefetch", True, "Gather and transfer the next batch's rows on a background "
+                                 "thread while the current batch runs (host/disk).")
+_EXPORT_TABLES = flags.DEFINE_string("export_tables", None, "Write the checkpoint's Engram tables to this new "
+                                     "directory (one file per table + manifest.json; --quantize) and exit. Reads "
+                                     "the checkpoint chunk by chunk on the host: no accelerator, no whole table "
+                                     "in memory.")
 
 
 def main(argv):
@@ -81,11 +104,21 @@ def main(argv):
     cfg = from_dict(Config, _CONFIG.value)
   else:
     cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
+  if _EXPORT_TABLES.value:
+    from engram_jax.offload import export_tables
+
+    path = export_tables(cfg, checkpoint_dir, _EXPORT_TABLES.value, step=_STEP.value,
+                         quantize=_QUANTIZE.value or "float32")
+    print(f"Engram tables written to {path}")
+    return
   import jax
 
+  tables = dict(engram_tables=_ENGRAM_TABLES.value, table_dir=_TABLE_DIR.value, cache_rows=_CACHE_ROWS.value,
+                quantize=_QUANTIZE.value, verify_tables=_VERIFY_TABLES.value, prefetch=_PREFETCH.value)
   results = evaluation.evaluate_checkpoint(cfg, checkpoint_dir, options, step=_STEP.value, out_dir=out_dir,
                                            gate_text=_GATE_TEXT.value, patches=tuple(_PATCHES.value),
-                                           patch_policy=_PATCH_POLICY.value, force_patches=_FORCE_PATCHES.value)
+                                           patch_policy=_PATCH_POLICY.value, force_patches=_FORCE_PATCHES.value,
+                                           **tables)
   if jax.process_index() == 0:
     print()
     print(evaluation.format_table(results))
@@ -93,5 +126,19 @@ def main(argv):
     print(f"Results: {os.path.join(out_dir, 'results.json')}")
 
 
+def _suggest(error):
+  """The command that gets past `error`, when there is one."""
+  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
+  from engram_jax.cli import command_with
+
+  if isinstance(error, CheckpointNotFoundError) and error.available:
+    return command_with("step", max(error.available))
+  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
+    return command_with("step", error.intact)
+  return None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from engram_jax.cli import run_reporting_errors
+
+  app.run(run_reporting_errors(main, "eval.py", _suggest))

@@ -114,4 +114,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from engram_jax.cli import run_reporting_errors
+
+  app.run(run_reporting_errors(main, "patch.py"))

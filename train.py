@@ -5,11 +5,23 @@ preset variant: `--config configs/small.py:no_engram` (or `:dense`, comma-separa
 `--dry_run` prints parameter counts and per-device memory as one JSON line without allocating.
 Multi-host: pass --coordinator_address/--num_processes/--process_id (or run where
 `jax.distributed.initialize()` discovers them, e.g. a TPU pod or SLURM) and every process runs
-the same command; only process 0 logs and writes summaries.
+the same command; only process 0 logs, writes summaries and holds the workdir's lock.
+
+A run resumes from the newest checkpoint in its workdir (`--resume_step N`: from step N; the newer
+steps are moved to `<workdir>/checkpoints.superseded/`). One run at a time may use a workdir.
+Expected failures (bad config values or flags, missing or non-UTF-8 data, a damaged checkpoint,
+a busy workdir, a diverged run) print one paragraph, with the command to run next where there is
+one; any `--verbosity` (`-1` keeps the log level) adds the traceback.
+
+Exit status: 0 when training completed (or reached --max_steps, or a finite data.num_epochs ran
+out); 1 on an error; 128 + the signal number when SIGTERM (143) or SIGINT (130) preempted it, after
+saving a checkpoint: rerun the same command to resume.
 """
 
 import json
 import os
+import shlex
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,7 +32,10 @@ _DRY_RUN = flags.DEFINE_boolean("dry_run", False, "Print parameter counts and pe
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", None, "With --dry_run: the device count to plan for (default: the devices present).")
 _PROGRESS = flags.DEFINE_boolean("progress", None, "Show a progress bar (default: when stderr is a terminal).")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this step (with a checkpoint), as if preempted.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", None, "Stop after this step (with a checkpoint), as if preempted.",
+                                  lower_bound=1)
+_RESUME_STEP = flags.DEFINE_integer("resume_step", None, "Resume from this saved step instead of the newest one "
+                                    "(the newer steps are moved to <workdir>/checkpoints.superseded/).", lower_bound=1)
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
@@ -34,6 +49,18 @@ def _maybe_initialize_distributed():
                                process_id=_PROCESS_ID.value)
   elif any(v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID")):
     jax.distributed.initialize()
+
+
+def _suggest(error):
+  """The command that gets past `error`, when there is one."""
+  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
+  from engram_jax.cli import command_with
+
+  if isinstance(error, CheckpointNotFoundError) and error.available:
+    return command_with("resume_step", max(error.available))
+  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
+    return command_with("resume_step", error.intact)
+  return None
 
 
 def main(argv):
@@ -58,18 +85,29 @@ def main(argv):
 
   from engram_jax import trainer
 
-  summary = trainer.train(cfg, _WORKDIR.value, progress=_PROGRESS.value, max_steps=_MAX_STEPS.value)
+  summary = trainer.train(cfg, _WORKDIR.value, progress=_PROGRESS.value, max_steps=_MAX_STEPS.value,
+                          resume_step=_RESUME_STEP.value)
   if jax.process_index() == 0:
     print()
     print(f"Done: {summary['stopped_by']} at step {summary['step']} ({cfg.name}).")
     if summary["first_eval"] and summary["last_eval"]:
       f, l = summary["first_eval"], summary["last_eval"]
       print(f"Held-out loss: {f['eval_loss']:.3f} (step {f['step']}) -> {l['eval_loss']:.3f} (step {l['step']})")
-    print(f"Checkpoints:  {summary['checkpoint_dir']}")
+    if summary["checkpoint_dir"]:
+      newest = summary["checkpoint_step"]
+      print(f"Checkpoints:  {summary['checkpoint_dir']} "
+            f"({'newest: step ' + str(newest) if newest is not None else 'none saved'})")
     print(f"Metrics:      {summary['metrics_jsonl']}")
     print(f"TensorBoard:  {summary['tensorboard_dir']}")
-    print(f"Evaluate:     python eval.py --config {flags.FLAGS['config'].config_filename} --workdir {_WORKDIR.value}")
+    if summary["checkpoint_step"] is not None:  # eval.py reads the run's config (overrides included) from it
+      print(f"Evaluate:     python eval.py --workdir {shlex.quote(_WORKDIR.value)}")
+    if summary["stopped_by"] == "preempted":
+      print(f"Preempted by signal {summary['signal']}: rerun the same command to resume.")
+  if summary["stopped_by"] == "preempted":
+    sys.exit(128 + summary["signal"])  # not 0: a scheduler must tell a preemption from completion
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from engram_jax.cli import run_reporting_errors
+
+  app.run(run_reporting_errors(main, "train.py", _suggest))

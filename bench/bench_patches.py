@@ -5,6 +5,8 @@ Setup (all on CPU, tiny preset with larger tables so a patch is a small share of
   base model  trained on the embedded corpus mixed with facts A (synthetic people, knowledge.py);
   patch B     rows trained on facts B (disjoint people) from the base, everything else frozen;
   patch B'    the same with the rows ordinary text reads often frozen (--protect freeze);
+  patch B''   the same with the facts' own template rows frozen (rows the facts read in many places:
+              "was born in", read for every person, rather than a person's name);
   patch C     rows trained on facts C, separately, to apply together with B;
   full FT     every parameter trained on facts B for the same steps (the reference).
 Reported per condition: multiple-choice accuracy and greedy exact answer on facts B (new), on
@@ -93,6 +95,10 @@ def main():
   p.add_argument("--patch_lr", type=float, default=3e-2)
   p.add_argument("--ft_lr", type=float, default=1e-3, help="full fine-tuning learning rate (AdamW)")
   p.add_argument("--eval_batches", type=int, default=16)
+  p.add_argument("--template_min_count", type=int, default=24,
+                 help="patch B'': a row the facts read at least this often is a template row (frozen)")
+  p.add_argument("--only", default=None, help="comma-separated conditions to (re)run, e.g. 'B_templates'; "
+                 "the others are kept from an earlier results.json")
   args = p.parse_args()
   if args.smoke:
     args.entities, args.base_steps, args.patch_steps, args.eval_batches = 8, 6, 4, 2
@@ -125,11 +131,19 @@ def main():
   runner = ModelRunner.from_checkpoint(cfg, os.path.join(base_dir, "checkpoints"), mesh=mesh)
   sets = {"new": kc_b.probes, "new_paraphrase": knowledge.paraphrase_probes(kc_b.probes), "old": kc_a.probes,
           "other": kc_c.probes}
-  results = {"config": {k: v for k, v in vars(args).items()}, "base_train_seconds": base_seconds,
-             "table_rows": {n: int(t.shape[0]) for n, t in memory.split(runner.params)[1].items()},
-             "conditions": {}}
-  results["conditions"]["base"] = measure(runner, sets, args.eval_batches)
-  print(json.dumps({"base": results["conditions"]["base"]}), flush=True)
+  results_path = os.path.join(args.out, "results.json")
+  results = {"conditions": {}}
+  if args.only and os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  only = set(args.only.split(",")) if args.only else None
+  wanted = lambda name: only is None or name in only  # noqa: E731
+  results.update({"config": {k: v for k, v in vars(args).items()},
+                  "table_rows": {n: int(t.shape[0]) for n, t in memory.split(runner.params)[1].items()}})
+  results.setdefault("base_train_seconds", base_seconds)
+  if wanted("base"):
+    results["conditions"]["base"] = measure(runner, sets, args.eval_batches)
+    print(json.dumps({"base": results["conditions"]["base"]}), flush=True)
 
   # -- patches --------------------------------------------------------------------------------------
   kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
@@ -140,12 +154,24 @@ def main():
 
   reference = data_lib.eval_batches(cfg.data, **kwargs)[:16]
   made = {}
-  for label, facts, protect in (("B", "B", "none"), ("B_protect", "B", "freeze"), ("C", "C", "none")):
-    training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect)
-    tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts_batches(facts), training,
-                                       reference_batches=reference, log=lambda s: None)
-    patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": facts, "protect": protect})
+  variants = (("B", "B", "none", None), ("B_protect", "B", "freeze", None),
+              ("B_templates", "B", "freeze", "facts"), ("C", "C", "none", None))
+  needs = {"B": ("B", "B+C"), "B_protect": ("B_protect",), "B_templates": ("B_templates",), "C": ("C", "B+C")}
+  for label, facts, protect, ref_source in variants:
     path = os.path.join(args.out, f"patch_{label}")
+    if not any(wanted(x) for x in needs[label]):
+      continue
+    if not wanted(label) and os.path.exists(os.path.join(path, "manifest.json")):
+      made[label] = path  # only a stacked condition needs it: an earlier run's patch serves
+      continue
+    ref, min_count = reference, 2
+    if ref_source == "facts":
+      ref, min_count = facts_batches(facts), args.template_min_count
+    training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect,
+                                   protect_min_count=min_count)
+    tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts_batches(facts), training,
+                                       reference_batches=ref, log=lambda s: None)
+    patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": facts, "protect": protect})
     shutil.rmtree(path, ignore_errors=True)
     patches.save_patch(patch, path)
     made[label] = path
@@ -156,13 +182,19 @@ def main():
                                  "first_last_loss": [stats["losses"][0], stats["losses"][-1]]}
     print(json.dumps({f"patch_{label}": results[f"patch_{label}"]}), flush=True)
 
-  for label, applied in (("patch_B", ["B"]), ("patch_B_protect", ["B_protect"]), ("patch_B+C", ["B", "C"])):
+  for label, applied in (("patch_B", ["B"]), ("patch_B_protect", ["B_protect"]),
+                         ("patch_B_templates", ["B_templates"]), ("patch_B+C", ["B", "C"])):
+    if not wanted(label[len("patch_"):]):
+      continue
     runner.apply_patches([made[x] for x in applied], log=lambda s: None)
     results["conditions"][label] = measure(runner, sets, args.eval_batches)
     print(json.dumps({label: results["conditions"][label]}), flush=True)
     runner.revert_patches()
 
   # -- full fine-tuning reference -----------------------------------------------------------------
+  if not wanted("full_finetune"):
+    _write(results, results_path)
+    return
   ft_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_files=(files["B"]["train"],)),
                                train=dataclasses.replace(cfg.train, steps=args.patch_steps, learning_rate=args.ft_lr,
                                                          warmup_steps=0, schedule="constant",
@@ -185,7 +217,11 @@ def main():
   results["full_finetune_seconds"] = time.perf_counter() - t0
   results["total_seconds"] = time.perf_counter() - t_start
 
-  with open(os.path.join(args.out, "results.json"), "w") as f:
+  _write(results, results_path)
+
+
+def _write(results, path):
+  with open(path, "w") as f:
     json.dump(results, f, indent=1)
   cols = ("new_mc", "new_greedy", "new_paraphrase_mc", "new_mc_engram_off", "old_mc", "other_mc", "heldout_loss")
   print("\n| condition | " + " | ".join(cols) + " |")

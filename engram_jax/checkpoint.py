@@ -31,18 +31,23 @@ half of one saved by a single process), bench/bench_checkpoint.py (chunk shape o
 quarter of the rows reads 25.0% of the bytes, a sixteenth reads its whole chunk, 12.5%).
 
 A checkpoint that cannot be read into the target (wrong tree, wrong shapes, damaged files) raises
-`CheckpointRestoreError` naming its directory; nothing here ever deletes or rewrites a step it
-failed to read (silently falling back to an older step, or starting from scratch, would hide a
-bug and then overwrite the evidence with new saves).
+`CheckpointRestoreError` naming its directory, the root cause in one line (not tensorstore's spec
+dump) and the steps the directory holds; asking for a step that is not there says so and lists
+them. Nothing here ever deletes or rewrites a step it failed to read (silently falling back to an
+older step, or starting from scratch, would hide a bug and then overwrite the evidence with new
+saves): `find_intact` tells the caller which older step does restore, and `set_aside_after` moves
+newer steps out of the way (into `<directory>.superseded/`, never deleting them) when a run is
+resumed from an older step on purpose.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import grain
 import jax
@@ -56,7 +61,37 @@ _STATE, _DATA, _META = "state", "data", "meta"
 
 
 class CheckpointRestoreError(RuntimeError):
-  """A checkpoint exists but cannot be restored into the requested target; it was left as is."""
+  """A checkpoint exists but cannot be restored into the requested target; it was left as is.
+
+  `step` is the step that failed (None if not one step), `available` the steps the directory
+  holds, and `intact` a step that was checked to restore (set by callers that looked for one).
+  """
+
+  def __init__(self, message: str, *, directory=None, step: Optional[int] = None,
+               available: Tuple[int, ...] = (), intact: Optional[int] = None):
+    super().__init__(message)
+    self.directory = None if directory is None else str(directory)
+    self.step = step
+    self.available = tuple(available)
+    self.intact = intact
+
+
+class CheckpointNotFoundError(CheckpointRestoreError):
+  """The requested step is not in the checkpoint directory (`available` lists the ones that are)."""
+
+
+def short_error(e: BaseException, limit: int = 600) -> str:
+  """`Type: first line of the message`, without the tensorstore spec that orbax's errors append
+  (one JSON line of several kilobytes per array), cut to `limit` characters."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = re.sub(r"\s*\[tensorstore_spec=.*$", "", text)
+  if len(text) > limit:
+    text = text[:limit - 3].rstrip() + "..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _steps_text(steps) -> str:
+  return ", ".join(str(s) for s in sorted(steps)) if steps else "none"
 
 
 def _jsonable(obj):
@@ -140,6 +175,12 @@ class CheckpointManager:
   def should_save(self, step: int) -> bool:
     return self._manager is not None and self._manager.should_save(step)
 
+  def would_save(self, step: int, *, force: bool = False) -> bool:
+    """Whether `save(step, ..., force=force)` would write (so a caller can check the state first)."""
+    if self._manager is None or int(step) in self._manager.all_steps():
+      return False
+    return force or self._manager.should_save(int(step))
+
   def save(self, step: int, state, data_iter=None, *, force: bool = False,
            metadata: Optional[Dict[str, Any]] = None) -> bool:
     """Start saving `state` (and the iterator's position) as `step`; True if a save started.
@@ -148,13 +189,9 @@ class CheckpointManager:
     step (end of training, preemption). A step that is already saved is never written twice.
     Returns before the arrays reach disk when `async_save` is on; `wait()` blocks until they do.
     """
-    if self._manager is None:
+    if not self.would_save(step, force=force):
       return False
     step = int(step)
-    if step in self._manager.all_steps():
-      return False
-    if not force and not self._manager.should_save(step):
-      return False
     meta = {"step": step, "config": self._config_json}
     if metadata:
       meta.update(_jsonable(metadata))
@@ -199,12 +236,22 @@ class CheckpointManager:
     step = self.latest_step() if step is None else step
     if step is None:
       return None
+    self.check_step_exists(step)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
     except Exception as e:  # noqa: BLE001 - re-raised with the path
       raise CheckpointRestoreError(
-          f"checkpoint {self.step_path(step)}: cannot read its metadata ({type(e).__name__}: {e}); "
-          f"the checkpoint was left untouched") from e
+          f"checkpoint {self.step_path(step)}: cannot read its metadata ({short_error(e)}); it was left "
+          f"untouched. Steps in {self.directory}: {_steps_text(self.all_steps())}",
+          directory=self.directory, step=step, available=self.all_steps()) from e
+
+  def check_step_exists(self, step: int):
+    """CheckpointNotFoundError listing the saved steps unless `step` is one of them."""
+    steps = self.all_steps()
+    if int(step) not in steps:
+      raise CheckpointNotFoundError(
+          f"checkpoint directory {self.directory} has no step {step}; available: {_steps_text(steps)}",
+          directory=self.directory, step=int(step), available=steps)
 
   def saved_shapes(self, step: int) -> Dict[str, Tuple[int, ...]]:
     """{leaf path ("params/layer_1/engram/memory/table"): shape} of the state saved as `step`, read
@@ -244,6 +291,7 @@ class CheckpointManager:
     if self._manager is None:
       raise ValueError("CheckpointManager: checkpointing is disabled (CheckpointConfig.enabled=False)")
     self._manager.wait_until_finished()  # a step still being written by this manager is not readable yet
+    self.check_step_exists(step)
     path = self.step_path(step)
     abstract_state = _abstract(abstract_state)
     self._check_compatible(step, abstract_state, partial)
@@ -254,15 +302,65 @@ class CheckpointManager:
       if not (path / _DATA).exists():
         raise CheckpointRestoreError(
             f"checkpoint {path} has no data iterator state (it was saved without data_iter); "
-            f"restore without data_iter or start the data pipeline from scratch")
+            f"restore without data_iter or start the data pipeline from scratch",
+            directory=self.directory, step=step, available=self.all_steps())
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # noqa: BLE001 - any failure to read is reported with the path
       raise CheckpointRestoreError(
-          f"checkpoint {path} cannot be restored into the given target ({type(e).__name__}: {e}); "
-          f"the checkpoint was left untouched") from e
+          f"checkpoint {path} cannot be restored into the given target ({short_error(e)}); the checkpoint "
+          f"may be damaged and was left untouched. Steps in {self.directory}: {_steps_text(self.all_steps())}",
+          directory=self.directory, step=step, available=self.all_steps()) from e
     return restored[_STATE]
+
+  def find_intact(self, abstract_state, below: int, *, partial: bool = False,
+                  accept: Optional[Callable[[Any], bool]] = None) -> Optional[int]:
+    """The newest step older than `below` that restores into `abstract_state` (and that `accept`,
+    given the restored state, approves), or None.
+
+    Each candidate is read in full (what `restore` with the same target reads) and dropped: this
+    is the check that an older step is intact, for an error message, not a silent fallback.
+    """
+    for step in sorted((s for s in self.all_steps() if s < below), reverse=True):
+      try:
+        restored = self.restore(step, abstract_state, partial=partial)
+      except CheckpointRestoreError:
+        continue
+      ok = accept is None or accept(restored)
+      for leaf in jax.tree.leaves(restored):
+        if isinstance(leaf, jax.Array):
+          leaf.delete()
+      if ok:
+        return step
+    return None
+
+  def set_aside_after(self, step: int) -> Tuple[str, ...]:
+    """Move every step newer than `step` into `<directory>.superseded/` (renamed, never deleted), so
+    a run resumed from `step` saves its own steps and later resumes from them. Returns the new
+    paths. Call it from one process; in a multi-process run the others must then `reload()`."""
+    if self._manager is None:
+      return ()
+    self._manager.wait_until_finished()
+    newer = [s for s in self.all_steps() if s > step]
+    if not newer:
+      return ()
+    aside = self.directory.parent / f"{self.directory.name}.superseded"
+    aside.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for s in sorted(newer):
+      target, n = aside / str(s), 1
+      while target.exists():
+        target, n = aside / f"{s}-{n}", n + 1
+      self.step_path(s).rename(target)
+      moved.append(str(target))
+    self.reload()
+    return tuple(moved)
+
+  def reload(self):
+    """Re-read the steps on disk (after another process changed the directory)."""
+    if self._manager is not None:
+      self._manager.reload()
 
   def _check_compatible(self, step: int, abstract_state, partial: bool = False):
     """Compare tree paths and shapes with the saved metadata, listing every difference at once
@@ -274,10 +372,12 @@ class CheckpointManager:
       saved_tree = saved.tree if hasattr(saved, "tree") else saved
     except Exception as e:  # noqa: BLE001
       raise CheckpointRestoreError(
-          f"checkpoint {path}: cannot read the state's metadata ({type(e).__name__}: {e}); the "
-          f"checkpoint may be damaged or incomplete and was left untouched") from e
+          f"checkpoint {path}: cannot read the state's metadata ({short_error(e)}); the checkpoint may be "
+          f"damaged or incomplete and was left untouched. Steps in {self.directory}: "
+          f"{_steps_text(self.all_steps())}", directory=self.directory, step=step, available=self.all_steps()) from e
     if saved_tree is None:
-      raise CheckpointRestoreError(f"checkpoint {path}: has no readable state item; it was left untouched")
+      raise CheckpointRestoreError(f"checkpoint {path}: has no readable state item; it was left untouched",
+                                   directory=self.directory, step=step, available=self.all_steps())
     saved_shapes = {_keystr(p): tuple(getattr(x, "shape", ())) for p, x in
                     jax.tree_util.tree_flatten_with_path(saved_tree)[0]}
     want_shapes = {_keystr(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
@@ -290,7 +390,8 @@ class CheckpointManager:
       shown = "; ".join(problems[:10]) + (f"; ... ({len(problems) - 10} more)" if len(problems) > 10 else "")
       raise CheckpointRestoreError(
           f"checkpoint {path} does not match the target state: {shown}. The checkpoint was left "
-          f"untouched; restore with the config it was written with")
+          f"untouched; restore with the config it was written with",
+          directory=self.directory, step=step, available=self.all_steps())
 
 
 # ----------------------------------------------------------------------------------- preemption

@@ -566,10 +566,30 @@ def to_dict(cfg) -> dict:
   return cfg
 
 
+def _is_str_tuple(hint) -> bool:
+  """Whether a field annotation is Tuple[str, ...] (or Optional of it): a list of paths."""
+  import typing
+
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if typing.get_origin(hint) is typing.Union and len(args) == 1:
+    hint = args[0]
+  return typing.get_origin(hint) is tuple and typing.get_args(hint) == (str, Ellipsis)
+
+
+def _split_paths(value):
+  """'a.txt,b.txt' or ('a.txt,b.txt',) -> ('a.txt', 'b.txt'): on the command line a tuple of paths
+  is written comma-separated (ml_collections parses the override of a str placeholder as one
+  string, and of a tuple as a one-element tuple)."""
+  parts = value.split(",") if isinstance(value, str) else [p for v in value for p in
+                                                           (v.split(",") if isinstance(v, str) else [v])]
+  return tuple(p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip())
+
+
 def from_dict(cls, values):
   """Nested dicts (or a ConfigDict) -> the frozen dataclass tree of type `cls`, validated on the way.
 
-  Unknown keys are errors naming the key and the fields `cls` has.
+  Unknown keys are errors naming the key and the fields `cls` has. A tuple-of-paths field
+  (`data.train_files`, `data.eval_files`) given as a comma-separated string is split at the commas.
   """
   import typing
 
@@ -591,6 +611,8 @@ def from_dict(cls, values):
     target = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None)
     if target is not None and isinstance(value, dict):
       value = from_dict(target, value)
+    elif _is_str_tuple(hint) and isinstance(value, (str, list, tuple)):
+      value = _split_paths(value)
     elif isinstance(value, list):
       value = tuple(value)
     kwargs[key] = value
@@ -613,12 +635,47 @@ def apply_variants(cfg: Config, variants: Optional[str]) -> Config:
   return cfg
 
 
+def _placeholder_type(hint):
+  """The ml_collections field type of an Optional[...] field's placeholder, or None for an optional
+  sub-config (a dataclass: removed with a preset variant, not overridable)."""
+  import typing
+
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if len(args) != 1 or dataclasses.is_dataclass(args[0]):
+    return None
+  if _is_str_tuple(hint):
+    return str  # comma-separated on the command line; from_dict splits it
+  return typing.get_origin(args[0]) or args[0]
+
+
+def _overridable(cfg):
+  """to_dict, except that an Optional field holding None becomes a typed ml_collections placeholder,
+  so `--config.data.train_files=a.txt` (or `data.num_epochs`, `data.tokenizer_path`, ...) can set it:
+  a plain None would make ml_collections refuse any override of that field."""
+  import typing
+
+  from ml_collections import config_dict as mlc
+
+  hints = typing.get_type_hints(type(cfg))
+  out = {}
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(value):
+      out[f.name] = _overridable(value)
+    elif value is None and _placeholder_type(hints[f.name]) is not None:
+      out[f.name] = mlc.placeholder(_placeholder_type(hints[f.name]))
+    else:
+      out[f.name] = value
+  return out
+
+
 def config_dict(cfg: Config, variants: Optional[str] = None):
   """The ml_collections.ConfigDict that presets return, so `--config.a.b=v` overrides work (the
-  dataclasses are frozen; train.py turns the overridden dict back into them with `from_dict`)."""
+  dataclasses are frozen; train.py turns the overridden dict back into them with `from_dict`).
+  Fields that default to None are typed placeholders, so they can be set too."""
   import ml_collections
 
-  return ml_collections.ConfigDict(to_dict(apply_variants(cfg, variants)))
+  return ml_collections.ConfigDict(_overridable(apply_variants(cfg, variants)))
 
 
 def load_preset(path: str) -> Config:

@@ -126,11 +126,36 @@ def _text_of(value, where: str, text_field: str) -> str:
   return value
 
 
+def _not_utf8(path: str, line: int, raw: bytes, e: UnicodeDecodeError, offset: int = 0) -> ValueError:
+  return ValueError(f"{path}:{line}: not UTF-8 text (byte {offset + e.start} of the file is "
+                    f"{raw[e.start:e.start + 1]!r}: {e.reason}); convert the file to UTF-8, e.g. with "
+                    "`iconv -f latin1 -t utf-8`")
+
+
+def _read_utf8(path: str) -> str:
+  """A text file's content with universal newlines (as `open(path, encoding="utf-8").read()`), but
+  bytes that are not UTF-8 are a ValueError naming the file, line and byte offset rather than a
+  UnicodeDecodeError that names neither."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw, e) from None
+  return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def read_jsonl(path: str):
-  """(line number, record) for each non-blank line of a JSONL file; a malformed line is a ValueError
-  naming the file and line."""
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, 1):
+  """(line number, record) for each non-blank line of a JSONL file; a malformed line (or bytes that
+  are not UTF-8) is a ValueError naming the file and line."""
+  offset = 0
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise _not_utf8(path, lineno, raw, e, offset) from None
+      offset += len(raw)
       if not line.strip():
         continue
       try:
@@ -141,8 +166,7 @@ def read_jsonl(path: str):
 
 def _read_file(path: str, fmt: str, text_field: str, text_split: str) -> List[str]:
   if fmt == "text":
-    with open(path, encoding="utf-8") as f:
-      return _split_text(f.read(), text_split)
+    return _split_text(_read_utf8(path), text_split)
   if fmt == "jsonl":
     docs = []
     for lineno, record in read_jsonl(path):

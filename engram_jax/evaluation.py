@@ -248,10 +248,11 @@ def _evaluate_set(runner: ModelRunner, name: str, files, options: EvalOptions, c
   scales = {off: runner.scale(off) for _, off in conditions}
   totals = {off: DocumentTotals.zeros(corpus.num_documents) for off in scales}
   stream = {"tokens": [], "document_ids": [], "gates": []}
-  for local in batches:
+  # Batch i+1's host work (Engram rows from host tables, placement) overlaps batch i's forwards.
+  for local, prepared in runner.prepared(batches):
     glob = {k: gather_global(local[k]) for k in ("loss_mask", "document_ids", "tokens", "segment_ids")}
     for off, scale in scales.items():
-      out = runner.forward(local, scale)
+      out = runner.forward(prepared, scale)
       totals[off].add(out["nll"], glob["loss_mask"], glob["document_ids"])
       if off == () and collect_gates and runner.engram_layers:
         stream["tokens"].append(glob["tokens"].reshape(-1))
@@ -320,12 +321,14 @@ def run_evaluation(runner: ModelRunner, options: EvalOptions = EvalOptions(), *,
       "benchmarks": [], "gates": [], "niah": None, "multiple_choice": [], "gate_visualization": None,
   }
   sets = benchmark_sets(cfg, options)
+  runner.hit_counter.reset()  # hot-row cache hit rates over the benchmark sets only
   for i, (name, files) in enumerate(sets):
     log(f"benchmark {name}: {', '.join(files)}")
     record, stream = _evaluate_set(runner, name, files, options, collect_gates=i == 0)
     results["benchmarks"].append(record)
     if stream is not None:
       results["gates"] = _gate_records(runner, stream, options)
+  results["engram_tables"] = runner.table_report()
 
   off_all = runner.scale(runner.engram_layers)
   lengths = default_niah_lengths(cfg) if options.niah_lengths is None else options.niah_lengths
@@ -424,6 +427,15 @@ def format_table(results: dict) -> str:
       if shown[item["n"]] > 5:
         continue
       lines.append(f"    n={item['n']}  gate {item['mean_gate']:.3f}  x{item['count']:<5} {item['text']!r}")
+  tables = results.get("engram_tables")
+  if tables and tables["placement"] != "device":
+    lines.append("")
+    lines.append(f"Engram tables on {tables['placement']} ({tables['quantize']}, {tables['bytes_per_row']} bytes per row)")
+    if tables["cache"]:
+      lines.append(f"hot-row cache of {tables['cache']['rows_per_table']} rows per table, hit rates:")
+      for layer in tables["cache"]["layers"]:
+        lines.append(f"    layer {layer['layer']}: {_f(layer['hit_rate'], '{:.3f}')}  by order: " + ", ".join(
+            f"n={o['n']} {_f(o['hit_rate'], '{:.3f}')}" for o in layer["orders"]))
   if results["niah"]:
     lines.append("")
     lines.append(f"Needle in a haystack ({results['niah']['needles']} needles, {results['niah']['candidates']} "
@@ -457,17 +469,22 @@ def write_results(results: dict, out_dir: str) -> str:
 def evaluate_checkpoint(cfg: Config, checkpoint_dir: str, options: EvalOptions = EvalOptions(), *,
                         step: Optional[int] = None, mesh=None, out_dir: Optional[str] = None,
                         gate_text: Optional[str] = None, patches: Sequence[str] = (), patch_policy: str = "sum",
-                        force_patches: bool = False, log: Callable[[str], None] = print) -> dict:
+                        force_patches: bool = False, log: Callable[[str], None] = print,
+                        **tables) -> dict:
   """Restores `checkpoint_dir` onto `mesh` (default: every device), applies knowledge `patches` (if
   any), evaluates, and writes `out_dir/results.json` (plus the gate visualisation of `gate_text`)
-  when out_dir is given."""
+  when out_dir is given. `tables`: where the Engram tables live (ModelRunner.from_checkpoint's
+  engram_tables, table_dir, cache_rows, quantize, verify_tables, prefetch)."""
   options.check_files()
   if patches:
     from engram_jax.patches import load_patch
 
     for path in patches:  # a missing or damaged patch fails before the (slow) restore
       load_patch(path)
-  runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log)
+  if patches and tables.get("engram_tables", "device") != "device":
+    raise ValueError(f"knowledge patches change table rows on the device: they need engram_tables='device', not "
+                     f"{tables['engram_tables']!r}")
+  runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log, **tables)
   if patches:
     runner.apply_patches(patches, policy=patch_policy, force=force_patches, log=log)
   results = run_evaluation(runner, options, step=runner.step, checkpoint_dir=os.path.abspath(checkpoint_dir),

@@ -10,12 +10,24 @@ whole evaluation; a second one happens only for rows longer than that (padded to
 Right-padding cannot change a causal model's outputs at earlier positions: attention is causal, Engram
 hash ids are suffix n-grams, and the Engram conv is causal. (Left-padding would: the hasher's pad id
 is a real token.)
+
+Where the Engram tables live is the runner's choice, made once (`engram_tables`): "device" (in the
+params, read in-graph by `memory.gather`), or "host" / "disk" (`offload.HostTables`: the params hold
+the backbone only, the host gathers each batch's rows, optionally minus a hot-row cache on the
+devices, and the forward assembles them). `prepare(batch)` does the host side of a batch (padding,
+hashing done by the caller, host rows, placement); `prepared(batches)` runs it on a background
+thread one or two batches ahead (`offload.Prefetcher`), so batch i+1's rows are gathered and
+transferred while batch i computes. Evaluation and scoring go through `prepared`.
+
+Hook for decoding (generation.py): a decode step can take its rows as an input instead of gathering
+in-graph: hash the sampled tokens on the host (`EngramHashing.next_ids`), `prepare_rows` them,
+`device_put` on the batch sharding, and call `offload.assemble_rows` inside the step.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -23,9 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import data as data_lib
+from engram_jax import memory
+from engram_jax import offload
 from engram_jax.config import Config
 from engram_jax.model import forward, token_nll
-from engram_jax.sharding import LOGICAL_RULES, batch_devices, make_mesh, place_batch
+from engram_jax.sharding import LOGICAL_RULES, batch_devices, batch_sharding, make_mesh, place_batch
 
 # (contexts, continuations) -> (log-likelihood of each continuation [N], greedy match [N] bool).
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tuple[np.ndarray, np.ndarray]]
@@ -41,11 +55,14 @@ def gather_global(x) -> np.ndarray:
 
 
 def make_forward(cfg: Config):
-  """forward(params, model_state, batch, engram_scale) -> {"nll", "argmax" [B,T], "gates" [B,T,L,M]}."""
+  """forward(params, model_state, batch, engram_scale, host=None, cache=None) -> {"nll", "argmax" [B,T],
+  "gates" [B,T,L,M]}. With `host` (offload.prepare_rows's arrays, placed) the Engram rows come from
+  the host and the hot-row `cache` ({name: (rows, scales)}), not from tables in `params`."""
   layers = cfg.model.engram.layer_ids if cfg.model.engram is not None else ()
 
-  def run(params, model_state, batch, engram_scale):
-    (logits, _), inter = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale,
+  def run(params, model_state, batch, engram_scale, host=None, cache=None):
+    rows = None if host is None else offload.assemble_rows(host, cache, jnp.dtype(cfg.model.dtype))
+    (logits, _), inter = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                  mutable=["intermediates"])
     nll = token_nll(logits, batch["targets"])[0]  # [B,T]
     argmax = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,T]
@@ -60,21 +77,52 @@ def make_forward(cfg: Config):
   return run
 
 
+class Prepared(NamedTuple):
+  """A batch ready for the jitted forward: its arrays on the devices (and host rows, if any)."""
+
+  arrays: Dict[str, jax.Array]
+  host: Optional[Dict[str, Dict[str, jax.Array]]]
+  rows: int  # this process's real rows
+  padded_rows: int  # rows after padding to the mesh's batch devices
+
+
 class ModelRunner:
   """A model with its params on a mesh, and what it takes to feed it rows of token ids.
 
   `forward(batch, engram_scale)` runs the one jitted function on a batch of [rows, T] numpy arrays
-  (the keys of `data.eval_batches`); `score` and `gate_trace` build such batches from token lists.
+  (the keys of `data.eval_batches`) or on a `prepare`d batch; `score` and `gate_trace` build such
+  batches from token lists.
+
+  `tables`: None keeps the Engram tables in `params` on the devices ("device" placement); an
+  `offload.HostTables` keeps them on the host ("host" / "disk"), and `params` may then hold the
+  backbone alone (tables in it are dropped). `cache`: an `offload.HotRowCache` of those tables.
+  `prefetch`: prepare batches on a background thread (`prepared`).
   """
 
-  def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None):
+  def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None, *,
+               tables: Optional["offload.HostTables"] = None, cache: Optional["offload.HotRowCache"] = None,
+               prefetch: bool = True, prefetch_depth: int = 2):
     self.cfg = cfg
     self.step: Optional[int] = None  # the checkpoint step, when restored by from_checkpoint
     self.patches: List[str] = []  # knowledge patch directories applied (apply_patches)
     self._undo: list = []
+    if tables is not None:
+      if cfg.model.engram is None:
+        raise ValueError("host tables were given but the model has no Engram layers (model.engram is None)")
+      params = memory.split(params)[0]
+    if cache is not None and tables is None:
+      raise ValueError("a hot-row cache caches host tables: pass tables= (placement 'host' or 'disk') with it")
     self.params = params
     self.model_state = model_state
+    self.tables = tables
+    self.placement = "device" if tables is None else tables.placement
+    self.prefetch = prefetch
+    self.prefetch_depth = prefetch_depth
+    self.hit_counter = offload.HitCounter()
     self.mesh = mesh if mesh is not None else runner_mesh(cfg)
+    self.cache = cache.place(self.mesh) if cache is not None else None
+    self._cache_arrays = (None if self.cache is None else
+                          {n: (self.cache.rows[n], self.cache.scales[n]) for n in self.cache.ids})
     self.tokenizer = tokenizer if tokenizer is not None else data_lib.load_tokenizer(cfg.data.tokenizer_path)
     engram = cfg.model.engram
     self.engram_layers: Tuple[int, ...] = tuple(engram.layer_ids) if engram is not None else ()
@@ -90,17 +138,72 @@ class ModelRunner:
 
   @classmethod
   def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
-                      log: Callable[[str], None] = print) -> "ModelRunner":
+                      log: Callable[[str], None] = print, engram_tables: str = "device",
+                      table_dir: Optional[str] = None, cache_rows: int = 0, quantize: Optional[str] = None,
+                      cache_reference: Optional[np.ndarray] = None, verify_tables: bool = False,
+                      prefetch: bool = True) -> "ModelRunner":
     """The parameters (not the optimizer state) of a checkpoint restored onto `mesh` (default: every
-    device of this machine, whatever mesh it was trained on); `runner.step` is the step restored."""
+    device of this machine, whatever mesh it was trained on); `runner.step` is the step restored.
+
+    engram_tables: "device" (today), "host" (RAM: from `table_dir`, or read from the checkpoint
+    straight into host memory) or "disk" (memory-mapped `table_dir`, written by `offload.export_tables`).
+    quantize: the row storage for "host" from the checkpoint (float32, bfloat16, int8, float8_e4m3);
+    with a table_dir, the stored kind (checked if given). cache_rows: rows per table in a hot-row cache
+    on the devices (0: none), chosen by frequency in `cache_reference` (hash ids [..., L, H]; default:
+    the start of the training split, `reference_ids`).
+    """
     from engram_jax.trainer import restore_for_eval
 
+    if engram_tables not in offload.PLACEMENTS:
+      raise ValueError(f"engram_tables={engram_tables!r}: expected one of {offload.PLACEMENTS}")
+    if engram_tables == "device" and (table_dir or cache_rows or (quantize not in (None, "float32"))):
+      raise ValueError(f"engram_tables='device' keeps the tables in the checkpoint's params: table_dir={table_dir!r}, "
+                       f"cache_rows={cache_rows!r}, quantize={quantize!r} need 'host' or 'disk'")
+    if engram_tables == "disk" and not table_dir:
+      raise ValueError("engram_tables='disk' memory-maps exported table files: pass table_dir (write it with "
+                       "`python eval.py --export_tables DIR`)")
+    if not isinstance(cache_rows, int) or cache_rows < 0:
+      raise ValueError(f"cache_rows={cache_rows!r}: expected a non-negative integer")
+    if quantize is not None:
+      offload.check_quantize(quantize)
+    tables = None
+    if engram_tables != "device":
+      if cfg.model.engram is None:
+        raise ValueError(f"engram_tables={engram_tables!r}: the model has no Engram layers (model.engram is None)")
+      tables = host_tables(cfg, checkpoint_dir, engram_tables, table_dir=table_dir, step=step, quantize=quantize,
+                           verify=verify_tables, log=log)
     mesh = mesh if mesh is not None else runner_mesh(cfg, log)
-    params, model_state, step = restore_for_eval(cfg, checkpoint_dir, mesh=mesh, step=step)
-    log(f"restored step {step} from {checkpoint_dir} onto {mesh.devices.size} device(s)")
-    runner = cls(cfg, params, model_state, mesh)
+    params, model_state, step = restore_for_eval(cfg, checkpoint_dir, mesh=mesh, step=step,
+                                                 tables=tables is None)
+    log(f"restored step {step} from {checkpoint_dir} onto {mesh.devices.size} device(s)"
+        + ("" if tables is None else f"; Engram tables on {engram_tables} ({tables.quantize}, "
+                                     f"{tables.nbytes / 2**20:.1f} MiB)"))
+    runner = cls(cfg, params, model_state, mesh, tables=tables, prefetch=prefetch)
+    if cache_rows:
+      reference = cache_reference if cache_reference is not None else reference_ids(runner)
+      runner.set_cache(offload.HotRowCache.build(tables, reference, cache_rows))
+      log(f"hot-row cache: {cache_rows} rows per table from {int(np.prod(reference.shape[:-2]))} reference tokens")
     runner.step = int(step)
     return runner
+
+  def set_cache(self, cache: Optional["offload.HotRowCache"]):
+    """Replaces the hot-row cache (None: no cache) and resets the hit counts."""
+    if cache is not None and self.tables is None:
+      raise ValueError("a hot-row cache caches host tables: this runner keeps its tables on the device")
+    self.cache = cache.place(self.mesh) if cache is not None else None
+    self._cache_arrays = (None if self.cache is None else
+                          {n: (self.cache.rows[n], self.cache.scales[n]) for n in self.cache.ids})
+    self.hit_counter.reset()
+
+  def table_report(self) -> dict:
+    """results.json's "engram_tables": placement, storage and (with a cache) hit rates per layer and order."""
+    out = {"placement": self.placement, "quantize": None if self.tables is None else self.tables.quantize,
+           "bytes_per_row": None, "cache": None}
+    if self.tables is not None:
+      out["bytes_per_row"] = offload.bytes_per_row(self.tables.quantize, self.cfg.model.engram.head_dim)
+    if self.cache is not None:
+      out["cache"] = self.hit_counter.report(self.cfg.model.engram, self.cache.size)
+    return out
 
   # -- knowledge patches -------------------------------------------------------------------------
 
@@ -112,6 +215,9 @@ class ModelRunner:
 
     if self.hashing is None:
       raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
+    if self.tables is not None:
+      raise patches_lib.PatchError(f"the tables are on {self.placement!r}: knowledge patches change rows of tables "
+                                   "on the device (engram_tables='device')")
     self.params, undo, report = patches_lib.apply_patches(self.params, self.cfg.model, self.hashing, list(patches),
                                                           policy=policy, force=force, log=log)
     self._undo.append(undo)
@@ -137,12 +243,9 @@ class ModelRunner:
 
   # -- forward -----------------------------------------------------------------------------------
 
-  def forward(self, batch: Dict[str, np.ndarray], engram_scale=None) -> Dict[str, np.ndarray]:
-    """This process's batch of rows [b, T] -> global numpy {"nll", "argmax" [R, T], "gates" [R, T, L, M]}.
-
-    Rows are padded up to a multiple of the mesh's batch devices (and cut off again), so the batch
-    size need not divide the device count.
-    """
+  def prepare(self, batch: Dict[str, np.ndarray]) -> Prepared:
+    """The host side of a forward: pads this process's rows to a multiple of its batch devices, gathers
+    the Engram rows on the host (host / disk placement) and places everything on the mesh."""
     keys = ("tokens", "targets", "segment_ids", "positions") + (("engram_ids",) if self.engram_layers else ())
     rows = len(batch["tokens"])
     local_multiple = max(1, self.row_multiple // jax.process_count())
@@ -156,10 +259,71 @@ class ModelRunner:
         fill = self.pad_id if key in ("tokens", "targets") else 0
         value = np.concatenate([value, np.full((padded_rows - rows,) + value.shape[1:], fill, value.dtype)])
       local[key] = value
-    arrays = place_batch(local, self.mesh)
+    host = None
+    if self.tables is not None and jax.process_count() > 1:
+      host = self._prepare_partial(local.pop("engram_ids"), padded_rows)
+    elif self.tables is not None:
+      shards = max(1, self.row_multiple // jax.process_count())
+      host_np = offload.prepare_rows(self.tables, self.cache, local.pop("engram_ids"), shards,
+                                     mask=local["segment_ids"] > 0, counter=self.hit_counter)
+      host = {name: {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
+                     for k, v in entry.items()} for name, entry in host_np.items()}
+    return Prepared(place_batch(local, self.mesh), host, rows, padded_rows)
+
+  def _prepare_partial(self, local_ids: np.ndarray, padded_rows: int):
+    """Host rows when each process holds a row range of the tables (several processes): every
+    process gathers the global batch's hash ids (a small int32 all-gather), finds
+    the same distinct rows per global batch shard, and contributes the rows it owns as one device's
+    slice of a [devices, S, U, d] array (zeros on its other devices); the forward sums over devices.
+    A collective: every process must prepare the same batches in the same order (no thread)."""
+    from jax.experimental import multihost_utils
+
+    glob = np.asarray(multihost_utils.process_allgather(local_ids, tiled=True))  # [B, T, L, H] global
+    host_np = offload.prepare_rows(self.tables, None, glob, self.row_multiple)
+    pi = jax.process_index()
+    owner = self.tables.row_range is not None or pi == 0  # whole tables on every process: process 0 gives them
+    devices = self.mesh.devices.size
+    spec = jax.sharding.PartitionSpec(tuple(self.mesh.axis_names))
+    out = {}
+    for name, entry in host_np.items():
+      placed = {"index": jax.make_array_from_process_local_data(
+          batch_sharding(self.mesh, 3), entry["index"][pi * padded_rows:(pi + 1) * padded_rows])}
+      for key in ("rows", "scale"):
+        if key not in entry:
+          continue
+        part = entry[key]
+        shape = (devices,) + part.shape
+        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * part.ndim)))
+        index_map = sharding.addressable_devices_indices_map(shape)
+        first = min(index_map, key=lambda d: index_map[d][0].start or 0)
+        zeros = np.zeros((1,) + part.shape, part.dtype)
+        arrays = [jax.device_put(part[None] if (d == first and owner) else zeros, d) for d in index_map]
+        placed[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+      out[name] = placed
+    return out
+
+  def prepared(self, batches: Iterable[Dict[str, np.ndarray]]) -> Iterator[Tuple[Dict[str, np.ndarray], Prepared]]:
+    """(batch, prepare(batch)) for each batch in order; with `prefetch`, prepared on a background thread
+    `prefetch_depth` batches ahead, so the host gather and transfer overlap the previous forward.
+    (Several processes prepare on the main thread: placing a batch is collective-free, but keeping
+    every process's host work in one order is simpler to reason about.)"""
+    if self.prefetch and jax.process_count() == 1:
+      return iter(offload.Prefetcher(batches, self.prepare, self.prefetch_depth))
+    return ((b, self.prepare(b)) for b in batches)
+
+  def forward(self, batch, engram_scale=None) -> Dict[str, np.ndarray]:
+    """This process's batch of rows [b, T] (numpy, or `prepare`d) -> global numpy {"nll", "argmax"
+    [R, T], "gates" [R, T, L, M]}.
+
+    Rows are padded up to a multiple of the mesh's batch devices (and cut off again), so the batch
+    size need not divide the device count.
+    """
+    prepared = batch if isinstance(batch, Prepared) else self.prepare(batch)
+    rows, padded_rows = prepared.rows, prepared.padded_rows
     scale = self.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      out = self._forward(self.params, self.model_state, arrays, jnp.asarray(scale))
+      out = self._forward(self.params, self.model_state, prepared.arrays, jnp.asarray(scale), prepared.host,
+                          self._cache_arrays)
     out = {k: gather_global(v) for k, v in out.items()}
     if padded_rows > rows:
       # Each process padded its own rows: drop the padding rows of every process's slice.
@@ -209,17 +373,21 @@ class ModelRunner:
       by_length.setdefault(self.row_length(len(row)), []).append(i)
     pi, pc = jax.process_index(), jax.process_count()
     per_batch = -(-self.batch_rows // pc) * pc
-    for length, index in by_length.items():
-      for start in range(0, len(index), per_batch):
-        chunk = index[start:start + per_batch]
-        group = [rows[i] for i in chunk] + [[self.pad_id]] * (per_batch - len(chunk))
-        batch = self.make_batch(group, length)
-        b = per_batch // pc
-        local = {k: v[pi * b:(pi + 1) * b] for k, v in batch.items()}
-        out = self.forward(local, engram_scale)
-        for j, i in enumerate(chunk):
-          n = len(rows[i])
-          outputs[i] = {k: v[j, :n] for k, v in out.items()}
+    chunks = [(length, index[start:start + per_batch]) for length, index in by_length.items()
+              for start in range(0, len(index), per_batch)]
+
+    def local_batch(item):
+      length, chunk = item
+      group = [rows[i] for i in chunk] + [[self.pad_id]] * (per_batch - len(chunk))
+      batch = self.make_batch(group, length)
+      b = per_batch // pc
+      return {k: v[pi * b:(pi + 1) * b] for k, v in batch.items()}
+
+    for (_, chunk), (_, prepared) in zip(chunks, self.prepared(map(local_batch, chunks))):
+      out = self.forward(prepared, engram_scale)
+      for j, i in enumerate(chunk):
+        n = len(rows[i])
+        outputs[i] = {k: v[j, :n] for k, v in out.items()}
     return outputs
 
   def score(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]],
@@ -269,6 +437,62 @@ class ModelRunner:
     out = self.run_rows([ids], engram_scale)[0]
     return pieces, out["gates"]
 
+
+
+def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: Optional[str] = None,
+                step: Optional[int] = None, quantize: Optional[str] = None, verify: bool = False,
+                log: Callable[[str], None] = print) -> "offload.HostTables":
+  """The Engram tables of a run for `placement` "host" or "disk": a table directory opened (checked
+  against the model's fingerprint), or, for "host" without one, the checkpoint's tables read straight
+  into host memory (tensorstore, chunk by chunk, never on a device) and stored as `quantize`."""
+  from engram_jax import checkpoint as ckpt_lib
+  from engram_jax.config import CheckpointConfig
+  from engram_jax.patches import fingerprint
+
+  hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
+  fp = fingerprint(cfg.model, hashing)
+  if table_dir:
+    return offload.HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
+  if placement != "host":
+    raise ValueError(f"placement {placement!r} needs a table_dir")
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
+                            "written by train.py)")
+  if step is None:
+    manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
+    try:
+      step = manager.latest_step()
+    finally:
+      manager.close()
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+  kind = quantize or "float32"
+  e = cfg.model.engram
+  need = sum(memory.table_layout(e, l)[2] for l in e.layer_ids) * offload.bytes_per_row(kind, e.head_dim)
+  free = offload.available_memory()
+  if free is not None and need > free:
+    raise MemoryError(f"placement 'host' needs {need / 2**30:.2f} GiB of RAM for the tables but only "
+                      f"{free / 2**30:.2f} GiB is available: export them (`eval.py --export_tables DIR`) and use "
+                      "placement 'disk'")
+  reader = offload.checkpoint_table_reader(checkpoint_dir, step)
+  tables = {}
+  for layer in e.layer_ids:
+    name = memory.table_name(layer)
+    rows = int(memory.table_layout(e, layer)[2])
+    tables[name] = np.concatenate([reader(name, a, min(rows, a + (1 << 16))) for a in range(0, rows, 1 << 16)])
+  log(f"read the Engram tables of step {step} into host memory ({kind})")
+  return offload.HostTables.from_arrays(e, tables, kind, "host")
+
+
+def reference_ids(runner: "ModelRunner", tokens: int = 1 << 16) -> np.ndarray:
+  """Hash ids [rows, seq_len, L, H] of the first `tokens` tokens of the config's training split: the
+  reference sample a hot-row cache is chosen from (not the eval text it is then measured on)."""
+  corpus = data_lib.tokenized_split(runner.cfg.data, "train", runner.tokenizer)
+  T = runner.cfg.data.seq_len
+  n = min(tokens, corpus.num_tokens) // T * T
+  if n == 0:
+    raise ValueError(f"the training split has {corpus.num_tokens} tokens: too few for one reference row of {T}")
+  return runner.hashing.hash_numpy(corpus.tokens[:n].reshape(-1, T))
 
 
 def load_config_from_checkpoint(checkpoint_dir: str, step: Optional[int] = None) -> Config:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -25,6 +26,7 @@ import optax
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
 from engram_jax import memory
+from engram_jax import runlock
 from engram_jax.config import Config, to_dict
 from engram_jax.model import abstract_variables, forward, init_variables, param_counts, token_nll
 from engram_jax.moe import BALANCE_COLLECTION, update_balance_bias
@@ -295,17 +297,30 @@ def peak_flops_per_device() -> Optional[float]:
 
 
 class MetricsWriter:
-  """JSONL + TensorBoard event files, written by process 0 only."""
+  """JSONL + TensorBoard event files, written by process 0 only.
 
-  def __init__(self, workdir: str):
+  `replay_from`: the step training (re)starts from. Rows of later steps, written by an earlier
+  attempt that crashed or was stopped before its next checkpoint, are dropped from metrics.jsonl
+  (and purged from TensorBoard's view) because the resumed run writes those steps again: readers
+  see each step once. None keeps everything (appending only).
+  """
+
+  def __init__(self, workdir: str, replay_from: Optional[int] = None):
     self.enabled = jax.process_index() == 0
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tb_dir = os.path.join(workdir, "tensorboard")
     if self.enabled:
       os.makedirs(self.tb_dir, exist_ok=True)
+      import logging
+
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(self.tb_dir)
+      # A NaN loss is recorded as such (and the loop reports divergence itself): not one warning per scalar.
+      logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
+
+      if replay_from is not None:
+        drop_rows_after(self.jsonl_path, replay_from)
+      self._tb = SummaryWriter(self.tb_dir, purge_step=None if replay_from is None else replay_from + 1)
       self._jsonl = open(self.jsonl_path, "a")
 
   def write(self, step: int, metrics: Dict[str, Any]):
@@ -330,6 +345,32 @@ class MetricsWriter:
       self._jsonl.close()
 
 
+def drop_rows_after(jsonl_path: str, step: int) -> int:
+  """Rewrite a metrics.jsonl without the rows whose step is after `step` (and without a torn last
+  line left by a killed writer); returns how many rows were dropped. Atomic: written to a temporary
+  file, then renamed over the original."""
+  if not os.path.exists(jsonl_path):
+    return 0
+  kept, dropped = [], 0
+  with open(jsonl_path, encoding="utf-8", errors="replace") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        dropped += 1
+        continue
+      if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = jsonl_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, jsonl_path)
+  return dropped
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 
@@ -344,7 +385,133 @@ def check_batch_divides_mesh(cfg: Config, mesh):
 
 
 class NonFiniteError(RuntimeError):
-  pass
+  """Training diverged: `train.max_consecutive_nonfinite` steps in a row had a non-finite loss or
+  gradient, or the train state itself holds NaN/inf. No checkpoint is ever written from such a
+  state, so `last_good_step` (the newest checkpoint; None if there is none) is where a rerun resumes.
+  """
+
+  def __init__(self, message: str, *, step: Optional[int] = None, last_good_step: Optional[int] = None):
+    super().__init__(message)
+    self.step = step
+    self.last_good_step = last_good_step
+
+
+def _nonfinite_message(cfg: Config, step: int, run: int, last_good: Optional[int], checkpoint_dir) -> str:
+  steps = f"steps {step - run + 1}-{step}" if run > 1 else f"step {step}"
+  message = (f"training diverged at step {step}: {steps} ({run} in a row, train.max_consecutive_nonfinite="
+             f"{cfg.train.max_consecutive_nonfinite}) had a non-finite loss or gradient and were skipped. ")
+  return message + _last_good_text(cfg, last_good, checkpoint_dir)
+
+
+def _last_good_text(cfg: Config, last_good: Optional[int], checkpoint_dir) -> str:
+  if not cfg.train.checkpoint.enabled:
+    where = "Checkpointing is off (train.checkpoint.enabled=False), so there is no state to resume from. "
+  elif last_good is None:
+    where = ("No checkpoint was written before it (none is ever written from a non-finite state or in "
+             "the middle of skipped steps), so a rerun starts from scratch. ")
+  else:
+    where = (f"The last good checkpoint is step {last_good} in {checkpoint_dir} (none is ever written from a "
+             f"non-finite state or in the middle of skipped steps); a rerun resumes from it. ")
+  return where + ("Lower train.learning_rate (or lengthen train.warmup_steps), or check the data the "
+                  "failing steps read.")
+
+
+def _check_run_args(cfg: Config, max_steps, resume_step):
+  for name, value in (("max_steps", max_steps), ("resume_step", resume_step)):
+    if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1):
+      raise ValueError(f"{name}={value!r}: expected a positive step number (or None)")
+  if resume_step is not None and not cfg.train.checkpoint.enabled:
+    raise ValueError(f"resume_step={resume_step}: checkpointing is off (train.checkpoint.enabled=False), so "
+                     "there is nothing to resume from")
+
+
+def _state_is_finite_fn(shardings):
+  """Jitted state -> bool: every float leaf of the train state is finite (checked before each save)."""
+
+  def all_finite(state):
+    leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
+
+  return jax.jit(all_finite, in_shardings=(shardings,))
+
+
+def _sync_processes(name: str):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _lock_workdir(lock: runlock.WorkdirLock):
+  """Take the workdir's run lock: in a multi-process run process 0 alone takes it (one lock per run)
+  and tells the others whether it got it, so every process refuses together."""
+  if jax.process_count() == 1:
+    lock.acquire()
+    return
+  from jax.experimental import multihost_utils
+
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except runlock.WorkdirBusyError as e:
+      error = e
+  got = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+  if error is not None:
+    raise error
+  if not got:
+    raise runlock.WorkdirBusyError(f"workdir {lock.workdir} is in use by another training run (process 0's "
+                                   "error names it); this run did not start")
+
+
+def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Optional[int], state_is_finite,
+            log) -> Optional[Tuple[TrainState, int, Dict[str, Any]]]:
+  """(state, step, metadata) from `resume_step` or else the newest checkpoint; None for a fresh start.
+
+  A step that cannot be restored, or that holds NaN/inf (written by a version without the save-time
+  check), raises CheckpointRestoreError saying which older step is intact (restored once as a check,
+  then dropped) and how to resume from it; nothing is deleted or chosen silently. With
+  `resume_step`, the steps after it are moved to `<checkpoints>.superseded/` once it restored.
+  """
+  if not cfg.train.checkpoint.enabled:
+    return None
+  step = manager.latest_step() if resume_step is None else resume_step
+  if step is None:
+    return None
+  try:
+    state = manager.restore(step, abstract_state, data_iter)
+    meta = manager.read_metadata(step) or {}
+    problem = None
+    if not bool(state_is_finite(state)):
+      problem = "holds NaN or infinite values (a diverged state)"
+      jax.tree.map(lambda x: x.delete(), state)  # free the devices for the search below
+  except ckpt_lib.CheckpointNotFoundError:
+    raise
+  except ckpt_lib.CheckpointRestoreError as e:
+    problem, cause = None, e
+  else:
+    cause = None
+  if cause is not None or problem is not None:
+    intact = manager.find_intact(abstract_state, below=step, accept=lambda s: bool(state_is_finite(s)))
+    if intact is None:
+      hint = ("No older step restores intact into this config either" if any(s < step for s in manager.all_steps())
+              else "There is no older step")
+      hint += ": start afresh in a new workdir (or restore with the config this checkpoint was written with)."
+    else:
+      hint = (f"Step {intact} is intact (checked by restoring it): resume from it with resume_step={intact} "
+              f"(train.py --resume_step {intact}), which moves the newer steps to "
+              f"{manager.directory}.superseded/ rather than deleting them.")
+    first = (str(cause) if cause is not None else
+             f"checkpoint {manager.step_path(step)} {problem}; it was left untouched.")
+    raise ckpt_lib.CheckpointRestoreError(f"{first.rstrip('.')}. {hint}", directory=manager.directory, step=step,
+                                          available=manager.all_steps(), intact=intact) from cause
+  if resume_step is not None:
+    moved = manager.set_aside_after(step) if jax.process_index() == 0 else ()
+    _sync_processes("engram_jax_resume_step")
+    manager.reload()
+    if moved:
+      log(f"Resuming from step {step}: moved the {len(moved)} newer step(s) to {os.path.dirname(moved[0])}")
+  return state, step, meta
 
 
 def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches) -> Dict[str, float]:
@@ -359,30 +526,66 @@ def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches) -> Dict[str
 
 
 def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=print,
-          max_steps: Optional[int] = None, devices=None) -> Dict[str, Any]:
+          max_steps: Optional[int] = None, devices=None, resume_step: Optional[int] = None) -> Dict[str, Any]:
   """Train (resuming from `workdir` if it holds a checkpoint); returns a summary dict.
 
-  `max_steps` stops early (at a step, with a checkpoint) as if preempted; `devices` restricts the
-  mesh to some devices (default: all). Tests use both.
+  `max_steps` stops early (at a step, with a checkpoint) as if preempted; `resume_step` resumes from
+  that saved step instead of the newest (the newer steps are moved to `<workdir>/checkpoints.superseded/`,
+  not deleted); `devices` restricts the mesh to some devices (default: all). Tests use all three.
+
+  Safety: nothing is written into `workdir` before the config, mesh and data have been checked; one
+  run at a time holds `<workdir>/train.lock` (a second raises runlock.WorkdirBusyError naming the
+  first); the non-finite counter is read after every step (a host sync per step), so a divergence
+  raises NonFiniteError on the step it reaches `train.max_consecutive_nonfinite`, naming the last
+  good checkpoint; no checkpoint is written in the middle of a run of skipped steps nor from a state
+  holding NaN/inf, so the checkpoints kept are good ones; metrics.jsonl holds each step once (rows
+  after the step a run resumes from are dropped, since it writes them again).
+
+  Summary keys: preset, step, stopped_by ("completed", "max_steps", "preempted" or "end_of_data",
+  when `data.num_epochs` runs out), signal (the signal that preempted it, else None),
+  checkpoint_step (the newest checkpoint), skipped_steps, checkpoint_dir, metrics_jsonl,
+  tensorboard_dir, first_eval, last_eval, history.
   """
-  os.makedirs(workdir, exist_ok=True)
+  _check_run_args(cfg, max_steps, resume_step)
   mesh = make_mesh(cfg.mesh, devices)
   check_batch_divides_mesh(cfg, mesh)
-  is_main = jax.process_index() == 0
-  tx, shardings, abstract_state = state_shardings(cfg, mesh)
-  data_iter = data_lib.make_train_iterator(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
-  eval_local = (data_lib.eval_batches(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
-                if cfg.train.eval_every > 0 else [])[:cfg.train.eval_max_batches]
+  lock = runlock.WorkdirLock(workdir)
+  if jax.process_count() == 1 and os.path.isdir(workdir):
+    lock.acquire()  # an existing workdir may be in use: refuse before the slow setup
+  data_iter = None
+  try:
+    tx, shardings, abstract_state = state_shardings(cfg, mesh)
+    data_iter = data_lib.make_train_iterator(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
+    eval_local = (data_lib.eval_batches(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
+                  if cfg.train.eval_every > 0 else [])[:cfg.train.eval_max_batches]
+    os.makedirs(workdir, exist_ok=True)  # only now: a config or data error leaves no workdir behind
+    _lock_workdir(lock)
+    return _train_locked(cfg, workdir, mesh, tx, shardings, abstract_state, data_iter, eval_local,
+                         progress=progress, log=log, max_steps=max_steps, resume_step=resume_step)
+  finally:
+    lock.release()
+    close = getattr(data_iter, "close", None)
+    if close is not None:  # stops grain's worker processes now rather than at garbage collection
+      close()
 
+
+def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state, data_iter, eval_local, *,
+                  progress, log, max_steps, resume_step) -> Dict[str, Any]:
+  """The body of `train` once the workdir is locked and the data is ready."""
+  is_main = jax.process_index() == 0
+  state_is_finite = _state_is_finite_fn(shardings)
   manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), cfg.train.checkpoint,
                                        config=to_dict(cfg))
-  restored = manager.restore_latest(abstract_state, data_iter) if cfg.train.checkpoint.enabled else None
+  try:
+    restored = _resume(cfg, manager, abstract_state, data_iter, resume_step, state_is_finite, log)
+  except BaseException:
+    manager.close()
+    raise
   if restored is not None:
-    state, start = restored
+    state, start, meta = restored
     log(f"Resumed from step {start} in {manager.directory}")
   else:
-    state = init_state(cfg, mesh, tx, shardings)
-    start = 0
+    state, start, meta = init_state(cfg, mesh, tx, shardings), 0, {}
 
   data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
@@ -390,7 +593,7 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
                       out_shardings=(shardings, None), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(cfg))
 
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, replay_from=start)
   preemption = ckpt_lib.install_preemption_handler()
   tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
   fpt = flops_per_token(cfg)
@@ -407,23 +610,52 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
   history = []
   first_eval = last_eval = None
   step = start
+  skipped = int(meta.get("skipped_steps", 0))  # every skipped step of the run so far, across resumes
+  run = 0  # skipped steps in a row up to `step`
+  last_good = start if restored is not None else None  # the newest checkpoint (all are finite)
   t_last, steps_since = time.perf_counter(), 0
   stopped_by = "completed"
+
+  def save(force: bool = False):
+    nonlocal last_good
+    if not cfg.train.checkpoint.enabled or not manager.would_save(step, force=force):
+      return
+    if run:
+      if is_main:
+        newest = f"the newest checkpoint stays step {last_good}" if last_good is not None else "no checkpoint yet"
+        log(f"step {step}: not checkpointed, the last {run} step(s) were skipped for a non-finite loss or "
+            f"gradient ({newest})")
+      return
+    if not bool(state_is_finite(state)):
+      raise NonFiniteError(f"the train state holds NaN or infinite values at step {step} although its loss and "
+                           "gradients were finite. " + _last_good_text(cfg, last_good, manager.directory),
+                           step=step, last_good_step=last_good)
+    manager.save(step, state, data_iter, force=force, metadata={"skipped_steps": skipped})
+    last_good = step
+
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
       while step < end:
-        local = next(data_iter)
+        try:
+          local = next(data_iter)
+        except StopIteration:  # a finite data.num_epochs ran out
+          stopped_by = "end_of_data"
+          break
         state, metrics = step_fn(state, place_batch(local, mesh))
         step += 1
         steps_since += 1
-        if step % cfg.train.log_every == 0 or step == end:
+        run = int(jax.device_get(state.nonfinite_run))
+        skipped += run > 0
+        diverged = run >= max(cfg.train.max_consecutive_nonfinite, 1)
+        if step % cfg.train.log_every == 0 or step == end or diverged:
           metrics = jax.device_get(metrics)
           elapsed = time.perf_counter() - t_last
           tok_s = steps_since * tokens_per_step / max(elapsed, 1e-9)
           metrics["tokens_per_sec"] = tok_s
           if peak:
             metrics["mfu"] = tok_s * fpt / (peak * jax.device_count())
-          metrics["skipped_steps"] = float(jax.device_get(state.nonfinite_run))
+          metrics["skipped_steps"] = float(skipped)
+          metrics["nonfinite_run"] = float(run)
           writer.write(step, metrics)
           history.append({"step": step, "loss": float(metrics["loss"])})
           t_last, steps_since = time.perf_counter(), 0
@@ -432,11 +664,9 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
           elif is_main:
             log(f"step {step:>6}  loss {float(metrics['loss']):.4f}  lr {float(metrics['lr']):.2e}  "
                 f"grad_norm {float(metrics['grad_norm']):.3f}  tok/s {tok_s:,.0f}")
-          if int(jax.device_get(state.nonfinite_run)) >= max(cfg.train.max_consecutive_nonfinite, 1):
-            raise NonFiniteError(
-                f"{int(jax.device_get(state.nonfinite_run))} consecutive steps had a non-finite loss or gradient "
-                f"(train.max_consecutive_nonfinite={cfg.train.max_consecutive_nonfinite}) at step {step}: "
-                "lower the learning rate or check the data; the last good state is in the latest checkpoint")
+        if diverged:
+          raise NonFiniteError(_nonfinite_message(cfg, step, run, last_good, manager.directory), step=step,
+                               last_good_step=last_good)
         if bar is not None:
           bar.update(1)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and eval_local:
@@ -446,15 +676,14 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
           last_eval = {"step": step, **ev}
           if bar is None and is_main:
             log(f"step {step:>6}  eval_loss {ev['eval_loss']:.4f}  eval_ppl {ev['eval_ppl']:.2f}")
-        if cfg.train.checkpoint.enabled:
-          manager.save(step, state, data_iter, force=step == cfg.train.steps)
+        save(force=step == cfg.train.steps)
         if preemption.should_stop():
           stopped_by = "preempted"
           break
       if step < cfg.train.steps and stopped_by == "completed":
         stopped_by = "max_steps"
-      if cfg.train.checkpoint.enabled and step > start:
-        manager.save(step, state, data_iter, force=True)
+      if step > start:
+        save(force=True)
   finally:
     if bar is not None:
       bar.close()
@@ -462,12 +691,13 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
     manager.close()
     writer.close()
     preemption.uninstall()
-    close = getattr(data_iter, "close", None)
-    if close is not None:  # stops grain's worker processes now rather than at garbage collection
-      close()
 
+  signum = preemption.received if stopped_by == "preempted" else None
+  if stopped_by == "preempted" and signum is None:  # another process of this run got the signal
+    signum = int(signal.SIGTERM)
   summary = {
-      "preset": cfg.name, "step": step, "stopped_by": stopped_by,
+      "preset": cfg.name, "step": step, "stopped_by": stopped_by, "signal": signum,
+      "checkpoint_step": last_good if cfg.train.checkpoint.enabled else None, "skipped_steps": skipped,
       "checkpoint_dir": os.path.abspath(manager.directory) if cfg.train.checkpoint.enabled else None,
       "metrics_jsonl": os.path.abspath(writer.jsonl_path), "tensorboard_dir": os.path.abspath(writer.tb_dir),
       "first_eval": first_eval, "last_eval": last_eval, "history": history,
@@ -475,24 +705,46 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
   return summary
 
 
-def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None):
+def _prune_empty(tree):
+  """A nested dict without its empty sub-dicts (orbax's partial restore reads `{}` as a mismatched leaf)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _prune_empty(v) for k, v in tree.items()}
+  return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional[int] = None, *,
+                     tables: bool = True):
   """(params, model_state, step) from a checkpoint directory (`<workdir>/checkpoints`), restored onto
   `mesh` (default: every local device, resharding as needed). Only the parameters and the model
-  state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk. A
-  missing or empty directory is a FileNotFoundError naming it; a damaged or incompatible one a
-  CheckpointRestoreError."""
+  state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk; with
+  `tables=False` the Engram tables stay there too (params hold the backbone: for tables kept on the
+  host, engram_jax/offload.py). A missing or empty directory is a FileNotFoundError naming it; a step
+  it does not hold a CheckpointNotFoundError listing those it does; a damaged or incompatible one a
+  CheckpointRestoreError that names the newest older step whose parameters do restore (`intact`)."""
   mesh = mesh or make_mesh(cfg.mesh)
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
                             "written by train.py)")
   _, _, abstract_state = state_shardings(cfg, mesh)
+  params = abstract_state.params if tables else _prune_empty(memory.split(abstract_state.params)[0])
+  target = {"params": params, "model_state": abstract_state.model_state}
   manager = ckpt_lib.CheckpointManager(checkpoint_dir, dataclasses.replace(cfg.train.checkpoint, async_save=False))
   try:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    state = manager.restore(step, {"params": abstract_state.params, "model_state": abstract_state.model_state},
-                            partial=True)
+    try:
+      state = manager.restore(step, target, partial=True)
+    except ckpt_lib.CheckpointNotFoundError:
+      raise
+    except ckpt_lib.CheckpointRestoreError as e:
+      intact = manager.find_intact(target, below=step, partial=True)
+      hint = (f"Step {intact}'s parameters are intact (checked by reading them): evaluate it with step={intact} "
+              f"(eval.py --step {intact})." if intact is not None else
+              "No older step restores into this config either.")
+      raise ckpt_lib.CheckpointRestoreError(f"{str(e).rstrip('.')}. {hint}", directory=manager.directory, step=step,
+                                            available=manager.all_steps(), intact=intact) from e
   finally:
     manager.close()
   return state["params"], state["model_state"], step

@@ -1,9 +1,10 @@
 """One process of a local multi-process training run, for tests/test_multihost.py.
 
-  python tests/multihost_worker.py [--mode train|io] --workdir W --dump D
+  python tests/multihost_worker.py [--mode train|io|lock] --workdir W --dump D
       [--coordinator 127.0.0.1:PORT --num_processes 2 --process_id I] [--local_devices 4]
 
-`--mode io` (see `run_io`) checks the data pipeline and checkpoints across processes in seconds.
+`--mode io` (see `run_io`) checks the data pipeline and checkpoints across processes in seconds;
+`--mode lock` (see `run_lock`) the workdir's run lock.
 In `--mode train` every process trains `config()` (the tiny preset) for 5 steps through
 `trainer.train`, exactly as train.py does after `jax.distributed.initialize`, stopping at step 5
 with a checkpoint. Without --coordinator it is the single-process reference run. When it hands the step-5 state to orbax,
@@ -157,6 +158,27 @@ def run_io(args):
   return {"step": 2, "local_rows": int(local["tokens"].shape[0])}
 
 
+def run_lock(args):
+  """Take the workdir's run lock as `trainer.train` does (process 0 alone; the others learn whether it
+  got it), report who holds it while every process can look, then let it go."""
+  from jax.experimental import multihost_utils
+
+  from engram_jax import runlock, trainer
+
+  os.makedirs(args.workdir, exist_ok=True)
+  lock = runlock.WorkdirLock(args.workdir)
+  try:
+    trainer._lock_workdir(lock)
+  except runlock.WorkdirBusyError as e:
+    return {"busy": True, "message": str(e)}
+  try:
+    holder = lock.holder()
+    multihost_utils.sync_global_devices("lock_read")  # every process read the file while it was held
+    return {"busy": False, "held_here": lock.held, "holder_pid": holder.get("pid"), "pid": os.getpid()}
+  finally:
+    lock.release()
+
+
 def run_train(args):
   import jax
 
@@ -178,7 +200,7 @@ def run_train(args):
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--mode", choices=("train", "io"), default="train")
+  parser.add_argument("--mode", choices=("train", "io", "lock"), default="train")
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--dump", required=True)
   parser.add_argument("--restore_dir", default=None, help="--mode io: a checkpoint of io_table_values(0)")
@@ -205,7 +227,7 @@ def main():
     jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
                                process_id=args.process_id, initialization_timeout=120)
   sys.path.insert(0, ROOT)
-  result = (run_io if args.mode == "io" else run_train)(args)
+  result = {"io": run_io, "lock": run_lock, "train": run_train}[args.mode](args)
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                     "devices": jax.device_count(), "local_devices": jax.local_device_count(), **result}))
   if args.coordinator:

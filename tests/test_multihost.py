@@ -7,6 +7,8 @@ Subprocesses join through `jax.distributed.initialize` on a loopback coordinator
   process its half of every global batch, a checkpoint written by one process restores onto two
   (each reading about half the bytes), and one written by two (each writing its own shards)
   restores onto one process with 4 devices.
+- test_one_lock_per_run (seconds): in a two-process run process 0 alone takes the workdir's lock,
+  and when another run holds it both processes refuse.
 - test_two_processes_train_like_one_and_restore_onto_four_devices (slow: compiles the train step
   in three processes): the tiny preset's training loop over two processes gives the same
   per-step losses as one 8-device process, and its checkpoint restores onto 4 devices with the
@@ -206,6 +208,30 @@ def test_two_processes_share_batches_and_checkpoints(tmp_path):
     table = m.restore(2, {"table": jax.ShapeDtypeStruct(one.shape, np.float32, sharding=rows4)})["table"]
   assert table.sharding.mesh.size == 4
   np.testing.assert_array_equal(np.asarray(table), worker.io_table_values(1))
+
+
+def test_one_lock_per_run(tmp_path):
+  from engram_jax import runlock
+
+  def run(name):
+    coordinator = f"127.0.0.1:{_free_loopback_port()}"
+    with _Processes() as procs:
+      for i in range(2):
+        procs.start(["--mode", "lock", "--workdir", tmp_path / "work", "--dump", tmp_path, "--coordinator",
+                     coordinator, "--num_processes", 2, "--process_id", i, "--local_devices", 4],
+                    tmp_path / f"{name}_{i}.log")
+      procs.wait(IO_TIMEOUT_S)
+    return [_summary(tmp_path / f"{name}_{i}.log") for i in range(2)]
+
+  first, second = run("free")
+  assert not first["busy"] and not second["busy"]
+  assert first["held_here"] and not second["held_here"]
+  assert first["holder_pid"] == second["holder_pid"] == first["pid"] != second["pid"]
+
+  with runlock.WorkdirLock(str(tmp_path / "work")):  # another run holds the workdir
+    first, second = run("busy")
+  assert first["busy"] and f"process {os.getpid()} on host" in first["message"]
+  assert second["busy"] and "process 0's error names it" in second["message"]
 
 
 @slow

@@ -1,0 +1,114 @@
+"""What train.py and eval.py share: one paragraph per expected failure instead of a traceback.
+
+An expected failure is one a user causes and can fix: a bad config value or flag, a missing or
+unreadable data file, a checkpoint that cannot be restored or a step that is not there, a workdir
+that another run holds, a diverged run. Its message is printed as one paragraph (it names the
+cause, the intact checkpoint steps where that matters, and what to run) and the program exits
+with status 1; the full traceback is printed too when `--verbosity` is given. Anything else is a
+bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+from absl import flags
+
+EXIT_ERROR = 1
+
+
+def expected_errors() -> tuple:
+  from engram_jax.checkpoint import CheckpointRestoreError
+  from engram_jax.runlock import WorkdirBusyError
+  from engram_jax.trainer import NonFiniteError
+
+  return (ValueError, OSError, CheckpointRestoreError, NonFiniteError, WorkdirBusyError)
+
+
+def command_with(flag: str, value, argv: Optional[Sequence[str]] = None) -> str:
+  """This program's command line (default sys.argv) with `--flag` set to `value`, replacing any
+  value it had: what to run next."""
+  argv = list(sys.argv if argv is None else argv)
+  out, skip = [], False
+  for arg in argv[1:]:
+    if skip:
+      skip = False
+      continue
+    if arg == f"--{flag}":
+      skip = True
+      continue
+    if arg.startswith(f"--{flag}="):
+      continue
+    out.append(arg)
+  return shlex.join(["python", argv[0]] + out + [f"--{flag}={value}"])
+
+
+def paragraph(text) -> str:
+  """`text` on one line (newlines and runs of spaces collapsed); the terminal wraps it."""
+  return " ".join(str(text).split())
+
+
+def report(error: BaseException, prog: str, suggestion: Optional[str] = None, *, verbose: bool = False,
+           stream=None):
+  """Print `error` as one paragraph to `stream` (stderr), then `suggestion` (a command to run) on a
+  line of its own so it can be copied whole."""
+  stream = stream or sys.stderr
+  if verbose:
+    traceback.print_exception(error, file=stream)
+    print(file=stream)
+  text = paragraph(f"{prog}: {type(error).__name__}: {error}")
+  if not verbose:
+    text += " (--verbosity=-1 prints the full traceback.)"
+  if suggestion:
+    text += f"\nRun: {suggestion}"
+  print(text, file=stream)
+
+
+def _is_closed_loop_noise(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+class _NeverRetrievedFilter(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Task exception was never retrieved")
+
+
+def silence_failed_read_noise():
+  """Drop what orbax's asyncio machinery prints after a failed checkpoint read.
+
+  When one array of a restore fails, orbax's gather of read tasks raises and its event loop
+  closes while tensorstore still completes the other reads: the sibling tasks' errors are logged
+  at garbage collection ("Task exception was never retrieved", one traceback each) and late
+  completions hit the closed loop ("RuntimeError: Event loop is closed", reported as unraisable),
+  hundreds of tracebacks for a train state that would bury the one-paragraph error. They carry
+  nothing the restore's own error does not say. Only these two are dropped; with `--verbosity`
+  nothing is.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_closed_loop_noise(unraisable.exc_type, unraisable.exc_value):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_NeverRetrievedFilter())
+
+
+def run_reporting_errors(main: Callable, prog: str, suggest: Callable[[BaseException], Optional[str]] = lambda e: None):
+  """Wrap an absl main: expected errors become one paragraph and exit status 1."""
+
+  def wrapped(argv):
+    if not flags.FLAGS["verbosity"].present:
+      silence_failed_read_noise()
+    try:
+      return main(argv)
+    except expected_errors() as e:
+      verbose = flags.FLAGS["verbosity"].present
+      report(e, prog, suggest(e), verbose=verbose)
+      sys.exit(EXIT_ERROR)
+
+  return wrapped
