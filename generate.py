@@ -9,7 +9,9 @@ ends. Every row stops at end-of-sequence or after --max_new_tokens. --output_jso
 per prompt: prompt, completion, token ids, per-token log-probabilities and Engram gate means.
 
 Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
-as in train.py and eval.py.
+as in train.py and eval.py. Bad input (an empty or too long prompt, a budget below 1, sampling
+values out of range, a config whose Engram layout is not the checkpoint's) is reported as one
+paragraph before anything is restored, as train.py and eval.py report theirs (engram_jax/cli.py).
 """
 
 import json
@@ -58,21 +60,18 @@ def main(argv):
 
   checkpoint_dir = os.path.join(_WORKDIR.value, "checkpoints") if _WORKDIR.value else _CHECKPOINT.value
   # Everything that can be wrong with the request fails here, before the (slow) restore.
-  try:
-    texts = [_PROMPT.value] if _PROMPT.value is not None else generation.read_prompts(_PROMPTS_FILE.value)
-    if _CONFIG.value is not None:
-      cfg = from_dict(Config, _CONFIG.value)
-    else:
-      cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
-    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer_path)
-    prompts = [generation.encode_prompt(tokenizer, cfg.data, t) for t in texts]
-    generation.check_prompts(prompts, _MAX_NEW.value, cfg.model.max_seq_len, cfg.model.vocab_size)
-    generation.sampling_arrays(1, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
-    if _BATCH_SIZE.value < 1:
-      raise ValueError(f"--batch_size={_BATCH_SIZE.value}: expected a positive integer")
-    generation.check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"generate.py: error: {e}")
+  texts = [_PROMPT.value] if _PROMPT.value is not None else generation.read_prompts(_PROMPTS_FILE.value)
+  if _CONFIG.value is not None:
+    cfg = from_dict(Config, _CONFIG.value)
+  else:
+    cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
+  tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer_path)
+  prompts = [generation.encode_prompt(tokenizer, cfg.data, t) for t in texts]
+  generation.check_prompts(prompts, _MAX_NEW.value, cfg.model.max_seq_len, cfg.model.vocab_size)
+  generation.sampling_arrays(1, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
+  if _BATCH_SIZE.value < 1:
+    raise ValueError(f"--batch_size={_BATCH_SIZE.value}: expected a positive integer")
+  generation.check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
 
   import jax
 
@@ -106,5 +105,19 @@ def main(argv):
     print(f"\nCompletions: {_OUTPUT_JSONL.value}")
 
 
+def _suggest(error):
+  """The command that gets past `error`, when there is one (as eval.py)."""
+  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
+  from engram_jax.cli import command_with
+
+  if isinstance(error, CheckpointNotFoundError) and error.available:
+    return command_with("step", max(error.available))
+  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
+    return command_with("step", error.intact)
+  return None
+
+
 if __name__ == "__main__":
-  app.run(main)
+  from engram_jax.cli import run_reporting_errors
+
+  app.run(run_reporting_errors(main, "generate.py", _suggest))

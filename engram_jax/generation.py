@@ -170,6 +170,9 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, max_seq
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
   if len(prompts) == 0:
     raise ValueError("no prompts: expected at least one prompt")
+  if max_new_tokens >= max_seq_len:
+    raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt within model.max_seq_len="
+                     f"{max_seq_len}: expected at most {max_seq_len - 1}")
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
       raise ValueError(f"prompt {i} is empty: expected at least one token")
@@ -215,6 +218,10 @@ class Generator:
     if jax.process_count() > 1:
       raise NotImplementedError(f"generation runs in one process (this is process {jax.process_index()} of "
                                 f"{jax.process_count()}): prompts are placed as one process's rows")
+    if getattr(runner, "placement", "device") != "device":
+      raise NotImplementedError(
+          f"generation reads Engram rows in-graph from tables on the devices; this runner keeps them on "
+          f"{runner.placement} (engram_tables={runner.placement!r}): restore with engram_tables='device'")
     self.runner = runner
     self.cfg = decoding_config(runner.cfg, log)
     self.mesh = runner.mesh

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -318,6 +319,8 @@ def test_bad_requests_are_clear_errors(generator):
     generator.generate([prompts[0], []], 4)
   with pytest.raises(ValueError, match=r"prompt 0 has 60 tokens: with max_new_tokens=5 .*max_seq_len=64"):
     generator.generate([[1] * 60], 5)
+  with pytest.raises(ValueError, match=r"max_new_tokens=64 leaves no room for a prompt .*max_seq_len=64"):
+    generator.generate(prompts, 64)
   with pytest.raises(ValueError, match=r"token ids \[9000\]"):
     generator.generate([[1, 9000]], 5)
   with pytest.raises(ValueError, match="prompt '' is empty"):
@@ -345,6 +348,13 @@ def test_engram_config_mismatches_are_clear_errors():
   params = jax.eval_shape(lambda: nn.meta.unbox(init_variables(model, jax.random.key(0))))["params"]
   with pytest.raises(ValueError, match="Engram tables"):
     generation.check_tables(Config(model=dataclasses.replace(model, engram=None), data=DataConfig(seq_len=32)), params)
+
+
+def test_tables_off_the_device_are_refused_by_name():
+  # Decoding gathers rows in-graph; a runner with host/disk tables (offload.py) needs the host-row
+  # hook instead, which generation does not use yet.
+  with pytest.raises(NotImplementedError, match="engram_tables='host'"):
+    generation.Generator(types.SimpleNamespace(placement="host"))
 
 
 def test_moe_capacity_is_switched_off_for_decoding_and_said():
