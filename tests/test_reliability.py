@@ -20,7 +20,7 @@ from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
 from engram_jax import runlock, trainer
 from engram_jax.config import CheckpointConfig, Config, config_dict, from_dict, load_preset
-from engram_jax.evaluation import load_config_from_checkpoint
+from engram_jax.runner import load_config_from_checkpoint
 from engram_jax.sharding import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
