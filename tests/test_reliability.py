@@ -95,7 +95,7 @@ def poison_batches(monkeypatch):
   those steps have a non-finite loss and gradient (and are skipped)."""
 
   def install(calls):
-    original = trainer._global_batch
+    original = trainer.place_batch
     count = [0]
 
     def patched(local, mesh):
@@ -104,7 +104,7 @@ def poison_batches(monkeypatch):
         local = {**local, "loss_mask": np.full_like(local["loss_mask"], np.nan)}
       return original(local, mesh)
 
-    monkeypatch.setattr(trainer, "_global_batch", patched)
+    monkeypatch.setattr(trainer, "place_batch", patched)
 
   return install
 
