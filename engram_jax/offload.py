@@ -356,6 +356,35 @@ class HostTables:
   scales: Dict[str, Optional[np.ndarray]]
   directory: Optional[str] = None
   row_range: Optional[Dict[str, Tuple[int, int]]] = None
+  # Knowledge patches: {name: (sorted global row ids [K], stored rows [K, d], scales [K] or None)}
+  # read instead of the base rows (which, memory-mapped or not, are never written).
+  overlay: Dict[str, Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = dataclasses.field(default_factory=dict)
+
+  def read_float(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
+    """The rows at global ids as float32 [n, d] (dequantized, overlay applied); every row must be held."""
+    rows = self.take(name, flat_ids)
+    scale = None if self.scales[name] is None else self.take_scale(name, flat_ids)
+    return np.asarray(dequantize(rows, scale, np.float32))
+
+  def set_overlay(self, name: str, ids: np.ndarray, values: np.ndarray):
+    """Rows `ids` read as `values` (float [K, d], stored in this table's kind) from now on."""
+    order = np.argsort(ids)
+    rows, scale = quantize_rows(np.asarray(values)[order], self.quantize)
+    self.overlay[name] = (np.asarray(ids, np.int64)[order], rows, scale)
+
+  def _overlaid(self, name: str, flat_ids: np.ndarray, out: np.ndarray, which: int) -> np.ndarray:
+    if name not in self.overlay:
+      return out
+    ids = self.overlay[name][0]
+    pos = np.minimum(np.searchsorted(ids, flat_ids), len(ids) - 1)
+    hit = ids[pos] == flat_ids
+    if self.row_range is not None:  # only the owner contributes a row
+      lo, hi = self.row_range[name]
+      hit &= (flat_ids >= lo) & (flat_ids < hi)
+    if hit.any():
+      out = np.array(out, copy=True)
+      out[hit] = self.overlay[name][which][pos[hit]]
+    return out
 
   @property
   def names(self) -> Tuple[str, ...]:
@@ -469,8 +498,9 @@ class HostTables:
       own = (flat_ids >= lo) & (flat_ids < hi)
       out = np.zeros((len(flat_ids), table.shape[1]), table.dtype)
       out[own] = self._take(table, flat_ids[own] - lo)
-      return out
-    return self._take(table, flat_ids)
+    else:
+      out = self._take(table, flat_ids)
+    return self._overlaid(name, flat_ids, out, 1)
 
   def take_scale(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
     scale = self.scales[name]
@@ -479,8 +509,9 @@ class HostTables:
       own = (flat_ids >= lo) & (flat_ids < hi)
       out = np.zeros(len(flat_ids), np.float32)
       out[own] = scale[flat_ids[own] - lo]
-      return out
-    return scale[flat_ids]
+    else:
+      out = scale[flat_ids]
+    return self._overlaid(name, flat_ids, out, 2)
 
   def _take(self, table, flat_ids):
     if self.placement == "disk" and len(flat_ids) > 1:

@@ -29,7 +29,8 @@ mean other n-grams) and, unless forced, one whose base values differ from the mo
 several patches change are reported and resolved by a stated policy: "sum" (base + the sum of every
 patch's delta, the default: disjoint facts that share template rows add up), "last" (the last patch
 listed wins) or "refuse". It returns the patched params and an `Undo`; `revert` restores the base rows
-bit for bit.
+bit for bit. `resolve_patches` is the same logic for any holder of the tables: the runner uses it for
+host and disk tables (offload.py), whose patched rows become an overlay the host gather reads.
 """
 
 from __future__ import annotations
@@ -281,49 +282,63 @@ def _write_rows(table: jax.Array, ids: np.ndarray, values: np.ndarray) -> jax.Ar
   return write(table, jnp.asarray(ids, jnp.int32), jnp.asarray(values))
 
 
-def apply_patches(params, cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str], *,
-                  policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None,
-                  log: Callable[[str], None] = lambda s: None) -> Tuple[dict, Undo, ApplyReport]:
-  """(patched params, Undo, report). `patches` are Patch objects or directories; the base params
-  are not modified (their tables are copied where rows change)."""
+def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str],
+                    read_rows: Callable[[str, np.ndarray], np.ndarray], num_rows: Dict[str, int], *,
+                    policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None
+                    ) -> Tuple[Dict[str, TableRows], ApplyReport]:
+  """The rows a list of patches sets, whatever holds the tables: ({table name: TableRows(ids, new,
+  base as the model has it now)}, report). `read_rows(name, ids)` returns the model's current float
+  rows, `num_rows` each table's row count. Checks fingerprints, ids and (unless `force`) base rows."""
   if policy not in POLICIES:
     raise PatchError(f"patch_policy={policy!r}: expected one of {POLICIES}")
   loaded = [load_patch(p) if isinstance(p, str) else p for p in patches]
   labels = list(labels) if labels is not None else [p if isinstance(p, str) else f"patch {i}"
                                                      for i, p in enumerate(patches)]
   want = fingerprint(cfg, hashing)
-  backbone, tables = memory.split(params)
   for label, p in zip(labels, loaded):
     if p.manifest["fingerprint"] != want:
       raise PatchError(f"patch {label!r} was made for another model (fingerprint {p.manifest['fingerprint'][:16]}... "
                        f"vs this model's {want[:16]}...): its rows would mean different n-grams")
     for name, rows in p.tables.items():
-      if name not in tables:
-        raise PatchError(f"patch {label!r} changes table {name!r}, which this model does not have ({sorted(tables)})")
-      if len(rows.ids) and (rows.ids.min() < 0 or rows.ids.max() >= tables[name].shape[0]):
-        raise PatchError(f"patch {label!r}: {name} row ids outside [0, {tables[name].shape[0]})")
+      if name not in num_rows:
+        raise PatchError(f"patch {label!r} changes table {name!r}, which this model does not have ({sorted(num_rows)})")
+      if len(rows.ids) and (rows.ids.min() < 0 or rows.ids.max() >= num_rows[name]):
+        raise PatchError(f"patch {label!r}: {name} row ids outside [0, {num_rows[name]})")
       if len(rows.ids) and not force:
-        current = np.asarray(jax.device_get(jnp.take(tables[name], jnp.asarray(rows.ids, jnp.int32), axis=0)))
-        bad = int(np.sum(np.any(current != rows.base, axis=1)))
+        bad = int(np.sum(np.any(read_rows(name, rows.ids) != rows.base, axis=1)))
         if bad:
           raise PatchError(f"patch {label!r}: {bad} of its {len(rows.ids)} {name} rows differ from this model's "
-                           "(it was trained from another checkpoint, or another patch is applied already); pass "
-                           "force=True (--force_patches) to apply it anyway")
+                           "(it was trained from another checkpoint, another patch is applied already, or the "
+                           "tables are stored quantized); pass force=True (--force_patches) to apply it anyway")
   pairs = list(zip(labels, loaded))
-  new_tables, undo, changed, overlapping = dict(tables), {}, {}, {}
-  for name in tables:
+  changes, changed, overlapping = {}, {}, {}
+  for name in num_rows:
     resolved = _resolve(pairs, name, policy)
     if resolved is None:
       continue
     ids, base, new, overlap = resolved
-    if force:  # the Undo must restore what the model had, which may differ from the patches' base
-      base = np.asarray(jax.device_get(jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0)))
-    new_tables[name] = _write_rows(tables[name], ids, new)
-    undo[name] = TableRows(ids, new, base)
+    if force:  # the undo must restore what the model had, which may differ from the patches' base
+      base = np.asarray(read_rows(name, ids))
+    changes[name] = TableRows(ids, new, base)
     changed[name], overlapping[name] = int(len(ids)), overlap
-    log(f"{name}: {len(ids)} rows patched" + (f", {overlap} changed by several patches ({policy})" if overlap else ""))
-  report = ApplyReport(labels, changed, overlapping, policy)
-  return memory.merge(backbone, new_tables), Undo(undo), report
+  return changes, ApplyReport(labels, changed, overlapping, policy)
+
+
+def apply_patches(params, cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str], *,
+                  policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None,
+                  log: Callable[[str], None] = lambda s: None) -> Tuple[dict, Undo, ApplyReport]:
+  """(patched params, Undo, report) for tables in the parameters (on the devices); `patches` are
+  Patch objects or directories. The base params are not modified (tables are copied where rows change)."""
+  backbone, tables = memory.split(params)
+  read = lambda name, ids: np.asarray(jax.device_get(jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0)))  # noqa: E731
+  changes, report = resolve_patches(cfg, hashing, patches, read, {n: t.shape[0] for n, t in tables.items()},
+                                    policy=policy, force=force, labels=labels)
+  new_tables = dict(tables)
+  for name, rows in changes.items():
+    new_tables[name] = _write_rows(tables[name], rows.ids, rows.new)
+    overlap = report.overlapping_rows[name]
+    log(f"{name}: {len(rows.ids)} rows patched" + (f", {overlap} changed by several patches ({policy})" if overlap else ""))
+  return memory.merge(backbone, new_tables), Undo(changes), report
 
 
 def revert(params, undo: Undo) -> dict:

@@ -209,27 +209,53 @@ class ModelRunner:
 
   def apply_patches(self, patches: Sequence[str], *, policy: str = "sum", force: bool = False,
                     log: Callable[[str], None] = print):
-    """Applies knowledge patch directories (patches.py) to the runner's tables (the checkpoint on
-    disk is not touched); `revert_patches` restores the base rows exactly. Returns the ApplyReport."""
+    """Applies knowledge patch directories (patches.py) to the runner's tables (the checkpoint and
+    any table files on disk are not touched): on the devices the rows are written into copies of
+    the tables; on `host`/`disk` they become an overlay the host gather reads instead of the base
+    rows. `revert_patches` restores the base rows exactly. Returns the ApplyReport."""
     from engram_jax import patches as patches_lib
 
     if self.hashing is None:
       raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
-    if self.tables is not None:
-      raise patches_lib.PatchError(f"the tables are on {self.placement!r}: knowledge patches change rows of tables "
-                                   "on the device (engram_tables='device')")
-    self.params, undo, report = patches_lib.apply_patches(self.params, self.cfg.model, self.hashing, list(patches),
-                                                          policy=policy, force=force, log=log)
-    self._undo.append(undo)
+    if self.tables is None:
+      self.params, undo, report = patches_lib.apply_patches(self.params, self.cfg.model, self.hashing, list(patches),
+                                                            policy=policy, force=force, log=log)
+      self._undo.append(undo)
+    else:
+      host = self.tables
+      if self.cache is not None:
+        raise patches_lib.PatchError("knowledge patches with a hot-row cache on the devices are not supported (the "
+                                     "cached rows would be the unpatched ones): use cache_rows=0")
+      if host.row_range is not None:
+        raise patches_lib.PatchError("knowledge patches on host tables split over several processes are not "
+                                     "supported: apply them with engram_tables='device'")
+      num_rows = {name: int(host.rows[name].shape[0]) for name in host.names}
+      changes, report = patches_lib.resolve_patches(self.cfg.model, self.hashing, list(patches), host.read_float,
+                                                    num_rows, policy=policy, force=force)
+      self._undo.append(dict(host.overlay))
+      for name, rows in changes.items():
+        if name in host.overlay:  # stacking on an earlier apply: its rows stay unless these replace them
+          old_ids = host.overlay[name][0]
+          keep = ~np.isin(old_ids, rows.ids)
+          ids = np.concatenate([old_ids[keep], rows.ids])
+          values = np.concatenate([host.read_float(name, old_ids[keep]), rows.new])
+        else:
+          ids, values = rows.ids, rows.new
+        host.set_overlay(name, ids, values)
+        log(f"{name}: {len(rows.ids)} rows patched ({self.placement} tables, read through an overlay)")
     self.patches = self.patches + list(patches)
     return report
 
   def revert_patches(self):
-    """Undoes every `apply_patches`, newest first: the tables are bit-identical to the base again."""
+    """Undoes every `apply_patches`, newest first: the tables read bit-identical to the base again."""
     from engram_jax import patches as patches_lib
 
     while self._undo:
-      self.params = patches_lib.revert(self.params, self._undo.pop())
+      undo = self._undo.pop()
+      if isinstance(undo, patches_lib.Undo):
+        self.params = patches_lib.revert(self.params, undo)
+      else:
+        self.tables.overlay = undo
     self.patches = []
 
   # -- scales ------------------------------------------------------------------------------------

@@ -232,3 +232,37 @@ def test_patch_py_create_info_and_eval_py_patches(tmp_path):
   assert results["checkpoint"]["patches"] == [os.path.abspath(out)]
   proc = run("eval.py", "--checkpoint", checkpoints, "--patches", str(tmp_path / "missing"), "--niah_lengths=")
   assert proc.returncode != 0 and "missing" in proc.stderr
+
+
+def test_patches_on_host_and_disk_tables_equal_device_and_revert_exactly(setup):
+  """The same patch on tables in host RAM and memory-mapped files (an overlay the host gather reads)
+  gives the device-table outputs bitwise; reverting reads the base rows again; the files stay as written."""
+  from engram_jax import offload
+
+  cfg, runner, tmp = setup
+  tables, _ = _train(cfg, runner, [_facts(tmp, 10)[1]["train"]], steps=4)
+  out = str(tmp / "p10")
+  patches.save_patch(_patch(cfg, runner, tables), out)
+  rows = [[runner.bos_id] + runner.encode(t) for t in ("Zorvak was born in", "The os module")]
+  base = runner.run_rows(rows)
+  runner.apply_patches([out], log=lambda s: None)
+  want = runner.run_rows(rows)
+  runner.revert_patches()
+  tables_np = _tables_np(runner.params)
+  fp = patches.fingerprint(cfg.model, runner.hashing)
+  table_dir = str(tmp / "tables10")
+  offload.write_table_dir(table_dir, cfg.model, fp, lambda n, a, b: tables_np[n][a:b], chunk_rows=500,
+                          log=lambda s: None)
+  for placement in ("host", "disk"):
+    host = offload.HostTables.open(table_dir, cfg.model, fp, placement)
+    r = ModelRunner(cfg, runner.params, runner.model_state, runner.mesh, runner.tokenizer, tables=host)
+    r.apply_patches([out], log=lambda s: None)
+    for a, b in zip(r.run_rows(rows), want):
+      np.testing.assert_array_equal(a["nll"], b["nll"], err_msg=placement)
+    with pytest.raises(patches.PatchError, match="differ from this model's"):
+      r.apply_patches([out], log=lambda s: None)  # its base rows are already replaced
+    r.revert_patches()
+    for a, b in zip(r.run_rows(rows), base):
+      np.testing.assert_array_equal(a["nll"], b["nll"], err_msg=placement)
+  for name, t in tables_np.items():  # the table files hold the base rows still
+    np.testing.assert_array_equal(np.asarray(offload.HostTables.open(table_dir, cfg.model, fp, "disk").rows[name]), t)
