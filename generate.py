@@ -105,19 +105,7 @@ def main(argv):
     print(f"\nCompletions: {_OUTPUT_JSONL.value}")
 
 
-def _suggest(error):
-  """The command that gets past `error`, when there is one (as eval.py)."""
-  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
-  from engram_jax.cli import command_with
-
-  if isinstance(error, CheckpointNotFoundError) and error.available:
-    return command_with("step", max(error.available))
-  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
-    return command_with("step", error.intact)
-  return None
-
-
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors
+  from engram_jax.cli import run_reporting_errors, suggest_step
 
-  app.run(run_reporting_errors(main, "generate.py", _suggest))
+  app.run(run_reporting_errors(main, "generate.py", suggest_step))

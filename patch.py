@@ -114,6 +114,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors
+  from engram_jax.cli import run_reporting_errors, suggest_step
 
-  app.run(run_reporting_errors(main, "patch.py"))
+  app.run(run_reporting_errors(main, "patch.py", suggest_step))

@@ -397,6 +397,25 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------------- preemption
 
 
+def step_to_read(checkpoint_dir: str, step: Optional[int] = None) -> int:
+  """`step`, or the newest step of a checkpoint directory; FileNotFoundError when there is none."""
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
+                            "written by train.py)")
+  if step is not None:
+    return step
+  from engram_jax.config import CheckpointConfig
+
+  manager = CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is None:
+    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+  return step
+
+
 class PreemptionHandler:
   """Turns SIGTERM / SIGINT into a flag that the training loop polls between steps.
 

@@ -98,6 +98,18 @@ def silence_failed_read_noise():
   logging.getLogger("asyncio").addFilter(_NeverRetrievedFilter())
 
 
+def suggest_step(error: BaseException) -> Optional[str]:
+  """The command that gets past a checkpoint error, when there is one: the same command at the newest
+  step there is (a step that is not there) or at the intact step the error names (a damaged one)."""
+  from engram_jax.checkpoint import CheckpointNotFoundError, CheckpointRestoreError
+
+  if isinstance(error, CheckpointNotFoundError) and error.available:
+    return command_with("step", max(error.available))
+  if isinstance(error, CheckpointRestoreError) and error.intact is not None:
+    return command_with("step", error.intact)
+  return None
+
+
 def run_reporting_errors(main: Callable, prog: str, suggest: Callable[[BaseException], Optional[str]] = lambda e: None):
   """Wrap an absl main: expected errors become one paragraph and exit status 1."""
 

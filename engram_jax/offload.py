@@ -250,23 +250,13 @@ def export_tables(cfg, checkpoint_dir: str, out_dir: str, *, step: Optional[int]
   tensorstore (never placed on an accelerator, never whole in memory). `cfg` is the run's Config."""
   from engram_jax import checkpoint as ckpt_lib
   from engram_jax import data as data_lib
-  from engram_jax.config import CheckpointConfig
   from engram_jax.patches import fingerprint
 
   if os.path.exists(out_dir):
     raise FileExistsError(f"table directory {out_dir!r} already exists: choose another path (nothing was written)")
   if cfg.model.engram is None:
     raise TableFileError("the model has no Engram layers (model.engram is None): it has no tables to export")
-  if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist")
-  if step is None:
-    manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
-    try:
-      step = manager.latest_step()
-    finally:
-      manager.close()
-    if step is None:
-      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+  step = ckpt_lib.step_to_read(checkpoint_dir, step)
   reader = checkpoint_table_reader(checkpoint_dir, step)
   for name, shape in _layout(cfg.model.engram).items():
     if name not in reader.names:

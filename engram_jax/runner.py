@@ -472,7 +472,6 @@ def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: 
   against the model's fingerprint), or, for "host" without one, the checkpoint's tables read straight
   into host memory (tensorstore, chunk by chunk, never on a device) and stored as `quantize`."""
   from engram_jax import checkpoint as ckpt_lib
-  from engram_jax.config import CheckpointConfig
   from engram_jax.patches import fingerprint
 
   hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
@@ -481,17 +480,7 @@ def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: 
     return offload.HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
   if placement != "host":
     raise ValueError(f"placement {placement!r} needs a table_dir")
-  if not os.path.isdir(checkpoint_dir):
-    raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} does not exist (expected <workdir>/checkpoints "
-                            "written by train.py)")
-  if step is None:
-    manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
-    try:
-      step = manager.latest_step()
-    finally:
-      manager.close()
-    if step is None:
-      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+  step = ckpt_lib.step_to_read(checkpoint_dir, step)
   kind = quantize or "float32"
   e = cfg.model.engram
   need = sum(memory.table_layout(e, l)[2] for l in e.layer_ids) * offload.bytes_per_row(kind, e.head_dim)
