@@ -53,6 +53,12 @@ class EngramConfig:
   conv_norm_eps: float = 1e-5
   # Standard deviation of the table's normal initialisation (torch nn.Embedding uses 1.0).
   table_init_std: float = 1.0
+  # Ablation controls (bench/reproduce.py). rows_per_head: every head's table holds exactly this many
+  # rows instead of its prime size (1 = every n-gram shares one row per head, so only the gate, the
+  # value projection and the conv remain); None = the paper's prime sizes.
+  rows_per_head: Optional[int] = None
+  # "learned" (the paper's context-aware gate) or "open" (the gate is fixed at 1).
+  gate: str = "learned"
 
   def __post_init__(self):
     name = "EngramConfig"
@@ -83,6 +89,10 @@ class EngramConfig:
       _fail(name, "gate_norm_eps", self.gate_norm_eps, "None or a positive float")
     if not self.conv_norm_eps > 0:
       _fail(name, "conv_norm_eps", self.conv_norm_eps, "a positive float")
+    if self.rows_per_head is not None and (not isinstance(self.rows_per_head, int) or self.rows_per_head < 1):
+      _fail(name, "rows_per_head", self.rows_per_head, "None (prime-sized tables) or a positive integer")
+    if self.gate not in ("learned", "open"):
+      _fail(name, "gate", self.gate, "'learned' or 'open'")
 
   @property
   def num_orders(self) -> int:

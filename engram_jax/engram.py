@@ -134,6 +134,8 @@ class Engram(nn.Module):
     nq = rms_norm(hidden, query_norm, gate_eps)
     score = jnp.sum(nk * nq, axis=-1) / math.sqrt(D)  # [B,T,M]
     gates = jax.nn.sigmoid(signed_sqrt(score))  # [B,T,M]
+    if cfg.gate == "open":  # ablation: the memory's value passes whatever the context
+      gates = jnp.ones_like(gates)
     self.sow("intermediates", "gates", gates)
 
     u = gates.astype(dtype)[..., None] * value[:, :, None, :]  # [B,T,M,D]

@@ -114,7 +114,11 @@ def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_
 def head_table_sizes(cfg: EngramConfig) -> Dict[int, List[List[int]]]:
   """Prime table size of every head: per layer (in layer_ids order), per order, per head, the next
   prime above the previous one, starting from `vocab_size_per_ngram[n-2] - 1`, never reusing a prime
-  taken by any head of any layer."""
+  taken by any head of any layer. With `rows_per_head` set (an ablation control) every head has
+  exactly that many rows instead."""
+  if cfg.rows_per_head is not None:
+    return {layer_id: [[cfg.rows_per_head] * cfg.n_head_per_ngram for _ in range(cfg.num_orders)]
+            for layer_id in cfg.layer_ids}
   seen = set()
   sizes: Dict[int, List[List[int]]] = {}
   for layer_id in cfg.layer_ids:

@@ -147,6 +147,27 @@ def test_engram_hashing_jnp_in_graph_equals_numpy_on_raw_ids():
   assert hashing.compressed_pad_id == int(hashing.compress(np.array([2]))[0])
 
 
+def test_ablation_controls_one_row_per_head_and_open_gate():
+  """rows_per_head=1: every n-gram reads row h of head h (numpy and jnp agree); gate='open': the gate
+  is 1 and Y is the plain value plus the conv path."""
+  cfg = dataclasses.replace(CFG, rows_per_head=1, gate="open", conv_zero_init=True)
+  hasher = NgramHasher(cfg, VOCAB, pad_id=0)
+  tokens = np.random.default_rng(2).integers(1, VOCAB, size=(B, T))
+  ids = hasher.hash_numpy(tokens)
+  assert not ids.any()
+  np.testing.assert_array_equal(np.asarray(jax.jit(hasher.hash_jnp)(tokens)), ids)
+  sizes, offsets, rows = memory.table_layout(cfg, 1)
+  np.testing.assert_array_equal(sizes, [1] * cfg.num_heads)
+  np.testing.assert_array_equal(offsets, np.arange(cfg.num_heads))
+  module, hidden = Engram(cfg, D, M), jnp.asarray(np.random.default_rng(3).normal(size=(B, T, M, D)), jnp.float32)
+  table = _table(cfg)
+  params = nn.meta.unbox(module.init(jax.random.key(0), hidden, _rows(table, ids[..., 0, :], cfg))["params"])
+  y, gates = module.apply({"params": params}, hidden, _rows(table, ids[..., 0, :], cfg), return_gates=True)
+  np.testing.assert_array_equal(np.asarray(gates), 1.0)
+  value = table[:cfg.num_heads].reshape(-1) @ params["value_proj"] + params["value_bias"]
+  np.testing.assert_allclose(np.asarray(y), np.broadcast_to(value, y.shape), rtol=1e-5, atol=1e-6)
+
+
 # -- hashing input validation -------------------------------------------------------------------
 
 
@@ -181,6 +202,8 @@ def test_jnp_hashing_matches_numpy_on_odd_shapes():
     (dict(layer_ids=(-1,)), "non-negative"),
     (dict(pad_id=-3), "pad_id=-3"),
     (dict(kernel_size=0), "kernel_size=0"),
+    (dict(rows_per_head=0), "rows_per_head=0"),
+    (dict(gate="closed"), "gate='closed'"),
 ])
 def test_engram_config_errors(changes, message):
   with pytest.raises(ValueError, match=message):
