@@ -22,6 +22,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from engram_jax.cli import define_table_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
                                           "saved in the checkpoint).", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: reads <workdir>/checkpoints, writes <workdir>/eval.")
@@ -49,18 +51,7 @@ _PATCHES = flags.DEFINE_list("patches", [], "Knowledge patch directories (patch.
 _PATCH_POLICY = flags.DEFINE_enum("patch_policy", "sum", ["sum", "last", "refuse"],
                                   "Rows changed by several patches: add their deltas, the last patch wins, or refuse.")
 _FORCE_PATCHES = flags.DEFINE_boolean("force_patches", False, "Apply patches whose base rows differ from the model's.")
-_ENGRAM_TABLES = flags.DEFINE_enum("engram_tables", "device", ["device", "host", "disk"],
-                                   "Where the Engram tables live: in accelerator memory (device), host RAM (host: "
-                                   "from --table_dir, or read from the checkpoint), or memory-mapped table files "
-                                   "(disk: --table_dir). Rows are gathered on the host and prefetched.")
-_TABLE_DIR = flags.DEFINE_string("table_dir", None, "A table directory written by --export_tables (host/disk).")
-_CACHE_ROWS = flags.DEFINE_integer("cache_rows", 0, "Hot-row cache on the devices: rows per table, chosen by "
-                                   "frequency over the start of the training split (0: no cache; host/disk).")
-_QUANTIZE = flags.DEFINE_enum("quantize", None, ["float32", "bfloat16", "int8", "float8_e4m3"],
-                              "Row storage of exported tables (--export_tables) or of host tables read from the "
-                              "checkpoint; with --table_dir, checked against the stored kind.")
-_VERIFY_TABLES = flags.DEFINE_boolean("verify_tables", False, "Check every table file's sha256 before using it "
-                                      "(reads every byte).")
+_TABLES = define_table_flags()
 _PREFETCH = flags.DEFINE_boolean("prefetch", True, "Gather and transfer the next batch's rows on a background "
                                  "thread while the current batch runs (host/disk).")
 _EXPORT_TABLES = flags.DEFINE_string("export_tables", None, "Write the checkpoint's Engram tables to this new "
@@ -108,13 +99,12 @@ def main(argv):
     from engram_jax.offload import export_tables
 
     path = export_tables(cfg, checkpoint_dir, _EXPORT_TABLES.value, step=_STEP.value,
-                         quantize=_QUANTIZE.value or "float32")
+                         quantize=_TABLES()["quantize"] or "float32")
     print(f"Engram tables written to {path}")
     return
   import jax
 
-  tables = dict(engram_tables=_ENGRAM_TABLES.value, table_dir=_TABLE_DIR.value, cache_rows=_CACHE_ROWS.value,
-                quantize=_QUANTIZE.value, verify_tables=_VERIFY_TABLES.value, prefetch=_PREFETCH.value)
+  tables = dict(_TABLES(), prefetch=_PREFETCH.value)
   results = evaluation.evaluate_checkpoint(cfg, checkpoint_dir, options, step=_STEP.value, out_dir=out_dir,
                                            gate_text=_GATE_TEXT.value, patches=tuple(_PATCHES.value),
                                            patch_policy=_PATCH_POLICY.value, force_patches=_FORCE_PATCHES.value,

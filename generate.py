@@ -8,6 +8,10 @@ prints each prompt followed by its completion. A batch holding one prompt (a sin
 ends. Every row stops at end-of-sequence or after --max_new_tokens. --output_jsonl writes one line
 per prompt: prompt, completion, token ids, per-token log-probabilities and Engram gate means.
 
+--engram_tables host|disk (with --table_dir, --cache_rows, --quantize, as in eval.py) keeps the Engram
+tables off the accelerator: each decode step hashes the token it sampled, the host gathers those rows
+while the blocks before the first Engram layer run, and the rest of the step reads them.
+
 Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
 as in train.py and eval.py. Bad input (an empty or too long prompt, a budget below 1, sampling
 values out of range, a config whose Engram layout is not the checkpoint's) is reported as one
@@ -20,6 +24,8 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from engram_jax.cli import define_table_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
                                           "saved in the checkpoint).", lock_config=False)
@@ -38,6 +44,10 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens w
                             "no limit.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (prompt i draws with the seed folded with i).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
+_TABLES = define_table_flags()
+_SPLIT_DECODE = flags.DEFINE_boolean("split_decode", True, "With host/disk tables: split each decode step at the "
+                                     "first Engram layer, so the blocks before it run while the host gathers the "
+                                     "step's rows (--nosplit_decode: gather first, then one program).")
 
 
 def _log(message: str):
@@ -75,7 +85,8 @@ def main(argv):
 
   import jax
 
-  generator = generation.Generator.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, log=_log)
+  generator = generation.Generator.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, log=_log,
+                                                   split_decode=_SPLIT_DECODE.value, **_TABLES())
   single = len(texts) == 1 or _BATCH_SIZE.value == 1
   streams = {}
 

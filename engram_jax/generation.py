@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import data as data_lib
-from engram_jax import memory
+from engram_jax import memory, offload
 from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import forward
@@ -214,19 +214,20 @@ class Generator:
   compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache length).
   """
 
-  def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print):
+  def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print, split_decode: bool = True):
     if jax.process_count() > 1:
       raise NotImplementedError(f"generation runs in one process (this is process {jax.process_index()} of "
                                 f"{jax.process_count()}): prompts are placed as one process's rows")
-    if getattr(runner, "placement", "device") != "device":
-      raise NotImplementedError(
-          f"generation reads Engram rows in-graph from tables on the devices; this runner keeps them on "
-          f"{runner.placement} (engram_tables={runner.placement!r}): restore with engram_tables='device'")
     self.runner = runner
     self.cfg = decoding_config(runner.cfg, log)
     self.mesh = runner.mesh
     self.engram = self.cfg.model.engram
-    check_tables(self.cfg, runner.params)
+    self.placement = runner.placement
+    check_tables(self.cfg, runner.params, None if runner.tables is None else runner.tables.rows)
+    # Host / disk tables: the step is split at the first Engram layer (module docstring) when blocks
+    # come before it and `split_decode` (default) asks for it.
+    first = min(self.engram.layer_ids) if self.engram is not None else 0
+    self.split_layer = first if (split_decode and runner.tables is not None and first > 0) else None
     self.hashing = runner.hashing
     self.eos_id = data_lib.special_id(runner.tokenizer, self.cfg.data.eos_token, "eos_token")
     self.lookup = None
@@ -240,36 +241,44 @@ class Generator:
 
   @classmethod
   def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
-                      log: Callable[[str], None] = print) -> "Generator":
+                      log: Callable[[str], None] = print, split_decode: bool = True, **tables) -> "Generator":
     """A checkpoint's parameters restored onto `mesh` (default: every device here), after checking
-    that `cfg`'s Engram config is the one the checkpoint's tables were written with."""
+    that `cfg`'s Engram config is the one the checkpoint's tables were written with. `tables` are
+    ModelRunner.from_checkpoint's placement options (engram_tables, table_dir, cache_rows, quantize,
+    verify_tables)."""
     check_checkpoint_engram(cfg, checkpoint_dir, step)
-    return cls(ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log), log=log)
+    runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log, **tables)
+    return cls(runner, log=log, split_decode=split_decode)
 
-  # -- the two jitted parts ----------------------------------------------------------------------
+  # -- the jitted parts -------------------------------------------------------------------------
 
-  def _prefill_fn(self, params, model_state, batch, history, engram_scale, *, cache_length: int):
-    (logits, _), mutated = forward(self.cfg.model, params, model_state, batch, engram_scale=engram_scale,
+  def _prefill_fn(self, params, model_state, batch, history, engram_scale, host=None, hot=None, *, cache_length: int):
+    rows = None if host is None else offload.assemble_rows(host, hot, jnp.dtype(self.cfg.model.dtype))
+    (logits, _), mutated = forward(self.cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                    mutable=[CACHE_COLLECTION], cache_mode="prefill", cache_length=cache_length)
     lengths = jnp.sum(batch["segment_ids"] != 0, axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     return DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
                        positions=_box(lengths, "batch"), logits=_box(last, "batch", "act_vocab"))
 
-  def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
-    cfg = self.cfg.model
-    # sample
+  def _sample_fn(self, state: DecodeState, sampling: Sampling, lookup):
+    """sample + hash: (tokens [B], logprobs [B], the tokens' hash ids [B, 1, L, H] or None, new history)."""
     tokens, logprobs = sample_tokens(state.logits, sampling, state.positions)
-    # hash + gather: the step's one read of table rows
-    history, rows = state.history, None
+    engram_ids, history = None, state.history
     if self.engram is not None:
-      engram_ids, history = self.hashing.next_ids(state.history, tokens, lookup)  # [B, 1, L, H]
-      rows = memory.gather(memory.split(params)[1], self.engram, engram_ids)
-    # blocks
+      engram_ids, history = self.hashing.next_ids(state.history, tokens, lookup)
+    return tokens, logprobs, engram_ids, history
+
+  def _blocks_fn(self, params, model_state, state: DecodeState, tokens, logprobs, history, rows, engram_scale,
+                 streams=None):
+    """The blocks on the sampled tokens (all of them, or with `streams` the tail from the split layer
+    on): the new state and the step's outputs."""
+    cfg = self.cfg.model
     batch = {"tokens": tokens[:, None], "positions": state.positions[:, None]}
+    split = {} if streams is None else dict(part="tail", split_layer=self.split_layer, streams=streams)
     (logits, _), mutated = forward(cfg, params, {**model_state, CACHE_COLLECTION: state.cache}, batch, rows=rows,
                                    engram_scale=engram_scale, mutable=[CACHE_COLLECTION, "intermediates"],
-                                   cache_mode="decode")
+                                   cache_mode="decode", **split)
     B = tokens.shape[0]
     if self.engram is not None:
       inter = mutated["intermediates"]
@@ -282,19 +291,48 @@ class Generator:
                             positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"))
     return new_state, StepOutput(_box(tokens, "batch"), _box(logprobs, "batch"), _box(gates, "batch", None))
 
+  def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
+    """Device tables: sample, hash, gather in-graph (the step's one read of table rows), blocks."""
+    tokens, logprobs, engram_ids, history = self._sample_fn(state, sampling, lookup)
+    rows = None
+    if self.engram is not None:
+      rows = memory.gather(memory.split(params)[1], self.engram, engram_ids)
+    return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale)
+
+  def _head_fn(self, params, model_state, cache, tokens, positions):
+    """Split decoding: the blocks before the first Engram layer -> (residual streams, cache)."""
+    batch = {"tokens": tokens[:, None], "positions": positions[:, None]}
+    (streams, _), mutated = forward(self.cfg.model, params, {**model_state, CACHE_COLLECTION: cache}, batch,
+                                    mutable=[CACHE_COLLECTION], cache_mode="decode", part="head",
+                                    split_layer=self.split_layer)
+    return streams, mutated[CACHE_COLLECTION]
+
+  def _host_blocks_fn(self, params, model_state, state, tokens, logprobs, history, host, hot, engram_scale,
+                      streams=None):
+    rows = offload.assemble_rows(host, hot, jnp.dtype(self.cfg.model.dtype))
+    return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams)
+
   def _compile(self, rows: int, prompt_length: int, cache_length: int, example) -> "_Programs":
     """The jitted prefill and decode step of one (rows, prompt length, cache length) bucket, with the
     state's shardings derived from its logical axis names and the state donated to each step."""
     key = (rows, prompt_length, cache_length)
     if key in self._programs:
       return self._programs[key]
-    params, model_state, batch, history, scale = example
+    params, model_state, batch, history, scale = example[:5]
     prefill = lambda *a: self._prefill_fn(*a, cache_length=cache_length)  # noqa: E731
     sampling = Sampling(*(jax.ShapeDtypeStruct((rows,), d) for d in
                           (jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+
+    def step_outputs(params, model_state, state, sampling, lookup, scale):  # whatever holds the tables
+      tokens, logprobs, _, new_history = self._sample_fn(state, sampling, lookup)
+      e = self.engram
+      engram_rows = None if e is None else {
+          n: jnp.zeros((rows, 1, e.num_heads, e.head_dim), jnp.dtype(self.cfg.model.dtype)) for n in memory.table_names(e)}
+      return self._blocks_fn(params, model_state, state, tokens, logprobs, new_history, engram_rows, scale)
+
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      abstract = jax.eval_shape(prefill, params, model_state, batch, history, scale)
-      step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
+      abstract = jax.eval_shape(prefill, *example)
+      step_abstract = jax.eval_shape(step_outputs, params, model_state, _unbox_abstract(abstract), sampling,
                                      self.lookup, scale)
     # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
     # decode-mode apply, so its names are the prefill's); its outputs have their own names.
@@ -304,8 +342,11 @@ class Generator:
     state = _unbox_abstract(abstract)
     state_key = _shapes(state)
     if state_key not in self._steps:
-      self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
-                                       donate_argnums=(2,))
+      if self.runner.tables is None:
+        self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
+                                         donate_argnums=(2,))
+      else:
+        self._steps[state_key] = _HostStep(self, state_shardings, step_shardings)
       self.compiled.append(("step", rows, cache_length))
     self.compiled.append(("prefill",) + key)
     with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
@@ -318,7 +359,11 @@ class Generator:
   def programs(self, rows: int, prompt_length: int, cache_length: int) -> Dict[str, Tuple[Callable, tuple]]:
     """{"prefill": (jitted, abstract args), "step": (jitted, abstract args)} of one bucket, every
     argument a ShapeDtypeStruct with its sharding: what `jax.export` and the benchmarks need
-    (nothing is run). Trace them (call, lower, export) with the mesh and the logical axis rules set."""
+    (nothing is run). Trace them (call, lower, export) with the mesh and the logical axis rules set.
+    Device tables only (with host tables a step is several programs and a host gather)."""
+    if self.runner.tables is not None:
+      raise ValueError(f"programs() exports the one-program step of device tables; this generator's tables are on "
+                       f"{self.placement}")
     engram = self.engram
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=place_sharding(self.mesh, len(shape)))  # noqa: E731
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
@@ -330,7 +375,7 @@ class Generator:
     history = sharded((rows, engram.max_ngram_size - 1 if engram is not None else 0), jnp.int32)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     scale = jax.ShapeDtypeStruct((len(self.runner.engram_layers),), jnp.float32, sharding=replicated)
-    p = self._compile(rows, prompt_length, cache_length, (params, model_state, batch, history, scale))
+    p = self._compile(rows, prompt_length, cache_length, (params, model_state, batch, history, scale, None, None))
     lookup = None if self.lookup is None else abstract(self.lookup)
     return {"prefill": (p.prefill, (params, model_state, batch, history, scale)),
             "step": (p.step, (params, model_state, p.state, p.sampling, lookup, scale))}
@@ -371,10 +416,13 @@ class Generator:
     lengths = np.array([len(p) for p in prompts], np.int32)
     history = (self.hashing.history_numpy(batch["tokens"], lengths) if self.engram is not None
                else np.zeros((rows, 0), np.int32))
+    host = None
+    if self.runner.tables is not None:  # the prompts' rows from the host tables
+      host = self.runner.host_rows(batch.pop("engram_ids"), mask=batch["segment_ids"] > 0)
     placed = self._place({**batch, "history": history})
     history = placed.pop("history")
     scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
-    example = (self.runner.params, self.runner.model_state, placed, history, scale)
+    example = (self.runner.params, self.runner.model_state, placed, history, scale, host, self.runner.cache_arrays)
     prefill_jit = self._compile(rows, length, cache_length, example).prefill
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       return prefill_jit(*example)
@@ -464,6 +512,43 @@ class Generator:
     return self.runner.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
 
+class _HostStep:
+  """A decode step whose Engram rows come from host tables, as three programs and a host gather:
+
+    sample  sample the next tokens and hash them (in-graph, as the device step does) -> hash ids;
+    head    (split decoding) the blocks before the first Engram layer, dispatched at once, so the
+            device computes them while the host fetches the hash ids, gathers their rows from the
+            tables (minus the hot-row cache) and places them on the batch's devices;
+    rest    the blocks from the first Engram layer on (all blocks without the split), assembling the
+            rows, and the LM head -> the new state and the step's outputs (the same as the device
+            step's: `Generator.step` cannot tell them apart).
+  """
+
+  def __init__(self, generator: "Generator", state_shardings: DecodeState, step_shardings):
+    self.generator = generator
+    mesh = generator.mesh
+    by_batch = lambda ndim: place_sharding(mesh, ndim)  # noqa: E731
+    self.sample = jax.jit(lambda *a: nn.meta.unbox(generator._sample_fn(*a)),
+                          out_shardings=(by_batch(1), by_batch(1), by_batch(4), state_shardings.history))
+    self.head = None
+    if generator.split_layer is not None:
+      self.head = jax.jit(lambda *a: nn.meta.unbox(generator._head_fn(*a)),
+                          out_shardings=(by_batch(4), state_shardings.cache), donate_argnums=(2,))
+    self.rest = jax.jit(lambda *a: nn.meta.unbox(generator._host_blocks_fn(*a)), out_shardings=step_shardings,
+                        donate_argnums=(2,))
+
+  def __call__(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
+    runner = self.generator.runner
+    tokens, logprobs, engram_ids, history = self.sample(state, sampling, lookup)
+    streams = None
+    if self.head is not None:
+      streams, cache = self.head(params, model_state, state.cache, tokens, state.positions)
+      state = state._replace(cache=cache)
+    host = runner.host_rows(gather_global(engram_ids))  # waits for `sample` only; `head` runs meanwhile
+    return self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays, engram_scale,
+                     streams)
+
+
 def _unbox_abstract(tree):
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x, tree,
                       is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
@@ -495,9 +580,10 @@ class TextStream:
 # Checks of the model against its Engram config.
 
 
-def check_tables(cfg: Config, params) -> None:
-  """The params hold exactly the tables `cfg.model.engram` describes (names and shapes)."""
-  _, tables = memory.split(params)
+def check_tables(cfg: Config, params, host_rows: Optional[Dict[str, np.ndarray]] = None) -> None:
+  """The params (or, given, the host tables' rows {name: [R, d]}) hold exactly the tables
+  `cfg.model.engram` describes (names and shapes)."""
+  tables = memory.split(params)[1] if host_rows is None else host_rows
   engram = cfg.model.engram
   want = {} if engram is None else {memory.table_name(l): (memory.table_layout(engram, l)[2], engram.head_dim)
                                     for l in engram.layer_ids}

@@ -131,9 +131,16 @@ class Decoder(nn.Module):
   cfg: ModelConfig
   cache_mode: Optional[str] = None
   cache_length: int = 0
+  # Which part of the model runs (split decoding with host tables, generation.py): "all"; "head" =
+  # the embedding and the blocks before layer `split_layer`, returning the residual streams
+  # [B,T,M,D] instead of logits; "tail" = the blocks from `split_layer` on and the LM head, starting
+  # from those streams (the `streams` argument). `split_layer` must start a block segment (an Engram
+  # layer always does). Both parts read the one parameter tree.
+  part: str = "all"
+  split_layer: int = 0
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, engram_rows=None, engram_scale=None):
+  def __call__(self, tokens, positions=None, segment_ids=None, engram_rows=None, engram_scale=None, streams=None):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     tokens = jnp.asarray(tokens)
@@ -149,8 +156,20 @@ class Decoder(nn.Module):
       raise ValueError(f"Decoder: decoding takes tokens [B, 1] and their positions, got tokens of shape {tokens.shape}")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    segments = block_segments(cfg)
+    if self.part not in ("all", "head", "tail"):
+      raise ValueError(f"Decoder.part={self.part!r}: expected 'all', 'head' or 'tail'")
+    if self.part != "all" and self.split_layer not in [seg.start for seg in segments]:
+      raise ValueError(f"Decoder.split_layer={self.split_layer}: expected the first layer of a block segment, one of "
+                       f"{[seg.start for seg in segments]}")
+    if (self.part == "tail") != (streams is not None):
+      raise ValueError(f"Decoder.part={self.part!r}: the residual streams are an input of the 'tail' part only")
+    if self.part == "head":
+      segments = [seg for seg in segments if seg.start < self.split_layer]
+    elif self.part == "tail":
+      segments = [seg for seg in segments if seg.start >= self.split_layer]
     engram_layers = cfg.engram.layer_ids if cfg.engram is not None else ()
-    if engram_layers:
+    if any(seg.engram for seg in segments):
       names = memory.table_names(cfg.engram)
       if engram_rows is None or set(engram_rows) != set(names):
         raise ValueError(f"engram_rows has tables {None if engram_rows is None else sorted(engram_rows)}; expected "
@@ -160,13 +179,14 @@ class Decoder(nn.Module):
     embedding = self.param("embedding", nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std),
                                                                      ("vocab", "embed")),
                            (cfg.vocab_size, cfg.d_model), pdtype)
-    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
-    x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
-    streams = expand(x, cfg.mhc.expansion)
+    if streams is None:
+      x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+      x = nn.with_logical_constraint(x, ("batch", "seq", "act_embed"))
+      streams = expand(x, cfg.mhc.expansion)
 
     aux = {"moe": {}, "engram_gate_mean": [], "aux_loss": jnp.zeros((), jnp.float32)}
     caching = dict(cache_mode=self.cache_mode, cache_length=self.cache_length)
-    for seg in block_segments(cfg):
+    for seg in segments:
       block_cls = Block
       if cfg.remat_policy != "none" and self.cache_mode is None:  # remat only pays off under a backward pass
         block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat_policy), prevent_cse=seg.length == 1)
@@ -189,6 +209,8 @@ class Decoder(nn.Module):
           moe_stats = jax.tree.map(lambda s: s[None], moe_stats)
         aux["moe"][seg.name] = moe_stats
         aux["aux_loss"] = aux["aux_loss"] + jnp.sum(moe_stats["aux_loss"])
+    if self.part == "head":
+      return streams, aux
 
     x = merge(streams)
     x = RMSNorm(eps=cfg.norm_eps, dtype=dtype, param_dtype=pdtype, name="final_norm")(x)
@@ -226,21 +248,24 @@ def init_variables(cfg: ModelConfig, key: jax.Array, batch: int = 1, seq: int = 
 
 
 def forward(cfg: ModelConfig, params, model_state, batch, *, engram_scale=None, rows=None, mutable=False,
-            cache_mode: Optional[str] = None, cache_length: int = 0):
+            cache_mode: Optional[str] = None, cache_length: int = 0, part: str = "all", split_layer: int = 0,
+            streams=None):
   """The model on a batch {"tokens", "positions", "segment_ids", "engram_ids" [B,T,L,H]}: returns
   Decoder.apply's result ((logits, aux), plus the mutated collections with `mutable`).
 
   Engram rows are read from the tables in `params` with `memory.gather` (differentiable through the
   tables) unless `rows` are given (then `params` may hold the backbone alone): the one forward that
   training, its eval step, the model runner and decoding (`cache_mode`, with the "cache" collection
-  in `model_state` and in `mutable`) share.
+  in `model_state` and in `mutable`) share. `part`, `split_layer` and `streams` run a part of it
+  (Decoder); the "head" part reads no Engram rows.
   """
   backbone, tables = memory.split(params)
-  if rows is None and cfg.engram is not None:
+  if rows is None and cfg.engram is not None and part != "head":
     rows = memory.gather(tables, cfg.engram, batch["engram_ids"])
-  return Decoder(cfg, cache_mode=cache_mode, cache_length=cache_length).apply(
+  return Decoder(cfg, cache_mode=cache_mode, cache_length=cache_length, part=part, split_layer=split_layer).apply(
       {"params": backbone, **model_state}, batch["tokens"], positions=batch.get("positions"),
-      segment_ids=batch.get("segment_ids"), engram_rows=rows, engram_scale=engram_scale, mutable=mutable)
+      segment_ids=batch.get("segment_ids"), engram_rows=rows, engram_scale=engram_scale, mutable=mutable,
+      streams=streams)
 
 
 def token_nll(logits: jax.Array, targets: jax.Array):

@@ -19,9 +19,8 @@ hashing done by the caller, host rows, placement); `prepared(batches)` runs it o
 thread one or two batches ahead (`offload.Prefetcher`), so batch i+1's rows are gathered and
 transferred while batch i computes. Evaluation and scoring go through `prepared`.
 
-Hook for decoding (generation.py): a decode step can take its rows as an input instead of gathering
-in-graph: hash the sampled tokens on the host (`EngramHashing.next_ids`), `prepare_rows` them,
-`device_put` on the batch sharding, and call `offload.assemble_rows` inside the step.
+Decoding (generation.py) with host tables takes each step's rows from `host_rows` (the sampled
+tokens' hash ids, fetched from the devices) and assembles them in the step (`offload.assemble_rows`).
 """
 
 from __future__ import annotations
@@ -289,12 +288,23 @@ class ModelRunner:
     if self.tables is not None and jax.process_count() > 1:
       host = self._prepare_partial(local.pop("engram_ids"), padded_rows)
     elif self.tables is not None:
-      shards = max(1, self.row_multiple // jax.process_count())
-      host_np = offload.prepare_rows(self.tables, self.cache, local.pop("engram_ids"), shards,
-                                     mask=local["segment_ids"] > 0, counter=self.hit_counter)
-      host = {name: {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
-                     for k, v in entry.items()} for name, entry in host_np.items()}
+      host = self.host_rows(local.pop("engram_ids"), mask=local["segment_ids"] > 0)
     return Prepared(place_batch(local, self.mesh), host, rows, padded_rows)
+
+  def host_rows(self, engram_ids: np.ndarray, mask: Optional[np.ndarray] = None) -> Dict[str, Dict[str, jax.Array]]:
+    """The Engram rows of hash ids [B, T, L, H] (this process's rows, B a multiple of its batch devices)
+    gathered from the host tables minus the hot-row cache (`offload.prepare_rows`) and placed on the
+    batch's devices: what `make_forward`'s `host` and `offload.assemble_rows` take. `mask` [B, T]
+    marks the positions the hit-rate counter counts (default: all)."""
+    shards = max(1, self.row_multiple // jax.process_count())
+    host_np = offload.prepare_rows(self.tables, self.cache, engram_ids, shards, mask=mask, counter=self.hit_counter)
+    return {name: {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, v.ndim), v)
+                   for k, v in entry.items()} for name, entry in host_np.items()}
+
+  @property
+  def cache_arrays(self):
+    """The hot-row cache's device arrays {name: (rows, scales)} for `offload.assemble_rows` (None: no cache)."""
+    return self._cache_arrays
 
   def _prepare_partial(self, local_ids: np.ndarray, padded_rows: int):
     """Host rows when each process holds a row range of the tables (several processes): every

@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import flax.linen as nn
 import jax
@@ -350,13 +349,6 @@ def test_engram_config_mismatches_are_clear_errors():
     generation.check_tables(Config(model=dataclasses.replace(model, engram=None), data=DataConfig(seq_len=32)), params)
 
 
-def test_tables_off_the_device_are_refused_by_name():
-  # Decoding gathers rows in-graph; a runner with host/disk tables (offload.py) needs the host-row
-  # hook instead, which generation does not use yet.
-  with pytest.raises(NotImplementedError, match="engram_tables='host'"):
-    generation.Generator(types.SimpleNamespace(placement="host"))
-
-
 def test_moe_capacity_is_switched_off_for_decoding_and_said():
   model = _model("gqa", False)
   cfg = Config(model=dataclasses.replace(model, moe=dataclasses.replace(model.moe, capacity_factor=1.0)),
@@ -411,13 +403,15 @@ def test_generate_py_prompts_file_sampling_is_seeded(tmp_path):
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_text('{"prompt": "The os module"}\n{"prompt": "A list is"}\n{"prompt": "import sys"}\n')
   runs = []
-  for name in ("a", "b"):
+  # The second run keeps the Engram tables in host memory: the same seeded samples, bit for bit.
+  for name, tables in (("a", ()), ("b", ("--engram_tables", "host"))):
     out = tmp_path / f"{name}.jsonl"
     proc = _generate_py("--prompts_file", str(prompts), "--max_new_tokens", "5", "--temperature", "1.0",
                         "--top_k", "40", "--top_p", "0.9", "--seed", "4", "--batch_size", "3", "--output_jsonl",
-                        str(out))
+                        str(out), *tables)
     assert proc.returncode == 0, proc.stderr
     runs.append([json.loads(line) for line in out.read_text().splitlines()])
+  assert "Engram tables on host" in proc.stderr
   assert [r["prompt"] for r in runs[0]] == ["The os module", "A list is", "import sys"]
   assert runs[0] == runs[1]
 

@@ -405,6 +405,52 @@ def test_checkpoint_export_and_eval_from_disk_and_host_equal_device(tmp_path):
     runner_lib.ModelRunner.from_checkpoint(cfg, checkpoints, cache_rows=10, **quiet)
 
 
+def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatch):
+  """Greedy and sampled generation from host (split step) and disk (one-program step, hot-row cache)
+  tables: the same tokens and bitwise the same log-probabilities as device tables, also when the host
+  gather is slow (the step waits for its rows: nothing is read early or out of order)."""
+  from engram_jax import generation
+
+  checkpoints = str(tmp_path / "checkpoints")
+  shutil.copytree(FIXTURE, checkpoints)
+  cfg = runner_lib.load_config_from_checkpoint(checkpoints)
+  table_dir = str(tmp_path / "tables")
+  offload.export_tables(cfg, checkpoints, table_dir, chunk_rows=1000, log=lambda m: None)
+  quiet = dict(log=lambda m: None)
+  device = generation.Generator.from_checkpoint(cfg, checkpoints, **quiet)
+  prompts = [device.encode_prompt(t) for t in ("The os module", "import sys\n", "A list is")]
+  kwargs = dict(temperature=[0.0, 0.8, 0.0], top_k=[0, 20, 0], seed=5, batch_size=4)
+  want = device.generate(prompts, 10, **kwargs)
+
+  def same(got, label):
+    for w, g in zip(want, got):
+      assert g.token_ids == w.token_ids, label
+      np.testing.assert_array_equal(g.logprobs, w.logprobs, err_msg=label)
+      np.testing.assert_array_equal(g.gate_means, w.gate_means, err_msg=label)
+
+  host = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", **quiet)
+  assert host.split_layer == 1 and host.placement == "host"
+  assert memory.split(host.runner.params)[1] == {}
+  same(host.generate(prompts, 10, **kwargs), "host, split step")
+  prepare_rows = offload.prepare_rows
+
+  def slow(*a, **k):
+    time.sleep(0.02)
+    return prepare_rows(*a, **k)
+
+  monkeypatch.setattr(offload, "prepare_rows", slow)
+  same(host.generate(prompts, 10, **kwargs), "host, slow gather")
+  monkeypatch.setattr(offload, "prepare_rows", prepare_rows)
+  disk = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="disk", table_dir=table_dir,
+                                              cache_rows=128, split_decode=False, **quiet)
+  assert disk.split_layer is None and disk.runner.cache is not None
+  same(disk.generate(prompts, 10, **kwargs), "disk, one-program step, cache")
+  hits = disk.runner.table_report()["cache"]["layers"][0]["hit_rate"]
+  assert 0 < hits < 1
+  with pytest.raises(ValueError, match="device tables"):
+    disk.programs(4, 16, 32)
+
+
 def test_eval_py_exports_tables_and_refuses_an_existing_directory(tmp_path):
   checkpoints = str(tmp_path / "checkpoints")
   shutil.copytree(FIXTURE, checkpoints)
