@@ -6,10 +6,12 @@ Parts (`--parts`, comma-separated; each prints one JSON object on its own line):
               params, in-graph gather), `host` without prefetch, `host` with prefetch, `host` with
               prefetch + a hot-row cache at three sizes, `disk` with a warm and a cold page cache
               (cold: the table files' pages are dropped with posix_fadvise before each repeat).
-              Prefill tokens/s (the forward over right-padded prompts of uniform random lengths),
-              median over repeats, and each one's ratio to `device`, all in one run. Decode is not
-              measured here: generation (prefill + cached decode) is not on this branch; see the
-              hook in runner.py's docstring.
+              Scoring tokens/s (the forward over right-padded prompts of uniform random lengths),
+              median over repeats, and each one's ratio to `device`, all in one run.
+  decode      Generation under the same placements: prefill tokens/s and decode tokens/s at each
+              --decode_batches size, where "prefetch" is the split decode step (the blocks before the
+              first Engram layer run while the host gathers the step's rows) and "no_prefetch" the
+              step as one program after the gather; then one decode step's phases timed serially.
   breakdown   One batch's host and device times, serially: hash (hash_numpy of the tokens), host
               gather (offload.prepare_rows), transfer (device_put + wait), compute (the jitted forward
               given the placed rows), and the device placement's whole forward for reference.
@@ -38,6 +40,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import mmap
 import os
 import platform
 import resource
@@ -124,15 +127,23 @@ def drop_page_cache(table_dir: str):
       os.close(fd)
 
 
-def part_throughput(args, cfg, mesh, work):
+def placements(cfg, mesh, work):
+  """One random model: (params, model state, a device-placement runner, host tables, disk tables, the
+  table directory both read)."""
   params, state = backbone_variables(cfg, mesh, with_tables=True)
   device = runner_lib.ModelRunner(cfg, params, state, mesh)
   tables_np = {k: np.asarray(v) for k, v in memory.split(params)[1].items()}
   fp = fingerprint(cfg.model, device.hashing)
   table_dir = os.path.join(work, "tables")
-  offload.write_table_dir(table_dir, cfg.model, fp, lambda n, a, b: tables_np[n][a:b], log=lambda s: None)
+  if not os.path.exists(table_dir):
+    offload.write_table_dir(table_dir, cfg.model, fp, lambda n, a, b: tables_np[n][a:b], log=lambda s: None)
   host = offload.HostTables.open(table_dir, cfg.model, fp, "host")
   disk = offload.HostTables.open(table_dir, cfg.model, fp, "disk")
+  return params, state, device, host, disk, table_dir
+
+
+def part_throughput(args, cfg, mesh, work):
+  params, state, device, host, disk, table_dir = placements(cfg, mesh, work)
   rng = np.random.default_rng(0)
   batches = prompt_batches(device, args.batches, rng, args.min_prompt, args.max_prompt)
   reference = runner_lib.reference_ids(device, args.reference_tokens)
@@ -204,6 +215,104 @@ def part_breakdown(args, cfg, mesh, work):
                                                                            for k, v in out.items()},
           "distinct_rows_sent_incl_padding": rows_sent,
           "lookups": int(np.prod(ids.shape))}
+
+
+def decode_pass(gen, prompts, new_tokens: int, cold_dir=None):
+  """(prefill tokens/s, decode tokens/s) of one batch of prompts, greedy, fetching each step's tokens
+  to the host as generate() does (for streaming and end-of-sequence)."""
+  from engram_jax import generation
+
+  if cold_dir:
+    drop_page_cache(cold_dir)
+  cache_length = gen.cache_bucket(max(len(p) for p in prompts) + new_tokens)
+  sampling = generation.sampling_arrays(len(prompts))
+  t0 = time.perf_counter()
+  state = gen.prefill(prompts, cache_length)
+  jax.block_until_ready(state.logits)
+  t1 = time.perf_counter()
+  for _ in range(new_tokens):
+    state, out = gen.step(state, sampling)
+    np.asarray(out.tokens)
+  t2 = time.perf_counter()
+  return sum(len(p) for p in prompts) / (t1 - t0), len(prompts) * new_tokens / (t2 - t1)
+
+
+def part_decode(args, cfg, mesh, work):
+  """Generation (prefill + cached decode) under every placement, same model and prompts: device; host
+  with the step run as one program after the host gather (no overlap); host with the split step (the
+  blocks before the first Engram layer run while the host gathers); the split step with hot-row caches;
+  disk warm and cold. Then one decode step's phases, serially (split step, host tables)."""
+  from engram_jax import generation
+
+  params, state, device, host, disk, table_dir = placements(cfg, mesh, work)
+  reference = runner_lib.reference_ids(device, args.reference_tokens)
+  rng = np.random.default_rng(2)
+  corpus = data_lib.tokenized_split(cfg.data, "eval", device.tokenizer).tokens
+  quiet = lambda s: None  # noqa: E731
+  make = lambda tables, cache=None, split=True: generation.Generator(  # noqa: E731
+      runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, cache=cache), log=quiet, split_decode=split)
+  modes = {"device": (generation.Generator(device, log=quiet), None),
+           "host_no_prefetch": (make(host, split=False), None),
+           "host_prefetch": (make(host), None)}
+  for k in args.cache_sizes:
+    modes[f"host_prefetch_cache_{k}"] = (make(host, offload.HotRowCache.build(host, reference, k)), None)
+  modes["disk_warm"] = (make(disk), None)
+  modes["disk_cold"] = (modes["disk_warm"][0], table_dir)
+  results = {}
+  for rows in args.decode_batches:
+    prompts = []
+    for _ in range(rows):
+      n = int(rng.integers(args.min_prompt, min(args.max_prompt, cfg.model.max_seq_len - args.new_tokens) + 1))
+      start = int(rng.integers(0, len(corpus) - n))
+      prompts.append([int(t) for t in corpus[start:start + n]])
+    for gen, _ in modes.values():  # compile every program before timing
+      decode_pass(gen, prompts, args.new_tokens)
+    prefill, decode = collections.defaultdict(list), collections.defaultdict(list)
+    for _ in range(args.repeats):  # interleaved: machine load drifts hit every mode alike
+      for name, (gen, cold) in modes.items():
+        p, d = decode_pass(gen, prompts, args.new_tokens, cold)
+        prefill[name].append(p)
+        decode[name].append(d)
+    med_p = {k: statistics.median(v) for k, v in prefill.items()}
+    med_d = {k: statistics.median(v) for k, v in decode.items()}
+    results[rows] = {"prefill_tokens_per_s": {k: round(v, 1) for k, v in med_p.items()},
+                     "decode_tokens_per_s": {k: round(v, 1) for k, v in med_d.items()},
+                     "prefill_time_ratio_vs_device": {k: round(med_p["device"] / v, 4) for k, v in med_p.items()},
+                     "decode_time_ratio_vs_device": {k: round(med_d["device"] / v, 4) for k, v in med_d.items()}}
+  # One step's phases with host tables, each waited for (the split step's programs, run serially).
+  gen = modes["host_prefetch"][0]
+  prompts = [[int(t) for t in corpus[:args.min_prompt]]] * max(args.decode_batches)
+  state_ = gen.prefill(prompts, gen.cache_bucket(args.min_prompt + args.new_tokens))
+  step = gen._steps[generation._shapes(state_)]
+  sampling = generation.sampling_arrays(len(prompts))
+  sampling = generation.Sampling(*gen._place(dict(zip(generation.Sampling._fields, sampling))).values())
+  phases = collections.defaultdict(list)
+  scale = jnp.asarray(gen.runner.scale())
+  pending = step.sample(state_, sampling, gen.lookup)
+  for i in range(args.new_tokens):
+    tokens, logprobs, ids, history = pending
+    t0 = time.perf_counter()
+    streams, cache = jax.block_until_ready(step.head(gen.runner.params, gen.runner.model_state, state_.cache, tokens,
+                                                     state_.positions))
+    t1 = time.perf_counter()
+    rows_np = offload.prepare_rows(host, None, np.asarray(ids), gen.runner.row_multiple)
+    t2 = time.perf_counter()
+    placed = jax.block_until_ready(jax.device_put(rows_np, {n: {k: runner_lib.batch_sharding(mesh, v.ndim)
+                                                                for k, v in e.items()} for n, e in rows_np.items()}))
+    t3 = time.perf_counter()
+    state_, out = jax.block_until_ready(step.rest(gen.runner.params, gen.runner.model_state,
+                                                  state_._replace(cache=cache, pending=None), tokens, logprobs,
+                                                  history, placed, None, scale, sampling, gen.lookup, streams))
+    t4 = time.perf_counter()
+    pending = state_.pending
+    if i >= 2:
+      for k, v in (("blocks_before_first_engram_layer", t1 - t0), ("host_gather", t2 - t1), ("transfer", t3 - t2),
+                   ("rest_of_step_and_next_sample", t4 - t3)):
+        phases[k].append(v * 1e3)
+  return {"part": "decode", "table_MiB": round(host.nbytes / 2**20, 1), "new_tokens": args.new_tokens,
+          "prompt_tokens": [args.min_prompt, args.max_prompt], "by_batch": results,
+          "step_phases_ms_batch": max(args.decode_batches),
+          "step_phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
 
 
 def lru_hit_rate(stream: np.ndarray, size: int) -> float:
@@ -358,14 +467,22 @@ def part_bigdisk(args, cfg, mesh, work):
     except MemoryError as err:
       host_error = str(err)
     runner = runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, tokenizer=tokenizer)
+    # The same file mapped with the kernel's default readahead (what the mapping had before
+    # HostTables.open advised MADV_RANDOM), for the same-run comparison.
+    readahead = offload.HostTables.open(big_dir, cfg.model, fp, "disk")
+    for mapped in readahead.rows.values():
+      mapped._mmap.madvise(mmap.MADV_NORMAL)
+    runner_readahead = runner_lib.ModelRunner(cfg, params, state, mesh, tables=readahead, tokenizer=tokenizer)
     batches = data_lib.eval_batches(cfg.data, engram=e, vocab_size=cfg.model.vocab_size,
                                     tokenizer=tokenizer)[:args.big_batches]
     drop_page_cache(big_dir)
     run_pass(runner, batches[:1])  # compile
-    rates = []
+    rates, rates_readahead = [], []
     for _ in range(args.repeats):
       drop_page_cache(big_dir)
       rates.append(run_pass(runner, batches))
+      drop_page_cache(big_dir)
+      rates_readahead.append(run_pass(runner_readahead, batches))
     warm = run_pass(runner, batches)
   finally:
     if not args.keep_big:
@@ -374,6 +491,7 @@ def part_bigdisk(args, cfg, mesh, work):
           "table_over_ram": round(total / ram, 3), "rows_per_head": rows_per_head, "write_s": round(write_s, 1),
           "batches": len(batches), "batch": list(batches[0]["tokens"].shape),
           "cold_tokens_per_s_median": round(statistics.median(rates), 1), "warm_tokens_per_s": round(warm, 1),
+          "cold_tokens_per_s_median_default_readahead": round(statistics.median(rates_readahead), 1),
           "peak_rss_bytes": _vm_hwm(), "peak_rss_GB": round(_vm_hwm() / 1e9, 2),
           "host_placement_refused": host_error}
 
@@ -389,6 +507,8 @@ def main():
   p.add_argument("--max_prompt", type=int, default=128)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--cache_sizes", default="1024,16384,131072")
+  p.add_argument("--decode_batches", default="1,32", help="decode: rows per batch (comma-separated)")
+  p.add_argument("--new_tokens", type=int, default=32, help="decode: tokens generated per row")
   p.add_argument("--reference_tokens", type=int, default=1 << 17)
   p.add_argument("--hit_sizes", default="256,1024,4096,16384,65536,262144")
   p.add_argument("--lru_max", type=int, default=65536)
@@ -406,6 +526,7 @@ def main():
     args.batch, args.seq, args.min_prompt, args.max_prompt, args.batches = 64, 1024, 100, 1024, 8
     args.rows_per_head = 40_000_003  # 1 Engram layer x 8 heads x 40M rows x 16 x 4 B = ~20 GB
   args.cache_sizes = [int(x) for x in args.cache_sizes.split(",")]
+  args.decode_batches = [int(x) for x in args.decode_batches.split(",")]
   args.hit_sizes = [int(x) for x in args.hit_sizes.split(",")]
   cfg = config(args.rows_per_head, args.batch, args.seq)
   mesh = make_mesh(cfg.mesh)
@@ -417,7 +538,7 @@ def main():
       if part == "bigdisk" and not args.big_dir:
         raise SystemExit("--parts bigdisk needs --big_dir (a directory on the disk to test, with room for --big_gb)")
       fn = {"throughput": part_throughput, "breakdown": part_breakdown, "hitrate": part_hitrate,
-            "quantize": part_quantize, "bigdisk": part_bigdisk}[part]
+            "quantize": part_quantize, "bigdisk": part_bigdisk, "decode": part_decode}[part]
       print(json.dumps(fn(args, cfg, mesh, work)), flush=True)
   finally:
     shutil.rmtree(work, ignore_errors=True)

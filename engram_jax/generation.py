@@ -127,6 +127,9 @@ class DecodeState(NamedTuple):
   history: Any  # [B, max_n-1] int32: compressed ids of each row's last max_n-1 tokens ([B, 0] without Engram)
   positions: Any  # [B] int32: the position of each row's next token (= its tokens so far)
   logits: Any  # [B, V] float32: the next token's logits
+  # Host tables only: the next step's sample, drawn at the end of the previous step (tokens,
+  # logprobs, hash ids, history), so its rows can be gathered as soon as that step ends; None else.
+  pending: Any = None
 
 
 class StepOutput(NamedTuple):
@@ -308,9 +311,11 @@ class Generator:
     return streams, mutated[CACHE_COLLECTION]
 
   def _host_blocks_fn(self, params, model_state, state, tokens, logprobs, history, host, hot, engram_scale,
-                      streams=None):
+                      sampling, lookup, streams=None):
+    """Host tables: the blocks (or their tail) on the gathered rows, then the next step's sample."""
     rows = offload.assemble_rows(host, hot, jnp.dtype(self.cfg.model.dtype))
-    return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams)
+    new_state, out = self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams)
+    return new_state._replace(pending=self._sample_fn(nn.meta.unbox(new_state), sampling, lookup)), out
 
   def _compile(self, rows: int, prompt_length: int, cache_length: int, example) -> "_Programs":
     """The jitted prefill and decode step of one (rows, prompt length, cache length) bucket, with the
@@ -340,7 +345,7 @@ class Generator:
     step_shardings = (state_shardings, tree_shardings(step_abstract[1], self.mesh))
     prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
     state = _unbox_abstract(abstract)
-    state_key = _shapes(state)
+    state_key = _shapes(state._replace(pending=None))
     if state_key not in self._steps:
       if self.runner.tables is None:
         self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
@@ -429,7 +434,7 @@ class Generator:
 
   def step(self, state: DecodeState, sampling: Sampling, engram_scale=None) -> Tuple[DecodeState, StepOutput]:
     """One decode step (the state is donated: use the returned one)."""
-    program = self._steps.get(_shapes(state))
+    program = self._steps.get(_shapes(state._replace(pending=None)))
     if program is None:
       raise ValueError("no decode program for this state's shapes: pass a state that prefill (or step) returned")
     if not isinstance(sampling.temperature, jax.Array):
@@ -513,40 +518,51 @@ class Generator:
 
 
 class _HostStep:
-  """A decode step whose Engram rows come from host tables, as three programs and a host gather:
+  """A decode step whose Engram rows come from host tables: a host gather between two programs.
 
-    sample  sample the next tokens and hash them (in-graph, as the device step does) -> hash ids;
-    head    (split decoding) the blocks before the first Engram layer, dispatched at once, so the
-            device computes them while the host fetches the hash ids, gathers their rows from the
-            tables (minus the hot-row cache) and places them on the batch's devices;
-    rest    the blocks from the first Engram layer on (all blocks without the split), assembling the
-            rows, and the LM head -> the new state and the step's outputs (the same as the device
-            step's: `Generator.step` cannot tell them apart).
+    head    (split decoding) the blocks before the first Engram layer on the step's tokens,
+            dispatched first, so the device computes them while the host gathers the step's rows
+            (from the tables, minus the hot-row cache) and places them on the batch's devices;
+    rest    the blocks from the first Engram layer on (all blocks without the split) on those rows,
+            the LM head, and then the *next* step's sample and hash ids (`DecodeState.pending`).
+
+  The tokens a step feeds the model were sampled at the end of the previous step, so their hash ids
+  are on the host by the time the step starts: nothing waits for them. The first step after a prefill
+  (or a step given other sampling parameters than the last one) samples first with its own small
+  program. Sampling is a function of the logits and the parameters (the key is the row's seed,
+  index and position), so sampling ahead draws exactly the tokens the device step draws.
   """
 
   def __init__(self, generator: "Generator", state_shardings: DecodeState, step_shardings):
     self.generator = generator
     mesh = generator.mesh
     by_batch = lambda ndim: place_sharding(mesh, ndim)  # noqa: E731
-    self.sample = jax.jit(lambda *a: nn.meta.unbox(generator._sample_fn(*a)),
-                          out_shardings=(by_batch(1), by_batch(1), by_batch(4), state_shardings.history))
+    pending = (by_batch(1), by_batch(1), by_batch(4), state_shardings.history)
+    self.sample = jax.jit(lambda *a: nn.meta.unbox(generator._sample_fn(*a)), out_shardings=pending)
     self.head = None
     if generator.split_layer is not None:
       self.head = jax.jit(lambda *a: nn.meta.unbox(generator._head_fn(*a)),
                           out_shardings=(by_batch(4), state_shardings.cache), donate_argnums=(2,))
-    self.rest = jax.jit(lambda *a: nn.meta.unbox(generator._host_blocks_fn(*a)), out_shardings=step_shardings,
-                        donate_argnums=(2,))
+    new_state, outputs = step_shardings
+    self.rest = jax.jit(lambda *a: nn.meta.unbox(generator._host_blocks_fn(*a)),
+                        out_shardings=(new_state._replace(pending=pending), outputs), donate_argnums=(2,))
+    self._sampling = None  # the sampling arrays the pending samples were drawn with
 
   def __call__(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
     runner = self.generator.runner
-    tokens, logprobs, engram_ids, history = self.sample(state, sampling, lookup)
+    pending = state.pending if sampling is self._sampling else None
+    if pending is None:
+      pending = self.sample(state, sampling, lookup)
+    self._sampling = sampling
+    tokens, logprobs, engram_ids, history = pending
+    state = state._replace(pending=None)
     streams = None
     if self.head is not None:
       streams, cache = self.head(params, model_state, state.cache, tokens, state.positions)
       state = state._replace(cache=cache)
-    host = runner.host_rows(gather_global(engram_ids))  # waits for `sample` only; `head` runs meanwhile
+    host = runner.host_rows(gather_global(engram_ids))  # while `head` runs on the devices
     return self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays, engram_scale,
-                     streams)
+                     sampling, lookup, streams)
 
 
 def _unbox_abstract(tree):

@@ -455,6 +455,8 @@ class HostTables:
       dtype = np.dtype(np.float32) if kind == "scale" else _STORAGE[stored]
       shape = (hi - lo,) if kind == "scale" else (hi - lo, width)
       mapped = np.memmap(path, dtype=dtype, mode="r", offset=lo * width * itemsize, shape=shape)
+      if placement == "disk":
+        _random_access(mapped)
       array = mapped if placement == "disk" else np.array(mapped)
       (rows if kind == "rows" else scales)[name] = array
     for name in rows:
@@ -511,6 +513,16 @@ class HostTables:
       out[order] = table[flat_ids[order]]
       return out
     return table[flat_ids]
+
+
+def _random_access(mapped: np.memmap):
+  """Tells the kernel a memory-mapped table is read at random (MADV_RANDOM): a page fault then reads
+  its page alone instead of the default readahead (128 KiB around a row of tens of bytes)."""
+  import mmap
+
+  base = getattr(mapped, "_mmap", None)
+  if base is not None and hasattr(base, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+    base.madvise(mmap.MADV_RANDOM)
 
 
 def process_rows(rows: int, process_index: int, process_count: int) -> Tuple[int, int]:
