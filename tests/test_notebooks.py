@@ -15,7 +15,7 @@ pytest.importorskip("ipykernel")
 
 NOTEBOOK_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
 # Notebook -> plots it must show (image/png outputs).
-NOTEBOOKS = {"quickstart": 2, "engram_as_memory": 1, "sparsity_allocation": 1, "knowledge_patch": 1}
+NOTEBOOKS = {"quickstart": 2, "engram_as_memory": 1, "sparsity_allocation": 2, "knowledge_patch": 1}
 
 
 def _kernel_env(workdir: str) -> dict:

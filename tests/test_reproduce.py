@@ -1,0 +1,91 @@
+"""bench/reproduce.py, the reproduction study: its models are the iso-parameter family it claims, its
+statistics are right on known data, and a smoke-sized run goes end to end (train, knock-out eval,
+results file, report)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import reproduce  # noqa: E402
+
+from engram_jax.allocation import routed_expert_params, sparse_params  # noqa: E402
+from engram_jax.model import param_counts  # noqa: E402
+
+
+def test_the_study_compares_models_at_equal_budgets():
+  names = reproduce.run_names(3)
+  assert len(names) == len(set(names)) == 30
+  assert names[:5] == ["rho0.8_s0", "rho1.0_s0", "dense_s0", "cap1_s0", "gate_open_s0"]  # seed 0 of the core first
+  budget = reproduce.STUDY["sparse_budget"]
+  moe = reproduce.model_for("rho1.0")
+  per_expert = routed_expert_params(moe)
+  activated = {}
+  for r in reproduce.RHOS:
+    m = reproduce.model_for(f"rho{r}")
+    s = sparse_params(m)
+    # The inactive budget is the same to within rounding (whole experts, prime table sizes).
+    assert abs(s["total"] - budget) < per_expert, r
+    assert abs(s["rho"] - r) < per_expert / budget, r
+    assert (m.engram is None) == (r == 1.0)
+    activated[r] = param_counts(m)["activated"]
+  # Activated: the routed experts' share is equal; only the router (d_model x experts) and the Engram
+  # module's projections (present for rho < 1) differ.
+  engram_module = activated[0.8] - activated[1.0]
+  assert 0 < engram_module < 0.1 * activated[1.0]
+  dense = param_counts(reproduce.model_for("dense"))
+  assert reproduce.model_for("dense").moe is None
+  assert abs(dense["activated"] - activated[1.0]) < 0.01 * activated[1.0]
+  cap1 = reproduce.model_for("cap1")
+  assert cap1.engram.rows_per_head == 1 and param_counts(cap1)["activated"] == activated[0.8]
+  assert reproduce.model_for("gate_open").engram.gate == "open"
+  with pytest.raises(ValueError, match="condition 'moe': expected dense"):
+    reproduce.model_for("moe")
+
+
+def _record(condition, seed, loss, acc=0.5, rho=None, knocked=None):
+  return {"condition": condition, "seed": seed, "heldout": {"loss": loss, "bits_per_byte": loss / 3},
+          "facts_mc": {"accuracy": acc}, "sparse": {"rho": rho if rho is not None else 1.0, "engram": 0},
+          "params": {"total": 1, "activated": 1}, "experts": 2, "rows_per_head": None, "tokens": 10,
+          "train_seconds": 1.0, "niah": [],
+          "knockout": None if knocked is None else {"heldout_loss": knocked, "facts_mc_accuracy": acc / 2}}
+
+
+def test_statistics_on_known_data():
+  s = reproduce.stats([1.0, 2.0, 3.0])
+  assert s["mean"] == 2.0 and s["std"] == 1.0 and math.isclose(s["sem"], 1 / math.sqrt(3))
+  results = [_record("rho0.8", k, 4.0 + 0.1 * k, rho=0.8, knocked=5.0) for k in range(3)]
+  results += [_record("rho1.0", k, 4.3 + 0.1 * k) for k in range(2)]
+  d = reproduce.paired(results, "rho0.8", "rho1.0", lambda r: r["heldout"]["loss"])
+  assert d["seeds"] == [0, 1] and math.isclose(d["mean"], -0.3) and d["std"] < 1e-9
+  # A parabola with its minimum at 0.75, sampled at six rhos, is recovered.
+  xs = [0.4, 0.55, 0.7, 0.8, 0.9, 1.0]
+  coef, err, argmin = reproduce.quadratic_fit(xs * 2, [2 * (x - 0.75) ** 2 + 4 for x in xs] * 2)
+  assert math.isclose(argmin, 0.75, abs_tol=1e-9) and math.isclose(coef[2], 2.0, abs_tol=1e-9)
+  summary = reproduce.summarize(results)
+  ko = summary["conditions"]["rho0.8"]["knockout"]
+  assert math.isclose(ko["facts_retained"]["mean"], 0.5)
+  assert math.isclose(ko["heldout_retained"]["mean"], sum(4.0 + 0.1 * k for k in range(3)) / 3 / 5.0)
+
+
+def test_smoke_run_trains_evaluates_and_reports(tmp_path):
+  results = tmp_path / "reproduction" / "runs"
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--smoke", "--only", "rho0.8_s0",
+         "--work", str(tmp_path / "work"), "--results", str(results)]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  record = json.loads((results / "rho0.8_s0.json").read_text())
+  assert record["condition"] == "rho0.8" and record["step"] == 4 and record["knockout"] is not None
+  assert 0 <= record["facts_mc"]["accuracy"] <= 1 and record["heldout"]["loss"] > 0
+  report = (tmp_path / "reproduction" / "REPORT.md").read_text()
+  assert "Engram-MoE (rho=0.8)" in report and (tmp_path / "reproduction" / "summary.json").exists()
+  # Resuming finds the finished run and runs nothing.
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+  assert proc.returncode == 0 and "1 of 1 runs done; 0 to run" in proc.stdout
