@@ -329,24 +329,33 @@ def lru_hit_rate(stream: np.ndarray, size: int) -> float:
   return hits / max(1, len(stream))
 
 
-def transfer_per_batch(stream: np.ndarray, batch_lookups: int, cached: np.ndarray, lru_size: int):
+def transfer_per_batch(stream: np.ndarray, batch_lookups: int, reference: np.ndarray, size: int):
   """Rows crossing from the host per batch of `batch_lookups` lookups (distinct misses: repeats within
-  a batch cross once anyway): no cache, the static cache `cached`, and an LRU of `lru_size` rows updated
-  after each batch (its rows then serve the next batches). Returns means over batches."""
-  static = set(cached.tolist())
-  lru = collections.OrderedDict()
-  none_, stat_, lru_ = [], [], []
+  a batch cross once anyway) under caches of `size` rows: none; the static top-K of the reference
+  sample (what the runner does); the top-K by frequency over the reference plus every batch seen so
+  far, rebuilt after each batch; an LRU updated after each batch, starting from the static rows.
+  Returns means over batches."""
+  counts = collections.Counter(reference.tolist())
+  static = set(x for x, _ in counts.most_common(size))
+  refreshed = set(static)
+  lru = collections.OrderedDict((x, None) for x in static)
+  none_, stat_, freq_, lru_ = [], [], [], []
   for start in range(0, len(stream) - batch_lookups + 1, batch_lookups):
-    distinct = set(stream[start:start + batch_lookups].tolist())
+    batch = stream[start:start + batch_lookups].tolist()
+    distinct = set(batch)
     none_.append(len(distinct))
     stat_.append(len(distinct - static))
+    freq_.append(len(distinct - refreshed))
     lru_.append(sum(1 for x in distinct if x not in lru))
+    counts.update(batch)
+    refreshed = set(x for x, _ in counts.most_common(size))
     for x in distinct:
       lru[x] = None
       lru.move_to_end(x)
-    while len(lru) > lru_size:
+    while len(lru) > size:
       lru.popitem(last=False)
-  return {"no_cache": float(np.mean(none_)), "static": float(np.mean(stat_)), "lru_per_batch": float(np.mean(lru_))}
+  return {"no_cache": float(np.mean(none_)), "static": float(np.mean(stat_)),
+          "frequency_refreshed": float(np.mean(freq_)), "lru_per_batch": float(np.mean(lru_))}
 
 
 def part_hitrate(args, cfg, mesh, work):
@@ -365,6 +374,7 @@ def part_hitrate(args, cfg, mesh, work):
   out = {"part": "hitrate", "reference_tokens": int(np.prod(ref.shape[:2])), "eval_tokens": int(np.prod(ev.shape[:2])),
          "rows_per_table": {n: int(r.shape[0]) for n, r in tables.rows.items()}, "sizes": []}
   ev_ids = memory.row_ids(e, ev)
+  ref_ids = memory.row_ids(e, ref)
   for k in args.hit_sizes:
     cache = offload.HotRowCache.build(tables, ref, k)
     counter = offload.HitCounter()
@@ -381,7 +391,7 @@ def part_hitrate(args, cfg, mesh, work):
       # What crosses per batch of 16 x 128 tokens: distinct missed rows.
       rec["rows_sent_per_batch"] = {
           str(l): transfer_per_batch(np.asarray(ev_ids[memory.table_name(l)]).reshape(-1), 16 * 128 * e.num_heads,
-                                     cache.ids[memory.table_name(l)], k) for l in e.layer_ids}
+                                     np.asarray(ref_ids[memory.table_name(l)]).reshape(-1), k) for l in e.layer_ids}
     out["sizes"].append(rec)
   if args.plot:
     import matplotlib
@@ -521,10 +531,23 @@ def main():
   p.add_argument("--keep_big", action="store_true")
   p.add_argument("--paper", action="store_true", help="the paper's Table 4 shape (for a GPU): 512 prompts of "
                  "100-1024 tokens, ~20 GB of tables")
+  p.add_argument("--gpu", action="store_true", help="the Table 4 shape at a size that fits bench/run_gpu.sh's "
+                 "budget: decoding and scoring, prompts of 100-1024 tokens, ~1 GB of tables in host memory")
+  p.add_argument("--json", default=None, help="also write every part's result here (rewritten after each part)")
+  p.add_argument("--smoke", action="store_true", help="shrink every size (after --gpu/--paper) to check the script "
+                 "runs, e.g. on a CPU")
   args = p.parse_args()
-  if args.paper:
+  if args.paper or args.gpu:
     args.batch, args.seq, args.min_prompt, args.max_prompt, args.batches = 64, 1024, 100, 1024, 8
     args.rows_per_head = 40_000_003  # 1 Engram layer x 8 heads x 40M rows x 16 x 4 B = ~20 GB
+    args.decode_batches, args.new_tokens = "64,512", 32
+  if args.gpu:
+    args.parts, args.repeats, args.rows_per_head = "decode,throughput", 3, 2_000_003  # ~1 GB
+    args.cache_sizes = "16384,131072,1048576"
+  if args.smoke:
+    args.rows_per_head, args.batches, args.batch, args.repeats, args.cache_sizes = 20011, 1, 4, 1, "64"
+    args.seq, args.min_prompt, args.max_prompt, args.decode_batches, args.new_tokens = 256, 100, 200, "1,4", 4
+    args.big_gb = min(args.big_gb, 0.05)
   args.cache_sizes = [int(x) for x in args.cache_sizes.split(",")]
   args.decode_batches = [int(x) for x in args.decode_batches.split(",")]
   args.hit_sizes = [int(x) for x in args.hit_sizes.split(",")]
@@ -533,13 +556,18 @@ def main():
   print(json.dumps({"machine": platform.machine(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                     "devices": jax.device_count(), "jax": jax.__version__}), flush=True)
   work = tempfile.mkdtemp(prefix="bench_offload_")
+  results = []
   try:
     for part in args.parts.split(","):
       if part == "bigdisk" and not args.big_dir:
         raise SystemExit("--parts bigdisk needs --big_dir (a directory on the disk to test, with room for --big_gb)")
       fn = {"throughput": part_throughput, "breakdown": part_breakdown, "hitrate": part_hitrate,
             "quantize": part_quantize, "bigdisk": part_bigdisk, "decode": part_decode}[part]
-      print(json.dumps(fn(args, cfg, mesh, work)), flush=True)
+      results.append(fn(args, cfg, mesh, work))
+      print(json.dumps(results[-1]), flush=True)
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump(results, f, indent=1)
   finally:
     shutil.rmtree(work, ignore_errors=True)
 

@@ -16,6 +16,10 @@ of tokens on the embedded corpus mixed with the synthetic knowledge corpus, know
   python bench/reproduce.py --jobs 2         # two runs at a time, one per core
   python bench/reproduce.py --report         # only rebuild the report from the committed results
   python bench/reproduce.py --seeds 5        # add seeds: runs already done are kept
+  python bench/reproduce.py --set preset=configs/small.py --set sparse_budget=500000000 \
+      --set expert_hidden=512 --set top_k=4 --set num_shared_experts=2 --set mlp_hidden=3072 \
+      --set steps=2000 --set batch_size=32 --set seq_len=1024 --results bench/reproduction_small/runs
+                                             # the same study at the `small` size (a GPU)
 
 Resumable at two levels: a finished run's results file (bench/reproduction/runs/<name>.json,
 committed) is never recomputed, and a run stopped mid-training resumes from its last checkpoint
@@ -46,6 +50,7 @@ FACT_CHANCE = 0.25  # knowledge probes have 4 choices (knowledge.generate_knowle
 SMALL_CAPACITY = 64  # rows per head of the small-table control (the rho = 0.8 model has ~1.5k)
 # The study's fixed settings (recorded in every result and in the report).
 STUDY = dict(
+    preset="configs/tiny.py",  # the backbone every model shares (its widths, depth, attention, mHC, Engram layers)
     sparse_budget=1_000_000,  # inactive parameters: routed experts a token skips + Engram rows
     expert_hidden=128, top_k=2, num_shared_experts=1, mlp_hidden=384,
     steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=20,
@@ -74,7 +79,7 @@ def model_for(condition: str, study=STUDY):
   from engram_jax.allocation import allocate
   from engram_jax.config import load_preset
 
-  tiny = load_preset(os.path.join(ROOT, "configs", "tiny.py")).model
+  tiny = load_preset(os.path.join(ROOT, study["preset"])).model
   moe = dataclasses.replace(tiny.moe, expert_hidden=study["expert_hidden"], top_k=study["top_k"],
                             num_shared_experts=study["num_shared_experts"])
   base = dataclasses.replace(tiny, mlp_hidden=study["mlp_hidden"], moe=moe)
@@ -117,7 +122,7 @@ def config_for(name: str, work: str, study=STUDY):
   from engram_jax.config import CheckpointConfig, MeshConfig, load_preset
 
   condition, seed = parse_name(name)
-  tiny = load_preset(os.path.join(ROOT, "configs", "tiny.py"))
+  tiny = load_preset(os.path.join(ROOT, study["preset"]))
   facts = knowledge_files(work, study)
   data = dataclasses.replace(
       tiny.data, seq_len=study["seq_len"], batch_size=study["batch_size"], seed=seed,
@@ -322,7 +327,7 @@ def summarize(results: List[dict]) -> dict:
           "facts_mc": paired(results, engram, other, lambda r: r["facts_mc"]["accuracy"])}
   curve = [(r["sparse"]["rho"], r["heldout"]["loss"]) for r in results if r["condition"].startswith("rho")]
   fit = quadratic_fit([x for x, _ in curve], [y for _, y in curve])
-  return {"study": STUDY, "conditions": table, "paired_differences": comparisons,
+  return {"study": results[0]["study"], "conditions": table, "paired_differences": comparisons,
           "allocation_fit": None if fit is None else {"coefficients": fit[0], "std_errors": fit[1], "argmin_rho": fit[2]},
           "runs": len(results)}
 
@@ -432,14 +437,24 @@ def main():
   p.add_argument("--jobs", type=int, default=1, help="runs at a time, each pinned to its own core")
   p.add_argument("--only", default=None, help="comma-separated run names (e.g. rho0.8_s0,dense_s0)")
   p.add_argument("--report", action="store_true", help="only rebuild REPORT.md, summary.json and the plots")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="change a study setting (STUDY's keys, e.g. --set preset=configs/small.py --set steps=2000 "
+                 "--set sparse_budget=500000000 for a GPU); give every run of one study the same settings")
   p.add_argument("--smoke", action="store_true", help="a few steps of a few runs into a scratch directory")
   p.add_argument("--run_one", default=None, help=argparse.SUPPRESS)
+  p.add_argument("--study", default=None, help=argparse.SUPPRESS)
   args = p.parse_args()
   study = dict(STUDY)
-  extra = []
+  for item in args.set:
+    key, _, value = item.partition("=")
+    if key not in STUDY or not value:
+      raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(STUDY)}")
+    study[key] = type(STUDY[key])(json.loads(value) if not isinstance(STUDY[key], str) else value)
   if args.smoke:
     study.update(steps=4, warmup_steps=2, eval_batches=1, entities=4, facts_repeat=1, niah_lengths=(64,), niah_examples=1)
-    extra = ["--smoke"]
+  if args.study:
+    study = json.loads(args.study)
+  extra = ["--study", json.dumps(study)]
   if args.run_one:
     run_one(args.run_one, args.work, args.results, study)
     return

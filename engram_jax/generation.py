@@ -13,6 +13,13 @@ A decode step is three parts, in this order, in one jitted function:
           the latent and rotary key (MLA, decoded in the absorbed form), each Engram layer's conv
           state. mHC and MoE are per token and keep nothing.
 
+With the Engram tables on the host or on disk (a runner with `engram_tables="host"|"disk"`,
+offload.py) the step is a host gather between two programs (`_HostStep`): each step ends by
+sampling and hashing the next token (`DecodeState.pending`), so the next step's rows are known when
+the step ends; the next step dispatches the blocks before the first Engram layer (the `head` part of
+the model), gathers and places its rows on the host meanwhile, and runs the rest on them. Outputs
+are bitwise those of the device step.
+
 Prefill runs the prompts exactly as training would (`model.forward` with cache_mode="prefill"):
 right-padded, with per-row lengths, because the hasher's pad id is a real token (left padding would
 change hash ids and conv inputs); its hash ids come from the host hasher, like every training batch.
