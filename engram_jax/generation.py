@@ -248,6 +248,7 @@ class Generator:
     self.compiled: List[Tuple] = []
     self._programs: Dict[Tuple, _Programs] = {}  # (rows, prompt length, cache length) -> its programs
     self._steps: Dict[Tuple, Callable] = {}  # the state's leaf shapes -> jitted decode step
+    self._placed_cache: Dict[str, Tuple] = {}  # step(): host values -> their placed arrays (`_placed`)
 
   @classmethod
   def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
@@ -445,10 +446,23 @@ class Generator:
     if program is None:
       raise ValueError("no decode program for this state's shapes: pass a state that prefill (or step) returned")
     if not isinstance(sampling.temperature, jax.Array):
-      sampling = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
-    scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
+      sampling = self._placed("sampling", sampling, lambda v: Sampling(*self._place(dict(zip(Sampling._fields, v))).values()))
+    scale = self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
+    scale = self._placed("scale", (scale,), lambda v: jnp.asarray(v[0]))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       return program(self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale)
+
+  def _placed(self, key: str, host_values: Sequence, place: Callable):
+    """`place(host_values)`, reused while the host values stay equal: a decode loop passes the same
+    sampling parameters and scale every step, and placing them anew costs a transfer per step (and,
+    with host tables, would discard the sample drawn ahead, which is tied to the placed arrays)."""
+    last = self._placed_cache.get(key)
+    if last is not None and len(last[0]) == len(host_values) and all(
+        np.shape(a) == np.shape(b) and np.array_equal(a, b) for a, b in zip(last[0], host_values)):
+      return last[1]
+    placed = place(host_values)
+    self._placed_cache[key] = (tuple(np.array(v, copy=True) for v in host_values), placed)
+    return placed
 
   # -- the loop ----------------------------------------------------------------------------------
 

@@ -132,12 +132,16 @@ def merge(backbone, tables: Dict[str, object]) -> dict:
 
 
 def row_ids(cfg: EngramConfig, engram_ids: jax.Array) -> Dict[str, jax.Array]:
-  """{table name: global row ids [..., H]} from per-head hash ids engram_ids [..., num_layers, H]."""
+  """{table name: global row ids [..., H]} from per-head hash ids engram_ids [..., num_layers, H]
+  (int32 in-graph; int64 numpy for numpy ids, computed on the host)."""
   return {table_name(l): _offset(cfg, l, engram_ids[..., i, :]) for i, l in enumerate(cfg.layer_ids)}
 
 
 def _offset(cfg: EngramConfig, layer_id: int, hash_ids: jax.Array) -> jax.Array:
-  return hash_ids.astype(jnp.int32) + jnp.asarray(table_layout(cfg, layer_id)[1], jnp.int32)
+  offsets = table_layout(cfg, layer_id)[1]
+  if isinstance(hash_ids, np.ndarray):  # the host gather's ids: no round trip through a device
+    return hash_ids.astype(np.int64) + offsets
+  return hash_ids.astype(jnp.int32) + jnp.asarray(offsets, jnp.int32)
 
 
 def read_rows(table: jax.Array, cfg: EngramConfig, layer_id: int, hash_ids: jax.Array, mesh=None, *,
