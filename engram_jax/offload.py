@@ -18,10 +18,10 @@ gather (`dequantize`).
 
 The hot-row cache (`HotRowCache`) holds, per table, the K rows read most often in a reference sample
 (by default the start of the training split), replicated on every device, chosen once: a static
-top-K by frequency. Why not an LRU updated per batch: the cache is a device array, so updating it
-means a scatter per batch and a host map that must stay in lock-step with the device copy across
-the prefetch thread, for little gain; bench/bench_offload.py measures the static cache's hit rate
-against an LRU of the same size simulated on the same stream (BENCHMARKS.md).
+top-K by frequency. Measured against the alternatives on the same stream (bench/bench_offload.py,
+BENCHMARKS.md), counting what crosses per batch (distinct missed rows): an LRU updated per batch
+sends more rows at every size, and a top-K refreshed with every batch's counts saves under 3%, not
+worth updating the device copy in step with the prefetch thread.
 
 Table files (`write_table_dir`, `export_tables`, `HostTables.open`): a directory with one raw
 row-major file per table (`<table>.rows`, the storage dtype) plus `<table>.scale` (float32 per row)
