@@ -27,7 +27,8 @@ def expected_errors() -> tuple:
   from engram_jax.runlock import WorkdirBusyError
   from engram_jax.trainer import NonFiniteError
 
-  return (ValueError, OSError, CheckpointRestoreError, NonFiniteError, WorkdirBusyError)
+  # MemoryError: the host-table placement's refusal when the tables do not fit in RAM (offload.py).
+  return (ValueError, OSError, MemoryError, CheckpointRestoreError, NonFiniteError, WorkdirBusyError)
 
 
 def command_with(flag: str, value, argv: Optional[Sequence[str]] = None) -> str:

@@ -1,24 +1,27 @@
 """Generation: prefill a batch of prompts, then decode one token per row per step with caches.
 
-A decode step is three parts, in this order, in one jitted function:
+With the Engram tables on the devices a decode step is three parts, in this order, in one jitted
+function:
 
   sample  the next token of every row from the logits the previous step (or prefill) left, per row
           (greedy, temperature, top-k, top-p; parameters are arrays, so changing them recompiles
           nothing; the key is the row's seed folded with its sequence index and position);
   hash    the token's Engram hash ids, in-graph, from the row's n-gram history (its last max_n-1
           compressed ids), and gather their rows from the tables (`memory.gather`: the one place
-          a decode step reads table rows, so a host-memory table can replace it);
+          a decode step reads table rows);
   blocks  the model (`model.forward` with cache_mode="decode", the training modules' own params) on
           that one token at the row's position, updating the caches: attention keys/values (GQA) or
           the latent and rotary key (MLA, decoded in the absorbed form), each Engram layer's conv
           state. mHC and MoE are per token and keep nothing.
 
 With the Engram tables on the host or on disk (a runner with `engram_tables="host"|"disk"`,
-offload.py) the step is a host gather between two programs (`_HostStep`): each step ends by
-sampling and hashing the next token (`DecodeState.pending`), so the next step's rows are known when
-the step ends; the next step dispatches the blocks before the first Engram layer (the `head` part of
-the model), gathers and places its rows on the host meanwhile, and runs the rest on them. Outputs
-are bitwise those of the device step.
+offload.py) the step is a host gather between programs (`_HostStep`): each step ends by sampling
+and hashing the next token (`DecodeState.pending`), so the next step's rows are known when the step
+ends; the next step dispatches the blocks before the first Engram layer (the `head` part of the
+model; none when the first Engram layer is layer 0 or with split_decode=False), gathers and places
+its rows on the host meanwhile, and runs the rest on them. In float32 the outputs are bitwise those
+of the device step (tested); with bfloat16 compute the split stores the residual streams in
+bfloat16 at the first Engram layer, where the one-program step may keep more precision.
 
 Prefill runs the prompts exactly as training would (`model.forward` with cache_mode="prefill"):
 right-padded, with per-row lengths, because the hasher's pad id is a real token (left padding would
@@ -164,7 +167,7 @@ def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
 
 class _Programs(NamedTuple):
   prefill: Callable  # jitted prefill of one bucket
-  step: Callable  # jitted decode step (shared by buckets whose states have the same shapes)
+  step: Callable  # decode step, jitted (device tables) or a `_HostStep` (shared by buckets whose states have the same shapes)
   state: DecodeState  # abstract state (ShapeDtypeStructs with shardings)
   sampling: Sampling  # abstract sampling arrays
 
@@ -220,7 +223,7 @@ class Generator:
   """Prefill and cached decoding for a `ModelRunner`'s model, params and mesh.
 
   `generate(prompts, max_new_tokens, ...)` is the whole loop; `prefill` and `step` are its two
-  jitted parts (tests and benchmarks drive them directly). `compiled` lists the shape buckets
+  parts (tests and benchmarks drive them directly; with host tables a step is a `_HostStep`). `compiled` lists the shape buckets
   compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache length).
   """
 
@@ -548,10 +551,13 @@ class _HostStep:
             the LM head, and then the *next* step's sample and hash ids (`DecodeState.pending`).
 
   The tokens a step feeds the model were sampled at the end of the previous step, so their hash ids
-  are on the host by the time the step starts: nothing waits for them. The first step after a prefill
-  (or a step given other sampling parameters than the last one) samples first with its own small
-  program. Sampling is a function of the logits and the parameters (the key is the row's seed,
-  index and position), so sampling ahead draws exactly the tokens the device step draws.
+  are on the host by the time the step starts: nothing waits for them. The sample drawn ahead is used
+  only for the state it was drawn from (the same logits, positions and history arrays) and the same
+  sampling arrays; otherwise (the first step after a prefill, a state from elsewhere, other sampling
+  arrays) the step samples first with its own small program. Sampling is a function of the logits
+  and the parameters (the key is the row's seed, index and position), so sampling ahead draws exactly
+  the tokens the device step draws. Decode rows are padded to one row bucket (every lookup of the
+  step), so a generation compiles one `rest` program per state shape.
   """
 
   def __init__(self, generator: "Generator", state_shardings: DecodeState, step_shardings):
@@ -567,23 +573,35 @@ class _HostStep:
     new_state, outputs = step_shardings
     self.rest = jax.jit(lambda *a: nn.meta.unbox(generator._host_blocks_fn(*a)),
                         out_shardings=(new_state._replace(pending=pending), outputs), donate_argnums=(2,))
-    self._sampling = None  # the sampling arrays the pending samples were drawn with
+    self._drawn_from: Tuple = ()  # what the last pending sample was drawn from (see __call__)
+
+  @staticmethod
+  def _origin(state: DecodeState, sampling: Sampling) -> Tuple:
+    return (state.logits, state.positions, state.history) + tuple(sampling)
 
   def __call__(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
     runner = self.generator.runner
-    pending = state.pending if sampling is self._sampling else None
+    origin = self._origin(state, sampling)
+    drawn_here = len(origin) == len(self._drawn_from) and all(a is b for a, b in zip(origin, self._drawn_from))
+    pending = state.pending if drawn_here else None
     if pending is None:
       pending = self.sample(state, sampling, lookup)
-    self._sampling = sampling
     tokens, logprobs, engram_ids, history = pending
     state = state._replace(pending=None)
     streams = None
     if self.head is not None:
-      streams, cache = self.head(params, model_state, state.cache, tokens, state.positions)
+      streams, cache = self.head(params, model_state, state.cache, tokens, state.positions)  # donates the cache
       state = state._replace(cache=cache)
-    host = runner.host_rows(gather_global(engram_ids))  # while `head` runs on the devices
-    return self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays, engram_scale,
-                     sampling, lookup, streams)
+    try:
+      ids = gather_global(engram_ids)
+      host = runner.host_rows(ids, pad_to=ids.shape[0] // runner.row_multiple * ids.shape[1] * ids.shape[3])
+    except BaseException as e:
+      raise RuntimeError("reading this decode step's Engram rows from the host tables failed; the decode state "
+                         "given to the step was consumed (its cache was donated): start again from prefill") from e
+    new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays,
+                               engram_scale, sampling, lookup, streams)
+    self._drawn_from = self._origin(new_state, sampling)
+    return new_state, out
 
 
 def _unbox_abstract(tree):
@@ -626,7 +644,8 @@ def check_tables(cfg: Config, params, host_rows: Optional[Dict[str, np.ndarray]]
                                     for l in engram.layer_ids}
   got = {name: tuple(t.shape) for name, t in tables.items()}
   if got != want:
-    raise ValueError(f"the parameters hold Engram tables {got or 'none'}, but model.engram={engram} describes "
+    where = "the parameters hold" if host_rows is None else "the host tables are"
+    raise ValueError(f"{where} Engram tables {got or 'none'}, but model.engram={engram} describes "
                      f"{want or 'none'}: generate with the Engram config the model was trained with")
 
 

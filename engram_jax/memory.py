@@ -137,7 +137,7 @@ def row_ids(cfg: EngramConfig, engram_ids: jax.Array) -> Dict[str, jax.Array]:
   return {table_name(l): _offset(cfg, l, engram_ids[..., i, :]) for i, l in enumerate(cfg.layer_ids)}
 
 
-def _offset(cfg: EngramConfig, layer_id: int, hash_ids: jax.Array) -> jax.Array:
+def _offset(cfg: EngramConfig, layer_id: int, hash_ids):
   offsets = table_layout(cfg, layer_id)[1]
   if isinstance(hash_ids, np.ndarray):  # the host gather's ids: no round trip through a device
     return hash_ids.astype(np.int64) + offsets

@@ -645,11 +645,13 @@ class HitCounter:
 
 
 def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: np.ndarray, shards: int,
-                 mask: Optional[np.ndarray] = None, counter: Optional[HitCounter] = None) -> Dict[str, dict]:
+                 mask: Optional[np.ndarray] = None, counter: Optional[HitCounter] = None,
+                 pad_to: int = 0) -> Dict[str, dict]:
   """Host side of a batch's rows, per table: {"index" int32 [B, T, H], "rows" [S, U, d] stored dtype,
   "scale" float32 [S, U] or absent}. `engram_ids` [B, T, L, H] is this process's batch, split into
   `shards` equal batch shards (the mesh's batch devices on this process); index values < K address
-  the cache, K + j row j of the shard's distinct missed rows. U is one bucket for every shard.
+  the cache, K + j row j of the shard's distinct missed rows. U is one bucket for every shard, at
+  least `row_bucket(pad_to)`.
   """
   ids = memory.row_ids(tables.cfg, np.asarray(engram_ids))
   K = cache.size if cache is not None else 0
@@ -674,7 +676,7 @@ def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: n
       idx[~hit] = K + inv.reshape(-1)
       index[s] = idx
       uniqs.append(uniq)
-    U = row_bucket(max(len(u) for u in uniqs))
+    U = row_bucket(max(pad_to, max(len(u) for u in uniqs)))
     dim = tables.rows[name].shape[1]
     rows = np.zeros((shards, U, dim), tables.rows[name].dtype)
     scale = None if tables.scales[name] is None else np.zeros((shards, U), np.float32)

@@ -291,13 +291,16 @@ class ModelRunner:
       host = self.host_rows(local.pop("engram_ids"), mask=local["segment_ids"] > 0)
     return Prepared(place_batch(local, self.mesh), host, rows, padded_rows)
 
-  def host_rows(self, engram_ids: np.ndarray, mask: Optional[np.ndarray] = None) -> Dict[str, Dict[str, jax.Array]]:
+  def host_rows(self, engram_ids: np.ndarray, mask: Optional[np.ndarray] = None,
+                pad_to: int = 0) -> Dict[str, Dict[str, jax.Array]]:
     """The Engram rows of hash ids [B, T, L, H] (this process's rows, B a multiple of its batch devices)
     gathered from the host tables minus the hot-row cache (`offload.prepare_rows`) and placed on the
     batch's devices: what `make_forward`'s `host` and `offload.assemble_rows` take. `mask` [B, T]
-    marks the positions the hit-rate counter counts (default: all)."""
+    marks the positions the hit-rate counter counts (default: all); `pad_to` pads the distinct rows
+    per shard to at least this many (a fixed shape: decoding passes every lookup of a step)."""
     shards = max(1, self.row_multiple // jax.process_count())
-    host_np = offload.prepare_rows(self.tables, self.cache, engram_ids, shards, mask=mask, counter=self.hit_counter)
+    host_np = offload.prepare_rows(self.tables, self.cache, engram_ids, shards, mask=mask, counter=self.hit_counter,
+                                   pad_to=pad_to)
     shardings = {name: {k: batch_sharding(self.mesh, v.ndim) for k, v in entry.items()} for name, entry in host_np.items()}
     if jax.process_count() == 1:
       return jax.device_put(host_np, shardings)  # one call for every array: less per-step overhead when decoding

@@ -441,6 +441,23 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
   monkeypatch.setattr(offload, "prepare_rows", slow)
   same(host.generate(prompts, 10, **kwargs), "host, slow gather")
   monkeypatch.setattr(offload, "prepare_rows", prepare_rows)
+
+  def interleaved(gen):
+    # Two states stepped in turn with different sampling arrays: each step must draw from its own
+    # state and arrays, never from a sample drawn ahead for another.
+    rows = prompts * 3
+    rows = rows[:gen.row_bucket(len(rows))] + [[1]] * (gen.row_bucket(len(rows)) - len(rows))
+    hot, greedy = (generation.sampling_arrays(len(rows), temperature=t, seed=3) for t in (0.9, 0.0))
+    cache_length = gen.cache_bucket(max(map(len, rows)) + 4)
+    a, b = gen.prefill(rows, cache_length), gen.prefill(rows, cache_length)
+    a, a1 = gen.step(a, hot)
+    b, b1 = gen.step(b, greedy)
+    a, a2 = gen.step(a, greedy)
+    a, a3 = gen.step(a, greedy)
+    return [np.asarray(o.tokens) for o in (a1, b1, a2, a3)]
+
+  for got, want_tokens in zip(interleaved(host), interleaved(device)):
+    np.testing.assert_array_equal(got, want_tokens)
   disk = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="disk", table_dir=table_dir,
                                               cache_rows=128, split_decode=False, **quiet)
   assert disk.split_layer is None and disk.runner.cache is not None
