@@ -320,11 +320,14 @@ def summarize(results: List[dict]) -> dict:
     table[c] = rec
   engram = f"rho{PAPER_RHO}"
   comparisons = {}
-  for other in ("rho1.0", "dense", "cap1", f"cap{SMALL_CAPACITY}", "gate_open"):
-    if engram in conditions and other in conditions:
-      comparisons[f"{engram} - {other}"] = {
-          "heldout_loss": paired(results, engram, other, lambda r: r["heldout"]["loss"]),
-          "facts_mc": paired(results, engram, other, lambda r: r["facts_mc"]["accuracy"])}
+  pairs = [(engram, other) for other in ("rho1.0", "dense", "cap1", f"cap{SMALL_CAPACITY}", "gate_open")]
+  pairs += [("cap1", "rho1.0"), ("dense", "rho1.0")]  # the extra path alone; dense vs MoE
+  pairs += [(f"rho{r}", "rho1.0") for r in RHOS if r not in (PAPER_RHO, 1.0)]  # every point of the curve vs pure MoE
+  for a, b in pairs:
+    if a in conditions and b in conditions:
+      comparisons[f"{a} - {b}"] = {
+          "heldout_loss": paired(results, a, b, lambda r: r["heldout"]["loss"]),
+          "facts_mc": paired(results, a, b, lambda r: r["facts_mc"]["accuracy"])}
   curve = [(r["sparse"]["rho"], r["heldout"]["loss"]) for r in results if r["condition"].startswith("rho")]
   fit = quadratic_fit([x for x, _ in curve], [y for _, y in curve])
   return {"study": results[0]["study"], "conditions": table, "paired_differences": comparisons,
