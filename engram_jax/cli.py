@@ -131,20 +131,23 @@ def run_reporting_errors(main: Callable, prog: str, suggest: Callable[[BaseExcep
 def define_table_flags():
   """Defines --engram_tables, --table_dir, --cache_rows, --quantize and --verify_tables (eval.py and
   generate.py); returns a function that gives their values as `ModelRunner.from_checkpoint`'s
-  keyword arguments."""
+  keyword arguments. They belong to the calling program, so its --help lists them."""
+  caller = sys._getframe(1).f_globals.get("__name__", "")
+  module = dict(module_name=sys.argv[0] if caller == "__main__" else caller)
   engram_tables = flags.DEFINE_enum(
       "engram_tables", "device", ["device", "host", "disk"],
       "Where the Engram tables live: in accelerator memory (device), host RAM (host: from --table_dir, or read "
       "from the checkpoint), or memory-mapped table files (disk: --table_dir). Rows are gathered on the host "
-      "from hash ids known before the step that reads them.")
-  table_dir = flags.DEFINE_string("table_dir", None, "A table directory written by eval.py --export_tables (host/disk).")
+      "from hash ids known before the step that reads them.", **module)
+  table_dir = flags.DEFINE_string("table_dir", None, "A table directory written by eval.py --export_tables (host/disk).",
+                                  **module)
   cache_rows = flags.DEFINE_integer("cache_rows", 0, "Hot-row cache on the devices: rows per table, chosen by "
-                                    "frequency over the start of the training split (0: no cache; host/disk).")
+                                    "frequency over the start of the training split (0: no cache; host/disk).", **module)
   quantize = flags.DEFINE_enum("quantize", None, ["float32", "bfloat16", "int8", "float8_e4m3"],
                                "Row storage of exported tables (eval.py --export_tables) or of host tables read "
-                               "from the checkpoint; with --table_dir, checked against the stored kind.")
+                               "from the checkpoint; with --table_dir, checked against the stored kind.", **module)
   verify = flags.DEFINE_boolean("verify_tables", False, "Check every table file's sha256 before using it "
-                                "(reads every byte).")
+                                "(reads every byte).", **module)
 
   def values() -> dict:
     return dict(engram_tables=engram_tables.value, table_dir=table_dir.value, cache_rows=cache_rows.value,
