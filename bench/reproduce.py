@@ -290,6 +290,8 @@ LABELS = {"dense": "dense twin", "rho1.0": "MoE twin (rho=1)", f"rho{PAPER_RHO}"
 
 
 def summarize(results: List[dict]) -> dict:
+  if not results:
+    return {"study": STUDY, "conditions": {}, "paired_differences": {}, "allocation_fit": None, "runs": 0}
   conditions: Dict[str, List[dict]] = {}
   for r in results:
     conditions.setdefault(r["condition"], []).append(r)

@@ -50,7 +50,8 @@ def test_the_study_compares_models_at_equal_budgets():
 
 
 def _record(condition, seed, loss, acc=0.5, rho=None, knocked=None):
-  return {"condition": condition, "seed": seed, "heldout": {"loss": loss, "bits_per_byte": loss / 3},
+  return {"condition": condition, "seed": seed, "study": reproduce.STUDY,
+          "heldout": {"loss": loss, "bits_per_byte": loss / 3},
           "facts_mc": {"accuracy": acc}, "sparse": {"rho": rho if rho is not None else 1.0, "engram": 0},
           "params": {"total": 1, "activated": 1}, "experts": 2, "rows_per_head": None, "tokens": 10,
           "train_seconds": 1.0, "niah": [],
@@ -68,7 +69,9 @@ def test_statistics_on_known_data():
   xs = [0.4, 0.55, 0.7, 0.8, 0.9, 1.0]
   coef, err, argmin = reproduce.quadratic_fit(xs * 2, [2 * (x - 0.75) ** 2 + 4 for x in xs] * 2)
   assert math.isclose(argmin, 0.75, abs_tol=1e-9) and math.isclose(coef[2], 2.0, abs_tol=1e-9)
+  assert reproduce.summarize([])["conditions"] == {}
   summary = reproduce.summarize(results)
+  assert summary["study"] == reproduce.STUDY
   ko = summary["conditions"]["rho0.8"]["knockout"]
   assert math.isclose(ko["facts_retained"]["mean"], 0.5)
   assert math.isclose(ko["heldout_retained"]["mean"], sum(4.0 + 0.1 * k for k in range(3)) / 3 / 5.0)
