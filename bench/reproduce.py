@@ -175,7 +175,7 @@ def run_one(name: str, work: str, results_dir: str, study=STUDY) -> dict:
       "experts": cfg.model.moe.num_experts if cfg.model.moe else 0,
       "rows_per_head": (None if cfg.model.engram is None else
                         cfg.model.engram.rows_per_head or cfg.model.engram.vocab_size_per_ngram[0]),
-      "train_loss_last50": sum(losses[-5:]) / max(1, len(losses[-5:])),
+      "train_loss_last_logged": losses[-1] if losses else None,  # the loss of the last logged step
       "heldout": {"loss": heldout["loss"], "bits_per_byte": heldout["bits_per_byte"]},
       "facts_mc": {"accuracy": mc["accuracy"], "chance": FACT_CHANCE, "questions": mc["questions"]},
       "niah": [{k: r.get(k) for k in ("length", "accuracy", "no_engram_accuracy")} for r in (ev["niah"] or {}).get("lengths", [])],

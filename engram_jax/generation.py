@@ -595,7 +595,7 @@ class _HostStep:
     try:
       ids = gather_global(engram_ids)
       host = runner.host_rows(ids, pad_to=ids.shape[0] // runner.row_multiple * ids.shape[1] * ids.shape[3])
-    except BaseException as e:
+    except Exception as e:
       raise RuntimeError("reading this decode step's Engram rows from the host tables failed; the decode state "
                          "given to the step was consumed (its cache was donated): start again from prefill") from e
     new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays,
