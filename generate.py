@@ -9,8 +9,12 @@ ends. Every row stops at end-of-sequence or after --max_new_tokens. --output_jso
 per prompt: prompt, completion, token ids, per-token log-probabilities and Engram gate means.
 
 --engram_tables host|disk (with --table_dir, --cache_rows, --quantize, as in eval.py) keeps the Engram
-tables off the accelerator: each decode step hashes the token it sampled, the host gathers those rows
-while the blocks before the first Engram layer run, and the rest of the step reads them.
+tables off the accelerator. Decoding takes the path measured fastest for the placement
+(`--decode_path auto`): rows gathered in-graph from device tables, from pinned host memory (RAM
+tables on one device), or through an in-graph host callback (memory-mapped tables, several devices);
+`--decode_path split` is the older two-program step. Up to --decode_block tokens are decoded per
+dispatch (one compiled loop); streamed text appears a block at a time. The end prints generated
+tokens/s; --verbosity=0 also prints the decode path chosen.
 
 Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
 as in train.py and eval.py. Bad input (an empty or too long prompt, a budget below 1, sampling
@@ -21,6 +25,7 @@ paragraph before anything is restored, as train.py and eval.py report theirs (en
 import json
 import os
 import sys
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -45,9 +50,13 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the most likely tokens w
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (prompt i draws with the seed folded with i).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts decoded together.")
 _TABLES = define_table_flags()
-_SPLIT_DECODE = flags.DEFINE_boolean("split_decode", True, "With host/disk tables: split each decode step at the "
-                                     "first Engram layer, so the blocks before it run while the host gathers the "
-                                     "step's rows (--nosplit_decode: gather first, then one program).")
+_DECODE_PATH = flags.DEFINE_enum("decode_path", "auto", ["auto", "device", "pinned_host", "callback", "split"],
+                                 "Where decode steps read Engram rows: auto (the fastest measured for the placement), "
+                                 "device (device tables), pinned_host (RAM tables in pinned host memory, gathered "
+                                 "in-graph), callback (an in-graph host callback: any host or disk tables), split "
+                                 "(host gather between two programs).")
+_DECODE_BLOCK = flags.DEFINE_integer("decode_block", 16, "Decode steps per dispatch (one compiled loop; 1 = one "
+                                     "program call per token).")
 
 
 def _log(message: str):
@@ -85,8 +94,12 @@ def main(argv):
 
   import jax
 
+  if _DECODE_BLOCK.value < 1:
+    raise ValueError(f"--decode_block={_DECODE_BLOCK.value}: expected a positive integer")
   generator = generation.Generator.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, log=_log,
-                                                   split_decode=_SPLIT_DECODE.value, **_TABLES())
+                                                   decode=_DECODE_PATH.value, block=_DECODE_BLOCK.value, **_TABLES())
+  if flags.FLAGS["verbosity"].present:
+    _log(generator.describe())
   single = len(texts) == 1 or _BATCH_SIZE.value == 1
   streams = {}
 
@@ -104,9 +117,14 @@ def main(argv):
       print(f"{'' if i == 0 else chr(10)}{texts[i]}{generator.decode(completion.token_ids)}\n"
             f"[{completion.finish_reason}, {len(completion.token_ids)} tokens]", flush=True)
 
+  start = time.perf_counter()
   completions = generator.generate(prompts, _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                    top_p=_TOP_P.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
                                    on_token=on_token, on_done=on_done)
+  seconds = time.perf_counter() - start
+  generated = sum(len(c.token_ids) for c in completions)
+  _log(f"{generated} tokens generated in {seconds:.2f} s: {generated / seconds:.1f} tokens/s (prefill and the "
+       f"first call's compilation included; {generator.path} path)")
   if _OUTPUT_JSONL.value and jax.process_index() == 0:
     out_dir = os.path.dirname(os.path.abspath(_OUTPUT_JSONL.value))
     os.makedirs(out_dir, exist_ok=True)

@@ -250,7 +250,8 @@ def part_decode(args, cfg, mesh, work):
   corpus = data_lib.tokenized_split(cfg.data, "eval", device.tokenizer).tokens
   quiet = lambda s: None  # noqa: E731
   make = lambda tables, cache=None, split=True: generation.Generator(  # noqa: E731
-      runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, cache=cache), log=quiet, split_decode=split)
+      runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, cache=cache), log=quiet,
+      decode="split" if split else "callback", block=1)
   modes = {"device": (generation.Generator(device, log=quiet), None),
            "host_no_prefetch": (make(host, split=False), None),
            "host_prefetch": (make(host), None)}

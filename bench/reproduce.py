@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 RESULTS = os.path.join(ROOT, "bench", "reproduction")
-RHOS = (0.4, 0.55, 0.7, 0.8, 0.9, 1.0)
+RHOS = (0.1, 0.2, 0.3, 0.4, 0.55, 0.7, 0.8, 0.9, 1.0)
 PAPER_RHO = 0.8
 FACT_CHANCE = 0.25  # knowledge probes have 4 choices (knowledge.generate_knowledge's default)
 NIAH_CHANCE = 0.25  # needle-in-a-haystack queries have 4 candidates (EvalOptions' default)

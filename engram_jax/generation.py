@@ -14,14 +14,26 @@ function:
           the latent and rotary key (MLA, decoded in the absorbed form), each Engram layer's conv
           state. mHC and MoE are per token and keep nothing.
 
-With the Engram tables on the host or on disk (a runner with `engram_tables="host"|"disk"`,
-offload.py) the step is a host gather between programs (`_HostStep`): each step ends by sampling
-and hashing the next token (`DecodeState.pending`), so the next step's rows are known when the step
-ends; the next step dispatches the blocks before the first Engram layer (the `head` part of the
-model; none when the first Engram layer is layer 0 or with split_decode=False), gathers and places
-its rows on the host meanwhile, and runs the rest on them. In float32 the outputs are bitwise those
-of the device step (tested); with bfloat16 compute the split stores the residual streams in
-bfloat16 at the first Engram layer, where the one-program step may keep more precision.
+Where the rows come from is the step's row source (`_RowSource`, chosen once per generator from
+the runner's placement; `decode=` names one):
+
+  device       the tables are params on the devices (`memory.gather`);
+  pinned_host  host tables as `pinned_host` arrays: the step moves its row ids to host memory,
+               gathers there (`compute_on("device_host")`) and brings the rows back, all in the
+               step's own program, so the transfer overlaps the blocks before the first Engram layer;
+  callback     any host or disk tables (memory maps, quantized rows, patches, a hot-row cache): the
+               program calls back into the host gather (`io_callback` into `offload.prepare_rows`)
+               and assembles the rows in-graph, as `assemble_rows` does for prefill;
+  split        today's alternative for host tables (`_HostStep`): the host gathers between two
+               programs, the blocks before the first Engram layer dispatched first.
+
+With the first three a decode step is one program, and `advance(state, sampling, budget)` runs up to
+`block` of them in one program (a `lax.while_loop` that stops when every row has ended: an
+end-of-sequence token or its budget), so batch-1 decoding is not bounded by Python dispatch. Every
+path computes the same values in the same order: in float32 their tokens, log-probabilities and
+gates are bitwise those of the one-step device decode (tested); with bfloat16 compute the split
+path stores the residual streams in bfloat16 at the first Engram layer, where the others may keep
+more precision.
 
 Prefill runs the prompts exactly as training would (`model.forward` with cache_mode="prefill"):
 right-padded, with per-row lengths, because the hasher's pad id is a real token (left padding would
@@ -152,6 +164,167 @@ def _box(x, *names):
   return nn.LogicallyPartitioned(x, names)
 
 
+# ----------------------------------------------------------------------------------------------
+# Row sources: where a decode step reads its Engram rows (module docstring).
+
+DECODE_PATHS = ("auto", "device", "pinned_host", "callback", "split")
+DEFAULT_BLOCK = 16  # decode steps per dispatch (`Generator.decode`); BENCHMARKS.md "Batch-1 decoding"
+
+
+class _RowSource:
+  """One way of reading a decode step's rows in-graph. `operand()` is what the step program takes
+  for it (an argument, so the tables are not baked into the program as constants); `rows(params,
+  operand, engram_ids [B, 1, L, H])` -> {table name: rows [B, 1, H, d] in the model's dtype}."""
+
+  name = ""
+
+  def __init__(self, generator: "Generator"):
+    self.engram = generator.engram
+    self.dtype = jnp.dtype(generator.cfg.model.dtype)
+    self.runner = generator.runner
+
+  def operand(self):
+    return None
+
+  def abstract_operand(self):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.operand())
+
+  def rows(self, params, operand, engram_ids):
+    raise NotImplementedError
+
+
+class _DeviceRows(_RowSource):
+  name = "device"
+
+  def rows(self, params, operand, engram_ids):
+    return memory.gather(memory.split(params)[1], self.engram, engram_ids)
+
+
+def _host_compute(fn):
+  """`fn` run on the host (its outputs in host memory), with whichever form of jax's compute_on this
+  jax has: the function form (`compute_on2`, renamed `compute_on` in later releases)."""
+  from jax.experimental import compute_on as co
+
+  host = jax.memory.Space.Host
+  if hasattr(co, "compute_on2"):
+    return co.compute_on2(fn, compute_type="device_host", out_memory_spaces=host)
+  return co.compute_on(fn, compute_type="device_host", out_memory_spaces=host)
+
+
+def pinned_host_supported(mesh) -> bool:
+  """Whether every device of `mesh` has a `pinned_host` memory (the in-graph host gather's tables)."""
+  try:
+    return all("pinned_host" in [m.kind for m in d.addressable_memories()] for d in mesh.devices.flat)
+  except Exception:  # a backend without memory kinds
+    return False
+
+
+class _PinnedHostRows(_RowSource):
+  """Host tables copied once into `pinned_host` arrays (with their patches' rows; rebuilt when the
+  patches change), replicated over the mesh: one copy of the tables per device of the mesh, so it is
+  the default for one device only. The gather runs on the host, so only the step's rows cross to the
+  device. The hot-row cache is not used (every row is read from host memory)."""
+
+  name = "pinned_host"
+
+  def __init__(self, generator: "Generator"):
+    super().__init__(generator)
+    tables = self.runner.tables
+    if tables.placement != "host" or tables.row_range is not None:
+      raise ValueError(f"decode='pinned_host' copies RAM tables into pinned host memory: these tables are on "
+                       f"{tables.placement}{' (a row range per process)' if tables.row_range is not None else ''}; "
+                       "use decode='callback'")
+    if not pinned_host_supported(generator.mesh):
+      raise ValueError(f"decode='pinned_host': the devices of this mesh ({jax.devices()[0].platform}) have no "
+                       "pinned_host memory; use decode='callback'")
+    self.sharding = jax.sharding.NamedSharding(generator.mesh, jax.sharding.PartitionSpec(), memory_kind="pinned_host")
+    self._key, self._placed = None, None
+
+  def operand(self):
+    tables = self.runner.tables
+    key = tuple((name, id(entry[1])) for name, entry in sorted(tables.overlay.items()))
+    if self._placed is None or key != self._key:
+      placed = {}
+      for name in tables.names:
+        rows, scale = tables.rows[name], tables.scales[name]
+        if name in tables.overlay:  # the patched rows written into a copy (the base rows are never written)
+          ids, o_rows, o_scale = tables.overlay[name]
+          rows = np.array(rows, copy=True)
+          rows[ids] = o_rows
+          if scale is not None:
+            scale = np.array(scale, copy=True)
+            scale[ids] = o_scale
+        placed[name] = (jax.device_put(rows, self.sharding),
+                        None if scale is None else jax.device_put(scale, self.sharding))
+      self._key, self._placed = key, placed
+    return self._placed
+
+  def rows(self, params, operand, engram_ids):
+    ids = memory.row_ids(self.engram, engram_ids)
+    out = {}
+    for name, (table, scale) in operand.items():
+      host_ids = jax.device_put(ids[name], jax.memory.Space.Host)  # [B, 1, H]: a gather's operands share a space
+      take = lambda t, i: t.at[i].get(mode="promise_in_bounds")  # noqa: E731  (hash ids are in range by construction)
+      got = jax.device_put(_host_compute(take)(table, host_ids), jax.memory.Space.Device)
+      got_scale = None if scale is None else jax.device_put(_host_compute(take)(scale, host_ids),
+                                                            jax.memory.Space.Device)
+      out[name] = offload.dequantize(got, got_scale, self.dtype)
+    return out
+
+
+class _CallbackRows(_RowSource):
+  """Any host or disk tables: the step program calls the host gather (`offload.prepare_rows`: the
+  distinct rows per batch shard minus the hot-row cache, counted by the runner's hit counter) and
+  assembles the rows in-graph from them and the cache (`offload.assemble_rows`)."""
+
+  name = "callback"
+
+  def operand(self):
+    return self.runner.cache_arrays
+
+  def abstract_operand(self):
+    return None if self.operand() is None else super().abstract_operand()
+
+  def rows(self, params, operand, engram_ids):
+    from jax.experimental import io_callback
+
+    runner, tables = self.runner, self.runner.tables
+    B, T, _, H = engram_ids.shape
+    shards = runner.row_multiple
+    pad_to = B // shards * T * H  # every lookup of a shard: one fixed shape whatever the ids
+    U = offload.row_bucket(pad_to)
+    shapes = {}
+    for name in tables.names:
+      entry = {"index": jax.ShapeDtypeStruct((B, T, H), jnp.int32),
+               "rows": jax.ShapeDtypeStruct((shards, U, self.engram.head_dim), tables.rows[name].dtype)}
+      if tables.scales[name] is not None:
+        entry["scale"] = jax.ShapeDtypeStruct((shards, U), jnp.float32)
+      shapes[name] = entry
+
+    def gather(ids):
+      return offload.prepare_rows(tables, runner.cache, np.asarray(ids), shards, counter=runner.hit_counter,
+                                  pad_to=pad_to)
+
+    host = io_callback(gather, shapes, engram_ids)
+    return offload.assemble_rows(host, operand, self.dtype)
+
+
+def _row_source(generator: "Generator", path: str) -> _RowSource:
+  return {"device": _DeviceRows, "pinned_host": _PinnedHostRows, "callback": _CallbackRows}[path](generator)
+
+
+def default_decode_path(placement: str, mesh) -> str:
+  """The fastest path measured for a placement (BENCHMARKS.md "Batch-1 decoding", bench_offload.py
+  --parts decode): device tables read in-graph; RAM tables from pinned host memory where the platform
+  has it and the mesh is one device (else through the callback); memory-mapped tables through the
+  callback."""
+  if placement == "device":
+    return "device"
+  if placement == "host" and mesh.devices.size == 1 and pinned_host_supported(mesh):
+    return "pinned_host"
+  return "callback"
+
+
 def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
   """The config decoding runs: MoE without a capacity factor. With one, a group's tokens beyond
   ceil(capacity_factor * tokens * top_k / experts) per expert are dropped, so a token's output
@@ -167,7 +340,8 @@ def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
 
 class _Programs(NamedTuple):
   prefill: Callable  # jitted prefill of one bucket
-  step: Callable  # decode step, jitted (device tables) or a `_HostStep` (shared by buckets whose states have the same shapes)
+  step: Callable  # decode step, jitted (one program) or a `_HostStep` (shared by buckets whose states have the same shapes)
+  loop: Callable  # up to `block` decode steps in one program (`_loop_fn`), jitted
   state: DecodeState  # abstract state (ShapeDtypeStructs with shardings)
   sampling: Sampling  # abstract sampling arrays
 
@@ -227,20 +401,33 @@ class Generator:
   compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache length).
   """
 
-  def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print, split_decode: bool = True):
+  def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print, decode: str = "auto",
+               block: int = DEFAULT_BLOCK):
     if jax.process_count() > 1:
       raise NotImplementedError(f"generation runs in one process (this is process {jax.process_index()} of "
                                 f"{jax.process_count()}): prompts are placed as one process's rows")
+    if decode not in DECODE_PATHS:
+      raise ValueError(f"decode={decode!r}: expected one of {DECODE_PATHS}")
+    if not isinstance(block, (int, np.integer)) or isinstance(block, bool) or block < 1:
+      raise ValueError(f"block={block!r}: expected a positive integer (decode steps per dispatch)")
     self.runner = runner
     self.cfg = decoding_config(runner.cfg, log)
     self.mesh = runner.mesh
     self.engram = self.cfg.model.engram
     self.placement = runner.placement
     check_tables(self.cfg, runner.params, None if runner.tables is None else runner.tables.rows)
-    # Host / disk tables: the step is split at the first Engram layer (module docstring) when blocks
-    # come before it and `split_decode` (default) asks for it.
+    path = default_decode_path(self.placement, self.mesh) if decode == "auto" else decode
+    if (path == "device") != (runner.tables is None):
+      raise ValueError(f"decode={decode!r} reads {'device' if path == 'device' else 'host'} tables, but this runner's "
+                       f"tables are on {self.placement}: expected "
+                       f"{'device' if runner.tables is None else 'pinned_host, callback or split'} (or auto)")
+    self.path = path
+    self.block = 1 if path == "split" else int(block)  # the split step is a Python-level pipeline
+    # The split path splits the step at the first Engram layer (module docstring) when blocks come before it.
     first = min(self.engram.layer_ids) if self.engram is not None else 0
-    self.split_layer = first if (split_decode and runner.tables is not None and first > 0) else None
+    self.split_layer = first if (path == "split" and first > 0) else None
+    # The row source of one-program steps (for the split path: only for the shapes of its outputs).
+    self.source = _row_source(self, "callback" if path == "split" else path)
     self.hashing = runner.hashing
     self.eos_id = data_lib.special_id(runner.tokenizer, self.cfg.data.eos_token, "eos_token")
     self.lookup = None
@@ -250,19 +437,29 @@ class Generator:
                                      jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
     self.compiled: List[Tuple] = []
     self._programs: Dict[Tuple, _Programs] = {}  # (rows, prompt length, cache length) -> its programs
-    self._steps: Dict[Tuple, Callable] = {}  # the state's leaf shapes -> jitted decode step
+    self._steps: Dict[Tuple, Tuple[Callable, Callable]] = {}  # the state's leaf shapes -> (step, K-step loop)
     self._placed_cache: Dict[str, Tuple] = {}  # step(): host values -> their placed arrays (`_placed`)
+
+  def describe(self) -> str:
+    """The decode path in words (generate.py prints it with --verbosity)."""
+    where = {"device": "rows gathered in-graph from the device tables",
+             "pinned_host": "rows gathered in-graph from pinned host memory",
+             "callback": f"rows read by an in-graph host callback from the {self.placement} tables",
+             "split": "host gather between two programs, the blocks before the first Engram layer first"}[self.path]
+    per = "1 token per dispatch" if self.block == 1 else f"up to {self.block} tokens per dispatch"
+    return f"decode path {self.path} ({where}; {per})"
 
   @classmethod
   def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
-                      log: Callable[[str], None] = print, split_decode: bool = True, **tables) -> "Generator":
+                      log: Callable[[str], None] = print, decode: str = "auto", block: int = DEFAULT_BLOCK,
+                      **tables) -> "Generator":
     """A checkpoint's parameters restored onto `mesh` (default: every device here), after checking
     that `cfg`'s Engram config is the one the checkpoint's tables were written with. `tables` are
     ModelRunner.from_checkpoint's placement options (engram_tables, table_dir, cache_rows, quantize,
-    verify_tables)."""
+    verify_tables); `decode` and `block` as for the constructor."""
     check_checkpoint_engram(cfg, checkpoint_dir, step)
     runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=step, mesh=mesh, log=log, **tables)
-    return cls(runner, log=log, split_decode=split_decode)
+    return cls(runner, log=log, decode=decode, block=block)
 
   # -- the jitted parts -------------------------------------------------------------------------
 
@@ -305,13 +502,41 @@ class Generator:
                             positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"))
     return new_state, StepOutput(_box(tokens, "batch"), _box(logprobs, "batch"), _box(gates, "batch", None))
 
-  def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
-    """Device tables: sample, hash, gather in-graph (the step's one read of table rows), blocks."""
+  def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale, tables):
+    """One-program step: sample, hash, the rows from the row source (`tables` is its operand), blocks."""
     tokens, logprobs, engram_ids, history = self._sample_fn(state, sampling, lookup)
-    rows = None
-    if self.engram is not None:
-      rows = memory.gather(memory.split(params)[1], self.engram, engram_ids)
+    rows = None if self.engram is None else self.source.rows(params, tables, engram_ids)
     return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale)
+
+  def _loop_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale, tables,
+               budget):
+    """Up to `self.block` steps in one program: (state, StepOutput [B, block, ...], steps run).
+
+    `budget` [B] int32: tokens each row may still produce (0: the row has ended, or is padding). A
+    row ends at its end-of-sequence token or when its budget is spent; the loop stops once every row
+    has ended. Rows that ended keep stepping with the others (their later outputs are not theirs),
+    exactly as the one-step loop steps them, so each step computes what the one-step program does."""
+    unboxed = lambda tree: nn.meta.unbox(tree)  # noqa: E731
+    B, K = budget.shape[0], self.block
+    layers = 0 if self.engram is None else len(self.engram.layer_ids)
+    outputs = StepOutput(jnp.zeros((K, B), jnp.int32), jnp.zeros((K, B), jnp.float32),
+                         jnp.zeros((K, B, layers), jnp.float32))
+
+    def body(carry):
+      i, state, done, outputs = carry
+      new_state, out = unboxed(self._step_fn(params, model_state, state, sampling, lookup, engram_scale, tables))
+      outputs = StepOutput(*(buf.at[i].set(x) for buf, x in zip(outputs, out)))
+      done = done | (out.tokens == self.eos_id) | (i + 1 >= budget)
+      return i + 1, new_state._replace(pending=None), done, outputs
+
+    def more(carry):
+      i, _, done, _ = carry
+      return (i < K) & ~jnp.all(done)
+
+    steps, state, _, outputs = jax.lax.while_loop(more, body, (jnp.int32(0), unboxed(state), budget <= 0, outputs))
+    names = (("batch", None), ("batch", None), ("batch", None, None))
+    outputs = StepOutput(*(_box(jnp.moveaxis(x, 0, 1), *n) for x, n in zip(outputs, names)))
+    return state, outputs, steps
 
   def _head_fn(self, params, model_state, cache, tokens, positions):
     """Split decoding: the blocks before the first Engram layer -> (residual streams, cache)."""
@@ -339,47 +564,47 @@ class Generator:
     sampling = Sampling(*(jax.ShapeDtypeStruct((rows,), d) for d in
                           (jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
 
-    def step_outputs(params, model_state, state, sampling, lookup, scale):  # whatever holds the tables
-      tokens, logprobs, _, new_history = self._sample_fn(state, sampling, lookup)
-      e = self.engram
-      engram_rows = None if e is None else {
-          n: jnp.zeros((rows, 1, e.num_heads, e.head_dim), jnp.dtype(self.cfg.model.dtype)) for n in memory.table_names(e)}
-      return self._blocks_fn(params, model_state, state, tokens, logprobs, new_history, engram_rows, scale)
-
+    tables = self.source.abstract_operand()
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       abstract = jax.eval_shape(prefill, *example)
-      step_abstract = jax.eval_shape(step_outputs, params, model_state, _unbox_abstract(abstract), sampling,
-                                     self.lookup, scale)
+      step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
+                                     self.lookup, scale, tables)
+      budget = jax.ShapeDtypeStruct((rows,), jnp.int32)
+      loop_abstract = jax.eval_shape(self._loop_fn, params, model_state, _unbox_abstract(abstract), sampling,
+                                     self.lookup, scale, tables, budget)
     # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
     # decode-mode apply, so its names are the prefill's); its outputs have their own names.
     state_shardings = tree_shardings(abstract, self.mesh)
     step_shardings = (state_shardings, tree_shardings(step_abstract[1], self.mesh))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    loop_shardings = (state_shardings, tree_shardings(loop_abstract[1], self.mesh), replicated)
     prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
     state = _unbox_abstract(abstract)
     state_key = _shapes(state._replace(pending=None))
     if state_key not in self._steps:
-      if self.runner.tables is None:
-        self._steps[state_key] = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings,
-                                         donate_argnums=(2,))
+      if self.path == "split":
+        step = _HostStep(self, state_shardings, step_shardings)
       else:
-        self._steps[state_key] = _HostStep(self, state_shardings, step_shardings)
+        step = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings, donate_argnums=(2,))
+      loop = jax.jit(lambda *a: nn.meta.unbox(self._loop_fn(*a)), out_shardings=loop_shardings, donate_argnums=(2,))
+      self._steps[state_key] = (step, loop)
       self.compiled.append(("step", rows, cache_length))
     self.compiled.append(("prefill",) + key)
     with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
     batch_sharding = place_sharding(self.mesh, 1)
     self._programs[key] = _Programs(
-        prefill=prefill_jit, step=self._steps[state_key], state=jax.tree.map(with_sharding, state, state_shardings),
+        prefill=prefill_jit, step=self._steps[state_key][0], loop=self._steps[state_key][1], state=jax.tree.map(with_sharding, state, state_shardings),
         sampling=Sampling(*(with_sharding(x, batch_sharding) for x in sampling)))
     return self._programs[key]
 
   def programs(self, rows: int, prompt_length: int, cache_length: int) -> Dict[str, Tuple[Callable, tuple]]:
-    """{"prefill": (jitted, abstract args), "step": (jitted, abstract args)} of one bucket, every
-    argument a ShapeDtypeStruct with its sharding: what `jax.export` and the benchmarks need
-    (nothing is run). Trace them (call, lower, export) with the mesh and the logical axis rules set.
-    Device tables only (with host tables a step is several programs and a host gather)."""
-    if self.runner.tables is not None:
-      raise ValueError(f"programs() exports the one-program step of device tables; this generator's tables are on "
-                       f"{self.placement}")
+    """{"prefill", "step", "loop": (jitted, abstract args)} of one bucket, every argument a
+    ShapeDtypeStruct with its sharding: what `jax.export` and the benchmarks need (nothing is run).
+    Trace them (call, lower, export) with the mesh and the logical axis rules set. The device and
+    pinned_host paths only: a host callback (and the split path's host gather) is not a program's."""
+    if self.path not in ("device", "pinned_host"):
+      raise ValueError(f"programs() exports the decode programs of the device and pinned_host paths; this "
+                       f"generator's path is {self.path} (tables on {self.placement})")
     engram = self.engram
     sharded = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=place_sharding(self.mesh, len(shape)))  # noqa: E731
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
@@ -391,10 +616,17 @@ class Generator:
     history = sharded((rows, engram.max_ngram_size - 1 if engram is not None else 0), jnp.int32)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     scale = jax.ShapeDtypeStruct((len(self.runner.engram_layers),), jnp.float32, sharding=replicated)
-    p = self._compile(rows, prompt_length, cache_length, (params, model_state, batch, history, scale, None, None))
+    host = None
+    if self.runner.tables is not None:  # prefill's host rows: one batch's distinct rows per shard, as host_rows gives
+      host = jax.tree.map(abstract, self.runner.host_rows(np.zeros(batch["engram_ids"].shape, np.int32)))
+    example = (params, model_state, batch, history, scale, host, None)
+    p = self._compile(rows, prompt_length, cache_length, example)
     lookup = None if self.lookup is None else abstract(self.lookup)
-    return {"prefill": (p.prefill, (params, model_state, batch, history, scale)),
-            "step": (p.step, (params, model_state, p.state, p.sampling, lookup, scale))}
+    tables = self.source.abstract_operand()
+    budget = sharded((rows,), jnp.int32)
+    return {"prefill": (p.prefill, example),
+            "step": (p.step, (params, model_state, p.state, p.sampling, lookup, scale, tables)),
+            "loop": (p.loop, (params, model_state, p.state, p.sampling, lookup, scale, tables, budget))}
 
   # -- buckets and checks ------------------------------------------------------------------------
 
@@ -445,15 +677,37 @@ class Generator:
 
   def step(self, state: DecodeState, sampling: Sampling, engram_scale=None) -> Tuple[DecodeState, StepOutput]:
     """One decode step (the state is donated: use the returned one)."""
-    program = self._steps.get(_shapes(state._replace(pending=None)))
-    if program is None:
+    program, _ = self._programs_for(state)
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      return program(*self._arguments(state, sampling, engram_scale))
+
+  def advance(self, state: DecodeState, sampling: Sampling, budget, engram_scale=None
+             ) -> Tuple[DecodeState, StepOutput, int]:
+    """Up to `block` decode steps in one program (the state is donated): (state, outputs [B, block,
+    ...] of which the first `steps` are real, steps). `budget` [B]: tokens each row may still produce
+    (0 for a row that has ended); the program stops early once every row has produced an
+    end-of-sequence token or its budget. The split path steps once."""
+    program, loop = self._programs_for(state)
+    if self.path == "split":
+      state, out = self.step(state, sampling, engram_scale)
+      return state, StepOutput(*(x[:, None] for x in out)), 1
+    budget = self._place({"budget": np.asarray(budget, np.int32)})["budget"]
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      state, out, steps = loop(*self._arguments(state, sampling, engram_scale), budget)
+    return state, out, int(steps)
+
+  def _programs_for(self, state: DecodeState):
+    programs = self._steps.get(_shapes(state._replace(pending=None)))
+    if programs is None:
       raise ValueError("no decode program for this state's shapes: pass a state that prefill (or step) returned")
+    return programs
+
+  def _arguments(self, state: DecodeState, sampling: Sampling, engram_scale):
     if not isinstance(sampling.temperature, jax.Array):
       sampling = self._placed("sampling", sampling, lambda v: Sampling(*self._place(dict(zip(Sampling._fields, v))).values()))
     scale = self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
     scale = self._placed("scale", (scale,), lambda v: jnp.asarray(v[0]))
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      return program(self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale)
+    return (self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale, self.source.operand())
 
   def _placed(self, key: str, host_values: Sequence, place: Callable):
     """`place(host_values)`, reused while the host values stay equal: a decode loop passes the same
@@ -513,23 +767,25 @@ class Generator:
     placed = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
     completions = [Completion(list(map(int, p)), [], [], [], "length") for p in prompts]
     finished = np.zeros(real, bool)
-    for _ in range(max_new_tokens):
-      state, out = self.step(state, placed, scale)
+    produced = 0  # tokens each unfinished row has so far (rows step together)
+    while not finished.all():
+      budget = np.where(np.concatenate([finished, np.ones(rows - real, bool)]), 0, max_new_tokens - produced)
+      state, out, steps = self.advance(state, placed, budget, scale)
       tokens, logprobs, gates = (gather_global(x) for x in out)
-      for b in np.flatnonzero(~finished):
-        c = completions[b]
-        c.token_ids.append(int(tokens[b]))
-        c.logprobs.append(float(logprobs[b]))
-        c.gate_means.append([float(g) for g in gates[b]])
-        if on_token is not None:
-          on_token(index[b], int(tokens[b]))
-        if tokens[b] == self.eos_id or len(c.token_ids) == max_new_tokens:
-          finished[b] = True
-          c.finish_reason = "eos" if tokens[b] == self.eos_id else "length"
-          if on_done is not None:
-            on_done(index[b], c)
-      if finished.all():
-        break
+      for t in range(steps):
+        produced += 1
+        for b in np.flatnonzero(~finished):
+          c = completions[b]
+          c.token_ids.append(int(tokens[b, t]))
+          c.logprobs.append(float(logprobs[b, t]))
+          c.gate_means.append([float(g) for g in gates[b, t]])
+          if on_token is not None:
+            on_token(index[b], int(tokens[b, t]))
+          if tokens[b, t] == self.eos_id or len(c.token_ids) == max_new_tokens:
+            finished[b] = True
+            c.finish_reason = "eos" if tokens[b, t] == self.eos_id else "length"
+            if on_done is not None:
+              on_done(index[b], c)
     return completions
 
   # -- text --------------------------------------------------------------------------------------
@@ -579,7 +835,7 @@ class _HostStep:
   def _origin(state: DecodeState, sampling: Sampling) -> Tuple:
     return (state.logits, state.positions, state.history) + tuple(sampling)
 
-  def __call__(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale):
+  def __call__(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale, tables=None):
     runner = self.generator.runner
     origin = self._origin(state, sampling)
     drawn_here = len(origin) == len(self._drawn_from) and all(a is b for a, b in zip(origin, self._drawn_from))

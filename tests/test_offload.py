@@ -406,9 +406,10 @@ def test_checkpoint_export_and_eval_from_disk_and_host_equal_device(tmp_path):
 
 
 def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatch):
-  """Greedy and sampled generation from host (split step) and disk (one-program step, hot-row cache)
-  tables: the same tokens and bitwise the same log-probabilities as device tables, also when the host
-  gather is slow (the step waits for its rows: nothing is read early or out of order)."""
+  """Greedy and sampled generation from host tables (the split step; the in-graph pinned-host gather,
+  the default on one device) and disk tables (the in-graph host callback with a hot-row cache, the
+  default): the same tokens and bitwise the same log-probabilities and gates as device tables, also
+  when the host gather is slow (the step waits for its rows: nothing is read early or out of order)."""
   from engram_jax import generation
 
   checkpoints = str(tmp_path / "checkpoints")
@@ -428,8 +429,8 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
       np.testing.assert_array_equal(g.logprobs, w.logprobs, err_msg=label)
       np.testing.assert_array_equal(g.gate_means, w.gate_means, err_msg=label)
 
-  host = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", **quiet)
-  assert host.split_layer == 1 and host.placement == "host"
+  host = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", decode="split", **quiet)
+  assert host.split_layer == 1 and host.placement == "host" and host.block == 1
   assert memory.split(host.runner.params)[1] == {}
   same(host.generate(prompts, 10, **kwargs), "host, split step")
   prepare_rows = offload.prepare_rows
@@ -458,13 +459,18 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
 
   for got, want_tokens in zip(interleaved(host), interleaved(device)):
     np.testing.assert_array_equal(got, want_tokens)
+  pinned = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", block=4, **quiet)
+  assert pinned.path == "pinned_host" and pinned.split_layer is None
+  same(pinned.generate(prompts, 10, **kwargs), "host, in-graph pinned-host gather, 4 tokens per dispatch")
   disk = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="disk", table_dir=table_dir,
-                                              cache_rows=128, split_decode=False, **quiet)
-  assert disk.split_layer is None and disk.runner.cache is not None
-  same(disk.generate(prompts, 10, **kwargs), "disk, one-program step, cache")
+                                              cache_rows=128, block=4, **quiet)
+  assert disk.path == "callback" and disk.runner.cache is not None
+  monkeypatch.setattr(offload, "prepare_rows", slow)
+  same(disk.generate(prompts, 10, **kwargs), "disk, in-graph callback, cache, slow gather")
+  monkeypatch.setattr(offload, "prepare_rows", prepare_rows)
   hits = disk.runner.table_report()["cache"]["layers"][0]["hit_rate"]
   assert 0 < hits < 1
-  with pytest.raises(ValueError, match="device tables"):
+  with pytest.raises(ValueError, match="device and pinned_host paths"):
     disk.programs(4, 16, 32)
 
 
