@@ -10,6 +10,10 @@ Measured, in this order (the JSON is rewritten after each part, so a run cut sho
    - decode: `Generator.step` `--new_tokens` times after a prefill, each step fetching its tokens to
      the host as generation does (streaming) -> per-step latency (median over every timed step)
      and generated tokens/s (B x new tokens / the loop's wall time, median over `--repeats` loops);
+   - decode loop: the same tokens decoded `K` steps per dispatch (`Generator.advance`, one compiled
+     `lax.while_loop` per call, its outputs fetched after each call) for each K of `--blocks`,
+     interleaved with the one-step loop -> tokens/s, its ratio to the one-step loop, and whether the
+     tokens are identical;
    - hashing: the step's in-graph Engram hashing alone (`EngramHashing.next_ids` for B tokens,
      jitted by itself) and hashing + the table gather (`memory.gather`), medians of synchronised
      calls, as fractions of the step's latency. Separately jitted, so an upper bound on what they
@@ -86,7 +90,8 @@ def _sync(state):
   return state
 
 
-def measure_batch(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> Dict[str, Any]:
+def measure_batch(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int, blocks=(4, 16, 64)
+                  ) -> Dict[str, Any]:
   prompts = corpus_prompts(gen, batch, prompt_len)
   rows = gen.row_bucket(batch)
   padded = prompts + [[gen.runner.pad_id]] * (rows - batch)
@@ -129,7 +134,39 @@ def measure_batch(gen, batch: int, prompt_len: int, new_tokens: int, repeats: in
       "decode_tokens_per_s": batch * new_tokens / float(np.median(loop_times)),
   }
   result.update(measure_hashing(gen, state, rows, repeats=max(20, repeats), step_ms=result["decode_step_ms"]))
+  result["decode_loop"] = measure_blocks(gen, padded, cache_length, sampling, new_tokens, blocks, repeats, tokens,
+                                         batch)
   return result, prompts, tokens
+
+
+def decode_blocks(gen, padded, cache_length, sampling, new_tokens: int):
+  """(wall seconds, tokens [rows, new_tokens]) of `new_tokens` steps, `gen.block` per dispatch."""
+  state = _sync(gen.prefill(padded, cache_length))
+  produced, generated = 0, []
+  t0 = time.perf_counter()
+  while produced < new_tokens:
+    state, out, steps = gen.advance(state, sampling, np.full(len(padded), new_tokens - produced))
+    generated.append(np.asarray(out.tokens)[:, :steps])  # the host sync generation.generate does per call
+    produced += steps
+  return time.perf_counter() - t0, np.concatenate(generated, 1)
+
+
+def measure_blocks(gen, padded, cache_length, sampling, new_tokens, blocks, repeats, step_tokens, batch):
+  """The K-step decode loop against one dispatch per step (block 1), interleaved per repeat."""
+  gens = {k: generation.Generator(gen.runner, log=lambda s: None, decode=gen.path, block=k) for k in [1] + list(blocks)}
+  for g in gens.values():  # compile
+    decode_blocks(g, padded, cache_length, sampling, new_tokens)
+  times = {k: [] for k in gens}
+  same = {}
+  for _ in range(repeats):
+    for k, g in gens.items():
+      seconds, tokens = decode_blocks(g, padded, cache_length, sampling, new_tokens)
+      times[k].append(seconds)
+      same[k] = bool(np.array_equal(tokens[:batch], step_tokens))
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  return {"tokens_per_s": {str(k): batch * new_tokens / v for k, v in med.items()},
+          "speedup_vs_block_1": {str(k): med[1] / v for k, v in med.items()},
+          "tokens_identical_to_step_loop": {str(k): v for k, v in same.items()}}
 
 
 def measure_hashing(gen, state, rows: int, repeats: int, step_ms: float) -> Dict[str, Any]:
@@ -177,6 +214,8 @@ def main():
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=256)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--blocks", type=int, nargs="*", default=[4, 16, 64], help="decode steps per dispatch to time "
+                      "against one per step")
   parser.add_argument("--no_baseline", action="store_true", help="skip the full-forward baseline (batch 1)")
   parser.add_argument("--json", default=None, help="also write the results here (rewritten after each part)")
   args = parser.parse_args()
@@ -199,7 +238,8 @@ def main():
         f"new tokens {args.new_tokens}, repeats {args.repeats}")
   cached = {}
   for batch in batches:
-    result, prompts, tokens = measure_batch(gen, batch, args.prompt_len, args.new_tokens, args.repeats)
+    result, prompts, tokens = measure_batch(gen, batch, args.prompt_len, args.new_tokens, args.repeats,
+                                            args.blocks)
     cached[batch] = (prompts, tokens, result)
     results["batches"].append(result)
     bench_model.write_json(args.json, results)
@@ -209,6 +249,10 @@ def main():
     print(f"batch {batch:4d}: prefill {result['prefill_tokens_per_s']:10.0f} tok/s ({1e3 * result['prefill_s']:.1f} ms); "
           f"decode {result['decode_step_ms']:.2f} ms/step, {result['decode_tokens_per_s']:.0f} tok/s{fraction}",
           flush=True)
+    loop = result["decode_loop"]
+    print("            K-step loop tokens/s " + ", ".join(
+        f"K={k}: {v:.0f} ({loop['speedup_vs_block_1'][k]:.2f}x, identical {loop['tokens_identical_to_step_loop'][k]})"
+        for k, v in loop["tokens_per_s"].items()), flush=True)
 
   if not args.no_baseline:
     prompts, tokens, result = cached[1]

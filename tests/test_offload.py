@@ -459,7 +459,8 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
 
   for got, want_tokens in zip(interleaved(host), interleaved(device)):
     np.testing.assert_array_equal(got, want_tokens)
-  pinned = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", block=4, **quiet)
+  pinned = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="host", decode="pinned_host",
+                                                block=4, **quiet)
   assert pinned.path == "pinned_host" and pinned.split_layer is None
   same(pinned.generate(prompts, 10, **kwargs), "host, in-graph pinned-host gather, 4 tokens per dispatch")
   disk = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="disk", table_dir=table_dir,

@@ -21,7 +21,7 @@ from engram_jax.model import param_counts  # noqa: E402
 
 def test_the_study_compares_models_at_equal_budgets():
   names = reproduce.run_names(3)
-  assert len(names) == len(set(names)) == 30
+  assert len(names) == len(set(names)) == 3 * (len(reproduce.RHOS) + 4)  # rho points, dense, cap1, gate_open, small table
   assert names[:5] == ["rho0.8_s0", "rho1.0_s0", "dense_s0", "cap1_s0", "gate_open_s0"]  # seed 0 of the core first
   budget = reproduce.STUDY["sparse_budget"]
   moe = reproduce.model_for("rho1.0")
