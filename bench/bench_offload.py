@@ -8,10 +8,12 @@ Parts (`--parts`, comma-separated; each prints one JSON object on its own line):
               (cold: the table files' pages are dropped with posix_fadvise before each repeat).
               Scoring tokens/s (the forward over right-padded prompts of uniform random lengths),
               median over repeats, and each one's ratio to `device`, all in one run.
-  decode      Generation under the same placements: prefill tokens/s and decode tokens/s at each
-              --decode_batches size, where "prefetch" is the split decode step (the blocks before the
-              first Engram layer run while the host gathers the step's rows) and "no_prefetch" the
-              step as one program after the gather; then one decode step's phases timed serially.
+  decode      Generation under every decode path (generation.DECODE_PATHS): prefill and decode
+              tokens/s at each --decode_batches size for device tables (one step per dispatch and
+              the --decode_block-step loop), host tables (the split step, the in-graph callback and
+              the in-graph pinned-host gather, one step and the loop; the callback with hot-row
+              caches) and disk tables (callback loop, warm and cold), each path's tokens checked
+              equal; then one split decode step's phases timed serially.
   breakdown   One batch's host and device times, serially: hash (hash_numpy of the tokens), host
               gather (offload.prepare_rows), transfer (device_put + wait), compute (the jitted forward
               given the placed rows), and the device placement's whole forward for reference.
@@ -218,8 +220,9 @@ def part_breakdown(args, cfg, mesh, work):
 
 
 def decode_pass(gen, prompts, new_tokens: int, cold_dir=None):
-  """(prefill tokens/s, decode tokens/s) of one batch of prompts, greedy, fetching each step's tokens
-  to the host as generate() does (for streaming and end-of-sequence)."""
+  """(prefill tokens/s, decode tokens/s, tokens [R, new_tokens]) of one batch of prompts, greedy,
+  through `Generator.advance` as generate() drives it: up to the generator's block of steps per
+  dispatch, each dispatch's tokens fetched to the host (for streaming and end-of-sequence)."""
   from engram_jax import generation
 
   if cold_dir:
@@ -230,18 +233,24 @@ def decode_pass(gen, prompts, new_tokens: int, cold_dir=None):
   state = gen.prefill(prompts, cache_length)
   jax.block_until_ready(state.logits)
   t1 = time.perf_counter()
-  for _ in range(new_tokens):
-    state, out = gen.step(state, sampling)
-    np.asarray(out.tokens)
+  produced, tokens = 0, []
+  while produced < new_tokens:
+    state, out, steps = gen.advance(state, sampling, np.full(len(prompts), new_tokens - produced, np.int32))
+    tokens.append(np.asarray(out.tokens)[:, :steps])
+    produced += steps
   t2 = time.perf_counter()
-  return sum(len(p) for p in prompts) / (t1 - t0), len(prompts) * new_tokens / (t2 - t1)
+  return sum(len(p) for p in prompts) / (t1 - t0), len(prompts) * new_tokens / (t2 - t1), np.concatenate(tokens, 1)
 
 
 def part_decode(args, cfg, mesh, work):
-  """Generation (prefill + cached decode) under every placement, same model and prompts: device; host
-  with the step run as one program after the host gather (no overlap); host with the split step (the
-  blocks before the first Engram layer run while the host gathers); the split step with hot-row caches;
-  disk warm and cold. Then one decode step's phases, serially (split step, host tables)."""
+  """Generation (prefill + cached decode, greedy, end-of-sequence ignored) under every decode path,
+  same model and prompts, at each --decode_batches size: device tables one step per dispatch and
+  --decode_block steps per dispatch (the device-side loop); host tables through the split step (the
+  blocks before the first Engram layer run while the host gathers), the in-graph callback (one step
+  and the loop, with hot-row caches of --cache_sizes rows) and, where the platform has pinned host
+  memory and the mesh is one device, the in-graph pinned-host gather (one step and the loop); disk
+  tables through the callback loop, warm and cold. Every path must produce the same tokens. Then one
+  split decode step's phases, serially."""
   from engram_jax import generation
 
   params, state, device, host, disk, table_dir = placements(cfg, mesh, work)
@@ -249,16 +258,25 @@ def part_decode(args, cfg, mesh, work):
   rng = np.random.default_rng(2)
   corpus = data_lib.tokenized_split(cfg.data, "eval", device.tokenizer).tokens
   quiet = lambda s: None  # noqa: E731
-  make = lambda tables, cache=None, split=True: generation.Generator(  # noqa: E731
-      runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, cache=cache), log=quiet,
-      decode="split" if split else "callback", block=1)
-  modes = {"device": (generation.Generator(device, log=quiet), None),
-           "host_no_prefetch": (make(host, split=False), None),
-           "host_prefetch": (make(host), None)}
+  K = args.decode_block
+  make = lambda tables, path, block, cache=None: generation.Generator(  # noqa: E731
+      runner_lib.ModelRunner(cfg, params, state, mesh, tables=tables, cache=cache), log=quiet, decode=path,
+      block=block)
+  modes = {"device_step": (generation.Generator(device, log=quiet, block=1), None),
+           f"device_loop{K}": (generation.Generator(device, log=quiet, block=K), None),
+           "host_split_step": (make(host, "split", 1), None),
+           "host_callback_step": (make(host, "callback", 1), None),
+           f"host_callback_loop{K}": (make(host, "callback", K), None)}
+  if mesh.devices.size == 1 and generation.pinned_host_supported(mesh):
+    modes["host_pinned_step"] = (make(host, "pinned_host", 1), None)
+    modes[f"host_pinned_loop{K}"] = (make(host, "pinned_host", K), None)
   for k in args.cache_sizes:
-    modes[f"host_prefetch_cache_{k}"] = (make(host, offload.HotRowCache.build(host, reference, k)), None)
-  modes["disk_warm"] = (make(disk), None)
-  modes["disk_cold"] = (modes["disk_warm"][0], table_dir)
+    modes[f"host_callback_loop{K}_cache_{k}"] = (make(host, "callback", K, offload.HotRowCache.build(host, reference, k)),
+                                                 None)
+  modes[f"disk_warm_loop{K}"] = (make(disk, "callback", K), None)
+  modes[f"disk_cold_loop{K}"] = (modes[f"disk_warm_loop{K}"][0], table_dir)
+  default_host = generation.default_decode_path("host", mesh)
+  host_default = f"host_{'pinned' if default_host == 'pinned_host' else 'callback'}_loop{K}"
   results = {}
   for rows in args.decode_batches:
     prompts = []
@@ -266,34 +284,40 @@ def part_decode(args, cfg, mesh, work):
       n = int(rng.integers(args.min_prompt, min(args.max_prompt, cfg.model.max_seq_len - args.new_tokens) + 1))
       start = int(rng.integers(0, len(corpus) - n))
       prompts.append([int(t) for t in corpus[start:start + n]])
-    for gen, _ in modes.values():  # compile every program before timing
-      decode_pass(gen, prompts, args.new_tokens)
+    tokens = {name: decode_pass(gen, prompts, args.new_tokens)[2] for name, (gen, _) in modes.items()}  # compiles
     prefill, decode = collections.defaultdict(list), collections.defaultdict(list)
     for _ in range(args.repeats):  # interleaved: machine load drifts hit every mode alike
       for name, (gen, cold) in modes.items():
-        p, d = decode_pass(gen, prompts, args.new_tokens, cold)
+        p, d, _ = decode_pass(gen, prompts, args.new_tokens, cold)
         prefill[name].append(p)
         decode[name].append(d)
     med_p = {k: statistics.median(v) for k, v in prefill.items()}
     med_d = {k: statistics.median(v) for k, v in decode.items()}
+    base = f"device_loop{K}"
     results[rows] = {"prefill_tokens_per_s": {k: round(v, 1) for k, v in med_p.items()},
                      "decode_tokens_per_s": {k: round(v, 1) for k, v in med_d.items()},
-                     "prefill_time_ratio_vs_device": {k: round(med_p["device"] / v, 4) for k, v in med_p.items()},
-                     "decode_time_ratio_vs_device": {k: round(med_d["device"] / v, 4) for k, v in med_d.items()}}
-  # One step's phases with host tables, each waited for (the split step's programs, run serially).
-  gen = modes["host_prefetch"][0]
+                     # > 1: slower than the device tables' K-step loop (the fastest device path)
+                     f"decode_time_ratio_vs_{base}": {k: round(med_d[base] / v, 4) for k, v in med_d.items()},
+                     f"loop{K}_speedup_over_one_step_device": round(med_d[base] / med_d["device_step"], 3),
+                     f"loop{K}_speedup_over_one_step_host_callback": round(
+                         med_d[f"host_callback_loop{K}"] / med_d["host_callback_step"], 3),
+                     "host_default_path": host_default,
+                     "host_default_time_ratio_vs_device": round(med_d[base] / med_d[host_default], 4),
+                     "same_tokens_every_path": all(np.array_equal(t, tokens["device_step"]) for t in tokens.values())}
+  # One split step's phases with host tables, each waited for (its programs run serially).
+  gen = modes["host_split_step"][0]
   prompts = [[int(t) for t in corpus[:args.min_prompt]]] * max(args.decode_batches)
   state_ = gen.prefill(prompts, gen.cache_bucket(args.min_prompt + args.new_tokens))
-  step = gen._steps[generation._shapes(state_)]
+  step = gen._programs_for(state_)[0]
   sampling = generation.sampling_arrays(len(prompts))
   sampling = generation.Sampling(*gen._place(dict(zip(generation.Sampling._fields, sampling))).values())
   phases = collections.defaultdict(list)
   scale = jnp.asarray(gen.runner.scale())
   pending = step.sample(state_, sampling, gen.lookup)
   for i in range(args.new_tokens):
-    tokens, logprobs, ids, history = pending
+    tokens_, logprobs, ids, history = pending
     t0 = time.perf_counter()
-    streams, cache = jax.block_until_ready(step.head(gen.runner.params, gen.runner.model_state, state_.cache, tokens,
+    streams, cache = jax.block_until_ready(step.head(gen.runner.params, gen.runner.model_state, state_.cache, tokens_,
                                                      state_.positions))
     t1 = time.perf_counter()
     rows_np = offload.prepare_rows(host, None, np.asarray(ids), gen.runner.row_multiple)
@@ -302,7 +326,7 @@ def part_decode(args, cfg, mesh, work):
                                                                 for k, v in e.items()} for n, e in rows_np.items()}))
     t3 = time.perf_counter()
     state_, out = jax.block_until_ready(step.rest(gen.runner.params, gen.runner.model_state,
-                                                  state_._replace(cache=cache, pending=None), tokens, logprobs,
+                                                  state_._replace(cache=cache, pending=None), tokens_, logprobs,
                                                   history, placed, None, scale, sampling, gen.lookup, streams))
     t4 = time.perf_counter()
     pending = state_.pending
@@ -311,7 +335,7 @@ def part_decode(args, cfg, mesh, work):
                    ("rest_of_step_and_next_sample", t4 - t3)):
         phases[k].append(v * 1e3)
   return {"part": "decode", "table_MiB": round(host.nbytes / 2**20, 1), "new_tokens": args.new_tokens,
-          "prompt_tokens": [args.min_prompt, args.max_prompt], "by_batch": results,
+          "decode_block": K, "prompt_tokens": [args.min_prompt, args.max_prompt], "by_batch": results,
           "step_phases_ms_batch": max(args.decode_batches),
           "step_phases_ms": {k: round(statistics.median(v), 3) for k, v in phases.items()}}
 
@@ -520,6 +544,7 @@ def main():
   p.add_argument("--cache_sizes", default="1024,16384,131072")
   p.add_argument("--decode_batches", default="1,32", help="decode: rows per batch (comma-separated)")
   p.add_argument("--new_tokens", type=int, default=32, help="decode: tokens generated per row")
+  p.add_argument("--decode_block", type=int, default=16, help="decode: steps per dispatch of the loop paths")
   p.add_argument("--reference_tokens", type=int, default=1 << 17)
   p.add_argument("--hit_sizes", default="256,1024,4096,16384,65536,262144")
   p.add_argument("--lru_max", type=int, default=65536)
@@ -533,7 +558,8 @@ def main():
   p.add_argument("--paper", action="store_true", help="the paper's Table 4 shape (for a GPU): 512 prompts of "
                  "100-1024 tokens, ~20 GB of tables")
   p.add_argument("--gpu", action="store_true", help="the Table 4 shape at a size that fits bench/run_gpu.sh's "
-                 "budget: decoding and scoring, prompts of 100-1024 tokens, ~1 GB of tables in host memory")
+                 "budget: decoding at batch 1 and 32 (128-token prompts, 64 new tokens) under every decode path, then scoring "
+                 "prompts of 100-1024 tokens, ~1 GB of tables in host memory")
   p.add_argument("--json", default=None, help="also write every part's result here (rewritten after each part)")
   p.add_argument("--smoke", action="store_true", help="shrink every size (after --gpu/--paper) to check the script "
                  "runs, e.g. on a CPU")
@@ -543,8 +569,11 @@ def main():
     args.rows_per_head = 40_000_003  # 1 Engram layer x 8 heads x 40M rows x 16 x 4 B = ~20 GB
     args.decode_batches, args.new_tokens = "64,512", 32
   if args.gpu:
-    args.parts, args.repeats, args.rows_per_head = "decode,throughput", 3, 2_000_003  # ~1 GB
-    args.cache_sizes = "16384,131072,1048576"
+    # Batch-1 and batch-32 decoding first (every decode path vs device tables), then scoring. ~1 GB of
+    # tables: writing and reading a larger table file does not fit the part's 75 s.
+    args.parts, args.repeats, args.rows_per_head = "decode,throughput", 3, 2_000_003
+    args.decode_batches, args.new_tokens, args.min_prompt, args.max_prompt = "1,32", 64, 128, 128
+    args.cache_sizes = "131072"
   if args.smoke:
     args.rows_per_head, args.batches, args.batch, args.repeats, args.cache_sizes = 20011, 1, 4, 1, "64"
     args.seq, args.min_prompt, args.max_prompt, args.decode_batches, args.new_tokens = 256, 100, 200, "1,4", 4

@@ -31,6 +31,7 @@ study is still running; it says how many seeds each figure rests on.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -38,7 +39,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -277,6 +278,58 @@ def quadratic_fit(xs: List[float], ys: List[float]):
   return coef.tolist(), np.sqrt(np.diag(cov)).tolist(), argmin
 
 
+def locate_minimum(results: List[dict], samples: int = 2000) -> Optional[dict]:
+  """Where the allocation curve's minimum is, and whether it is a U.
+
+  best: the rho condition with the lowest mean held-out loss; neighbours: the paired differences
+  (same seed) of the next rho below and above it minus the best; bootstrap: runs resampled with
+  replacement within each condition (seeded), giving how often each rho is the lowest mean and the
+  quadratic fit's argmin (median and 16-84% range, over the samples whose fit has a minimum). The U
+  rule: a U is claimed only where some rho below the best is worse than it by more than twice the
+  paired difference's standard error."""
+  import numpy as np
+
+  curve: Dict[str, List[dict]] = {}
+  for r in results:
+    if r["condition"].startswith("rho"):
+      curve.setdefault(r["condition"], []).append(r)
+  if len(curve) < 3:
+    return None
+  order = sorted(curve, key=lambda c: curve[c][0]["sparse"]["rho"])
+  means = {c: float(np.mean([r["heldout"]["loss"] for r in curve[c]])) for c in order}
+  best = min(order, key=means.get)
+  i = order.index(best)
+  neighbours = {}
+  for j in (i - 1, i + 1):
+    if 0 <= j < len(order):
+      neighbours[f"{order[j]} - {best}"] = paired(results, order[j], best, lambda r: r["heldout"]["loss"])
+  worse_below = {}
+  for c in order[:i]:
+    d = paired(results, c, best, lambda r: r["heldout"]["loss"])
+    worse_below[c] = bool(d["n"] > 1 and d["mean"] > 2 * d["sem"])
+  rng = np.random.default_rng(0)
+  wins = collections.Counter()
+  argmins = []
+  for _ in range(samples):
+    xs, ys, sample_means = [], [], {}
+    for c in order:
+      losses = [r["heldout"]["loss"] for r in curve[c]]
+      pick = rng.choice(losses, size=len(losses), replace=True)
+      sample_means[c] = float(np.mean(pick))
+      xs += [curve[c][0]["sparse"]["rho"]] * len(pick)
+      ys += pick.tolist()
+    wins[min(order, key=sample_means.get)] += 1
+    fit = quadratic_fit(xs, ys)
+    if fit is not None and fit[2] is not None:
+      argmins.append(fit[2])
+  q = (lambda a, p: float(np.percentile(a, p))) if argmins else (lambda a, p: None)
+  return {"best": best, "best_rho": curve[best][0]["sparse"]["rho"], "at_edge": i == 0,
+          "neighbours": neighbours, "below_best_worse_by_2se": worse_below, "u_shape": any(worse_below.values()),
+          "bootstrap": {"samples": samples, "lowest_mean_share": {c: wins[c] / samples for c in order if wins[c]},
+                        "fit_argmin_median": q(argmins, 50), "fit_argmin_16_84": [q(argmins, 16), q(argmins, 84)],
+                        "fit_has_minimum_share": len(argmins) / samples}}
+
+
 def _fmt(s: dict, digits=4) -> str:
   if not s["n"]:
     return "-"
@@ -335,7 +388,7 @@ def summarize(results: List[dict]) -> dict:
   fit = quadratic_fit([x for x, _ in curve], [y for _, y in curve])
   return {"study": results[0]["study"], "conditions": table, "paired_differences": comparisons,
           "allocation_fit": None if fit is None else {"coefficients": fit[0], "std_errors": fit[1], "argmin_rho": fit[2]},
-          "runs": len(results)}
+          "allocation_minimum": locate_minimum(results), "runs": len(results)}
 
 
 def plot(summary: dict, results: List[dict], results_dir: str):
@@ -422,6 +475,23 @@ def write_report(results_dir: str) -> dict:
     c, e = fit["coefficients"], fit["std_errors"]
     lines += ["", f"Quadratic fit of held-out loss against rho over every seed: curvature {c[2]:+.4f} ± {e[2]:.4f}"
               + (f", minimum at rho = {fit['argmin_rho']:.2f}" if fit["argmin_rho"] is not None else " (no minimum)")]
+  m = summary.get("allocation_minimum")
+  if m:
+    b = m["bootstrap"]
+    lines += ["", f"Lowest mean held-out loss: {m['best']} (rho = {m['best_rho']:.3f})"
+              + (", the lowest rho run (the minimum is at the edge of the sweep)" if m["at_edge"] else "") + "."]
+    for k, d in m["neighbours"].items():
+      lines.append(f"- neighbour {k}: {d['mean']:+.4f} ± {d['sem']:.4f} (paired, n={d['n']})")
+    shares = ", ".join(f"{c} {v:.0%}" for c, v in sorted(b["lowest_mean_share"].items(), key=lambda kv: -kv[1]))
+    lines.append(f"- bootstrap over seeds ({b['samples']} samples): lowest mean at {shares}")
+    if b["fit_argmin_median"] is not None:
+      lines.append(f"- quadratic fit's minimum: rho = {b['fit_argmin_median']:.2f} (16-84%: "
+                   f"{b['fit_argmin_16_84'][0]:.2f}-{b['fit_argmin_16_84'][1]:.2f}; a minimum in "
+                   f"{b['fit_has_minimum_share']:.0%} of samples)")
+    below = [c for c, w in m["below_best_worse_by_2se"].items() if w]
+    lines.append("- U shape (a rho below the best worse than it by more than 2 standard errors): "
+                 + (f"yes ({', '.join(below)})" if below else "no" + (" (nothing below the best was run)"
+                                                                       if m["at_edge"] else "")))
   lines += ["", "Knock-out (Engram off), retained fraction = off / on:", "",
             "| model | facts MC | facts MC above chance | NIAH accuracy | held-out loss (on/off) |", "|---|---|---|---|---|"]
   for c in [c for c in order if c in summary["conditions"] and "knockout" in summary["conditions"][c]]:

@@ -174,6 +174,55 @@ def test_float32_8_device_mesh_equals_one_device_and_the_full_forward(generator)
   _check_against_full_forward(eight.runner, prompts, tokens_8, logits_8, rtol=1e-5, atol=1e-5 * scale)
 
 
+def _stop_inside_a_block(gen, prompts, kwargs):
+  """A token row 0 first produces at position >= 2 (so that, as the end-of-sequence token, it stops
+  that row inside a block of 4 while the other rows go on), and the position."""
+  first = gen.generate(prompts, 12, **kwargs)[0].token_ids
+  i = next(i for i in range(2, 12) if first[i] not in first[:i] and i % 4 != 3)
+  return first[i], i
+
+
+@pytest.mark.parametrize("devices", [1, 8], ids=["1dev", "8dev"])
+def test_k_step_decode_loop_equals_one_step_per_dispatch_with_a_stop_inside_a_block(generator, devices):
+  """Up to K steps per dispatch (a device-side loop) give bitwise the tokens, log-probabilities and
+  gates of one step per dispatch, for greedy and seeded rows of a ragged batch, on one device and on
+  the 8-device mesh, also when a row's end-of-sequence token falls inside a block (that row stops
+  there, the others go on, and the loop stops once every row has ended)."""
+  runner = generator.runner if devices == 1 else _runner(_model("mla", True), MESH_8, devices=8)
+  prompts = _prompts(runner)
+  kwargs = dict(temperature=[0.0, 0.9, 0.0], top_k=[0, 20, 0], seed=3, batch_size=4)
+  eos, at = _stop_inside_a_block(generator, prompts, kwargs)
+  completions = []
+  for block in (1, 4):
+    gen = generation.Generator(runner, log=lambda s: None, block=block)
+    assert gen.path == "device" and gen.block == block
+    gen.eos_id = eos  # read when the loop is traced: set before the first generate
+    completions.append(gen.generate(prompts, 12, **kwargs))
+  one, four = completions
+  assert one[0].finish_reason == "eos" and len(one[0].token_ids) == at + 1 and one[0].token_ids[-1] == eos
+  assert any(c.finish_reason == "length" and len(c.token_ids) == 12 for c in one[1:])
+  for a, b in zip(one, four):
+    assert (a.token_ids, a.finish_reason) == (b.token_ids, b.finish_reason)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    np.testing.assert_array_equal(a.gate_means, b.gate_means)
+
+
+def test_decode_loop_advance_reports_the_steps_it_ran(generator):
+  """advance(): up to `block` steps, fewer once every row's budget is spent; a budget of 0 (an ended
+  or padding row) does not hold the loop open."""
+  prompts = _prompts(generator.runner)
+  rows = generator.row_bucket(len(prompts))
+  padded = [list(p) for p in prompts] + [[generator.runner.pad_id]] * (rows - len(prompts))
+  state = generator.prefill(padded, generator.cache_bucket(max(map(len, prompts)) + 20))
+  sampling = generation.sampling_arrays(rows)
+  state, out, steps = generator.advance(state, sampling, [3, 5, 2, 0])
+  assert steps == 5 and out.tokens.shape == (rows, generator.block)
+  tokens, _ = _rollout(generator, prompts, 5)
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:len(prompts), :5], tokens)
+  state, out, steps = generator.advance(state, sampling, [0, 0, 0, 0])
+  assert steps == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces: hashing history, absorbed MLA, conv state.
 
@@ -330,6 +379,13 @@ def test_bad_requests_are_clear_errors(generator):
     generator.generate(prompts, 4, top_p=0.0)
   with pytest.raises(ValueError, match="top_k"):
     generator.generate(prompts, 4, top_k=-2)
+  with pytest.raises(ValueError, match=r"decode='fast': expected one of \('auto', 'device'"):
+    generation.Generator(generator.runner, decode="fast")
+  for block in (0, 2.0, True):
+    with pytest.raises(ValueError, match=rf"block={block!r}: expected a positive integer"):
+      generation.Generator(generator.runner, block=block)
+  with pytest.raises(ValueError, match="decode='pinned_host' reads host tables, but this runner's tables are on device"):
+    generation.Generator(generator.runner, decode="pinned_host")
 
 
 def test_engram_config_mismatches_are_clear_errors():

@@ -15,8 +15,9 @@ conftest.py:
   fsdp=2 x expert=2 x tensor=2 (the MoE exchanges tokens between expert shards, hidden dims and
   heads are split, parameters are fsdp-sharded);
 - the evaluation forward as the model runner jits it (`jitted_eval_forward`);
-- generation's decode step (sample | hash + gather | blocks, the state donated) and its prefill, as
-  `generation.Generator` jits them, both platforms in one module.
+- generation's decode step (sample | hash + gather | blocks, the state donated), its K-step decode
+  loop and its prefill, as `generation.Generator` jits them, both platforms in one module; and the
+  step and loop that gather rows in-graph from tables in pinned host memory (host tables).
 
 Each export must name the requested platforms, span the 8 devices and carry a non-empty StableHLO
 module with its in-graph collectives: the Engram tables' all_to_all exchanges and, on the
@@ -236,7 +237,7 @@ def export_generation(mesh_name: str, part: str) -> export.Exported:
   return _export(jitted, mesh, ("tpu", "cuda"), *args)
 
 
-@pytest.mark.parametrize("part", ["step", "prefill"])
+@pytest.mark.parametrize("part", ["step", "loop", "prefill"])
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_generation_exports(mesh_name, part):
   exported = export_generation(mesh_name, part)
@@ -249,7 +250,34 @@ def test_generation_exports(mesh_name, part):
     assert ragged >= 2, ragged  # the MoE's dispatch and combine, dropless
   else:
     assert ragged == 0, ragged
-  if part == "step":
+  if part == "loop":
+    assert _count(exported, "stablehlo.while") >= 1  # up to K steps in one program
+  if part in ("step", "loop"):
     # The sampler's sort over the vocabulary and its per-row keys are in the module.
     assert _count(exported, "stablehlo.sort") >= 1 and "threefry" in exported.mlir_module()
 
+
+
+@pytest.mark.parametrize("part", ["step", "loop"])
+def test_generation_pinned_host_gather_exports(part):
+  """The decode step and loop of host tables read in-graph from pinned host memory: the tables enter
+  in the pinned_host memory space, the row gather runs as host compute, and its rows come back to the
+  device, for TPU and CUDA."""
+  import numpy as np
+
+  from engram_jax import memory, offload
+
+  cfg = tiny("preset")
+  mesh = make_mesh(cfg.mesh)
+  _, _, abstract_state = trainer.state_shardings(cfg, mesh)
+  backbone, tables = memory.split(abstract_state.params)
+  host = offload.HostTables.from_arrays(cfg.model.engram, {n: np.zeros(t.shape, np.float32) for n, t in tables.items()})
+  model_runner = runner.ModelRunner(cfg, backbone, abstract_state.model_state, mesh, tables=host)
+  generator = generation.Generator(model_runner, log=lambda s: None, decode="pinned_host", block=4)
+  jitted, args = generator.programs(8, 16, 64)[part]
+  exported = _export(jitted, mesh, ("tpu", "cuda"), *args)
+  _check_module(exported, ("tpu", "cuda"))
+  text = exported.mlir_module()
+  assert "pinned_host" in text
+  assert "_xla_compute_type" in text and "host" in text
+  assert _count(exported, "stablehlo.all_to_all") == 0  # replicated tables: no row exchange between devices

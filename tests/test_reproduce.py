@@ -92,3 +92,27 @@ def test_smoke_run_trains_evaluates_and_reports(tmp_path):
   # Resuming finds the finished run and runs nothing.
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert proc.returncode == 0 and "1 of 1 runs done; 0 to run" in proc.stdout
+
+
+def _curve_results(losses_by_rho):
+  return [{"condition": f"rho{rho}", "seed": s, "sparse": {"rho": rho}, "heldout": {"loss": loss}}
+          for rho, losses in losses_by_rho.items() for s, loss in enumerate(losses)]
+
+
+def test_the_minimum_is_located_and_a_u_claimed_only_beyond_two_standard_errors():
+  # A U: rho 0.1 is worse than the best (0.5) by far more than its paired standard error.
+  u = reproduce.locate_minimum(_curve_results({0.1: [5.30, 5.31, 5.29], 0.5: [5.00, 5.02, 5.01],
+                                               1.0: [5.20, 5.22, 5.21]}), samples=200)
+  assert u["best"] == "rho0.5" and not u["at_edge"] and u["u_shape"]
+  assert set(u["neighbours"]) == {"rho0.1 - rho0.5", "rho1.0 - rho0.5"}
+  assert abs(u["neighbours"]["rho0.1 - rho0.5"]["mean"] - 0.29) < 1e-9
+  assert 0.3 < u["bootstrap"]["fit_argmin_median"] < 0.7
+  # Within noise below the best: no U.
+  flat = reproduce.locate_minimum(_curve_results({0.1: [5.01, 4.99, 5.03], 0.5: [5.00, 5.02, 5.01],
+                                                  1.0: [5.20, 5.22, 5.21]}), samples=200)
+  assert not flat["u_shape"]
+  # Falling to the lowest rho run: the minimum is at the edge and nothing below it was run.
+  edge = reproduce.locate_minimum(_curve_results({0.1: [4.90, 4.91, 4.92], 0.5: [5.00, 5.02, 5.01],
+                                                  1.0: [5.20, 5.22, 5.21]}), samples=200)
+  assert edge["best"] == "rho0.1" and edge["at_edge"] and not edge["u_shape"]
+  assert edge["bootstrap"]["lowest_mean_share"] == {"rho0.1": 1.0}
