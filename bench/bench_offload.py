@@ -275,6 +275,9 @@ def part_decode(args, cfg, mesh, work):
                                                  None)
   modes[f"disk_warm_loop{K}"] = (make(disk, "callback", K), None)
   modes[f"disk_cold_loop{K}"] = (modes[f"disk_warm_loop{K}"][0], table_dir)
+  if cfg.model.max_seq_len - args.new_tokens < args.min_prompt:
+    raise SystemExit(f"--min_prompt {args.min_prompt} + --new_tokens {args.new_tokens} exceed max_seq_len "
+                     f"{cfg.model.max_seq_len}: raise --seq (max_seq_len is the larger of --seq and the preset's)")
   default_host = generation.default_decode_path("host", mesh)
   host_default = f"host_{'pinned' if default_host == 'pinned_host' else 'callback'}_loop{K}"
   results = {}

@@ -10,7 +10,8 @@
 #   model_quick         (<= 200 s) train-step tokens/s and MFU of `small` alone, 10 repeats
 #   hashing             (<= 45 s)  jnp hashing on the GPU
 #   generate            (<= 75 s)  bench/bench_generate.py (if present) on `small`
-#   offload             (<= 75 s)  bench/bench_offload.py (if present)
+#   offload             (<= 75 s)  bench/bench_offload.py --gpu: decoding at batch 1 and 32 under every
+#                       decode path (host tables vs device tables), then scoring per placement
 # Longer parts, each its own call when more device time is lent:
 #   model         bench/bench_model.py: MoE layer vs dense MLP, then small, small:no_engram and
 #                 small:no_engram,dense: train-step and forward+backward tokens/s and MFU, Engram
