@@ -396,9 +396,12 @@ class Completion:
 class Generator:
   """Prefill and cached decoding for a `ModelRunner`'s model, params and mesh.
 
-  `generate(prompts, max_new_tokens, ...)` is the whole loop; `prefill` and `step` are its two
-  parts (tests and benchmarks drive them directly; with host tables a step is a `_HostStep`). `compiled` lists the shape buckets
-  compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache length).
+  `generate(prompts, max_new_tokens, ...)` is the whole loop; `prefill`, `step` (one decode step)
+  and `advance` (up to `block` steps in one program) are its parts, which tests and benchmarks drive
+  directly. `decode` picks the row source of a step (`DECODE_PATHS`, module docstring; "auto":
+  `default_decode_path`); on the split path a step is a `_HostStep`. `compiled` lists the shape
+  buckets compiled so far, ("prefill", rows, prompt length, cache length) and ("step", rows, cache
+  length): a bucket's step and its K-step loop count as one ("step", ...) entry.
   """
 
   def __init__(self, runner: ModelRunner, log: Callable[[str], None] = print, decode: str = "auto",
