@@ -8,7 +8,9 @@
 projections, gates, conv and MoE balancing bias frozen) and writes the changed rows with a manifest
 (see engram_jax/patches.py). The checkpoint is never modified and an existing --out is never written
 over. `--protect freeze|l2` keeps rows that ordinary text (--reference_files, default: the embedded
-held-out text) reads often from moving, or pulls them back.
+held-out text) reads often from moving, or pulls them back. The patch's collateral damage on that
+reference text (mean KL(base || patched) per token, the held-out loss change) and the share of its
+rows the reference text reads are measured, printed and written into its manifest.
 """
 
 import hashlib
@@ -36,7 +38,8 @@ _PROTECT_MIN = flags.DEFINE_integer("protect_min_count", 2, "create: reads in th
 _PROTECT_WEIGHT = flags.DEFINE_float("protect_weight", 1.0, "create: weight of the l2 pull-back.")
 _REFERENCE = flags.DEFINE_list("reference_files", None, "create: ordinary text choosing the protected rows "
                                "(default: the model's held-out text).")
-_REFERENCE_BATCHES = flags.DEFINE_integer("reference_batches", 16, "create: batches of reference text read.")
+_REFERENCE_BATCHES = flags.DEFINE_integer("reference_batches", 16, "create: batches of reference text read (protected rows, "
+                                                 "collateral).")
 
 
 def _sha256(path):
@@ -80,14 +83,19 @@ def create():
   kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
   batches = list(data_lib.make_dataset(data_cfg, "train", **kwargs))
   ref_cfg = dataclasses.replace(cfg.data, eval_files=tuple(_REFERENCE.value) if _REFERENCE.value else cfg.data.eval_files)
-  reference = (data_lib.eval_batches(ref_cfg, **kwargs)[:_REFERENCE_BATCHES.value]
-               if training.protect != "none" else [])
+  # The reference text chooses the protected rows and measures the patch's collateral damage.
+  reference = data_lib.eval_batches(ref_cfg, **kwargs)[:_REFERENCE_BATCHES.value]
   print(f"facts: {len(batches)} batches of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
   tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches, training,
                                      reference_batches=reference)
   meta = {**dataclasses.asdict(training), "facts": [{"file": os.path.basename(p), "sha256": _sha256(p)}
                                                     for p in _FACTS.value],
           "base_step": runner.step, "batch_size": data_cfg.batch_size, "seq_len": data_cfg.seq_len, **stats}
+  patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
+  patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [patch])
+  meta["collateral"] = {**patches.collateral(cfg.model, runner.params, patched, runner.model_state, reference),
+                        "text": ("--reference_files" if _REFERENCE.value else "held-out text")}
+  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, reference)
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
   patches.save_patch(patch, _OUT.value)
   print(patches.describe(patches.load_patch(_OUT.value)))

@@ -218,7 +218,15 @@ def describe(patch: Patch) -> str:
     lines.append(f"  {name}: {entry['rows']} of {entry['table_rows']} rows ({100 * share:.2f}%), dim {entry['dim']}, "
                  f"{entry['dtype']}")
   training = m.get("training") or {}
-  for key in sorted(training):
+  c = training.get("collateral")
+  if c:
+    lines.append(f"collateral on {c.get('text', 'reference text')} ({c['tokens']} tokens): KL(base || patched) "
+                 f"{c['kl_per_token']:.4g} nats/token, loss {c['heldout_loss_base']:.4f} -> "
+                 f"{c['heldout_loss_patched']:.4f} ({100 * c['heldout_loss_change']:+.2f}%)")
+  share = training.get("rows_base_traffic_share")
+  if share:
+    lines.append(f"rows the base traffic reads: {100 * share['all']:.1f}% of the patch's rows")
+  for key in sorted(k for k in training if k not in ("collateral", "rows_base_traffic_share")):
     lines.append(f"training.{key}: {json.dumps(training[key])[:200]}")
   return "\n".join(lines)
 
@@ -389,6 +397,49 @@ def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_c
            for b in batches]
     ids = np.concatenate([x.reshape(-1) for x in ids]) if ids else np.zeros(0, np.int64)
     out[memory.table_name(layer)] = np.unique(ids, return_counts=with_counts)
+  return out
+
+
+def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
+               batches: Sequence[Dict[str, np.ndarray]]) -> dict:
+  """What a patch does to text it was not trained on (held-out text by default): the mean
+  KL(base || patched) per real token between the two models' next-token distributions, in nats,
+  and the held-out loss of each (mean next-token NLL over the same tokens) with the relative change.
+  Both params hold their tables on the devices (`apply_patches`' output and its input)."""
+  if not batches:
+    raise PatchError("collateral: no batch of reference text (expected at least one)")
+
+  @jax.jit
+  def sums(base, patched, batch):
+    lb, _ = forward(cfg, base, model_state, batch)
+    lp, _ = forward(cfg, patched, model_state, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    log_b = jax.nn.log_softmax(lb.astype(jnp.float32), axis=-1)
+    log_p = jax.nn.log_softmax(lp.astype(jnp.float32), axis=-1)
+    kl = jnp.sum(jnp.exp(log_b) * (log_b - log_p), axis=-1)
+    nll_b, nll_p = token_nll(lb, batch["targets"])[0], token_nll(lp, batch["targets"])[0]
+    return jnp.stack([jnp.sum(kl * mask), jnp.sum(nll_b * mask), jnp.sum(nll_p * mask), jnp.sum(mask)])
+
+  keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
+  total = np.zeros(4, np.float64)
+  for b in batches:
+    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in keys})))
+  kl, nll_b, nll_p, n = total
+  n = max(n, 1.0)
+  return {"kl_per_token": float(kl / n), "heldout_loss_base": float(nll_b / n), "heldout_loss_patched": float(nll_p / n),
+          "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3])}
+
+
+def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batches) -> dict:
+  """The share of a patch's rows that the reference text (the base model's ordinary traffic) reads:
+  {table name: share, "all": share over every table}."""
+  ref = rows_read(cfg, reference_batches)
+  out, hit, rows = {}, 0, 0
+  for name, t in sorted(tables.items()):
+    read = int(np.isin(t.ids, ref[name]).sum()) if name in ref else 0
+    out[name] = read / len(t.ids) if len(t.ids) else 0.0
+    hit, rows = hit + read, rows + len(t.ids)
+  out["all"] = hit / rows if rows else 0.0
   return out
 
 

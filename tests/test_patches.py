@@ -207,6 +207,45 @@ def test_damaged_patches_are_clear_errors_and_nothing_is_written_over(setup):
   assert manifest["format_version"] == patches.FORMAT_VERSION
 
 
+def test_collateral_kl_and_loss_change_against_a_float64_reference(setup):
+  """collateral(): zero for the base against itself; for a patch, the mean KL(base || patched) per
+  real token and both losses equal a float64 numpy computation from the two models' logits."""
+  from engram_jax.model import forward
+
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 11)
+  tables, _ = _train(cfg, runner, [paths["train"]], steps=8)
+  patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [_patch(cfg, runner, tables)])
+  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
+  reference = data_lib.eval_batches(cfg.data, **kwargs)[:2]
+  same = patches.collateral(cfg.model, runner.params, runner.params, runner.model_state, reference)
+  assert same["kl_per_token"] == 0.0 and same["heldout_loss_change"] == 0.0 and same["tokens"] > 0
+  got = patches.collateral(cfg.model, runner.params, patched, runner.model_state, reference)
+  kl = nll_b = nll_p = n = 0.0
+  for b in reference:
+    batch = {k: jnp.asarray(v) for k, v in b.items() if k in ("tokens", "targets", "segment_ids", "positions",
+                                                              "engram_ids")}
+    lb, lp = (np.asarray(forward(cfg.model, p, runner.model_state, batch)[0], np.float64) for p in (runner.params, patched))
+    log_b = lb - np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lb.max(-1, keepdims=True)
+    log_p = lp - np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) - lp.max(-1, keepdims=True)
+    mask = np.asarray(b["loss_mask"], np.float64)
+    t = np.asarray(b["targets"])[..., None]
+    kl += np.sum(mask * np.sum(np.exp(log_b) * (log_b - log_p), -1))
+    nll_b -= np.sum(mask * np.take_along_axis(log_b, t, -1)[..., 0])
+    nll_p -= np.sum(mask * np.take_along_axis(log_p, t, -1)[..., 0])
+    n += mask.sum()
+  assert got["tokens"] == n and got["kl_per_token"] > 0
+  np.testing.assert_allclose(got["kl_per_token"], kl / n, rtol=1e-3, atol=1e-7)
+  np.testing.assert_allclose([got["heldout_loss_base"], got["heldout_loss_patched"]], [nll_b / n, nll_p / n], rtol=1e-5)
+  np.testing.assert_allclose(got["heldout_loss_change"], (nll_p - nll_b) / nll_b, rtol=1e-3, atol=1e-7)
+  # Every row a patch changes is read by its own facts; the held-out text reads some share of them.
+  assert patches.traffic_share(cfg.model, tables, _batches(cfg, runner, [paths["train"]]))["all"] == 1.0
+  share = patches.traffic_share(cfg.model, tables, reference)
+  assert 0.0 <= share["all"] <= 1.0 and set(share) == set(tables) | {"all"}
+  with pytest.raises(patches.PatchError, match="no batch of reference text"):
+    patches.collateral(cfg.model, runner.params, patched, runner.model_state, [])
+
+
 def test_patch_py_create_info_and_eval_py_patches(tmp_path):
   """The CLI on the committed tiny checkpoint: create, info, eval.py --patches (checkpoint untouched)."""
   checkpoints = str(tmp_path / "checkpoints")
@@ -220,10 +259,16 @@ def test_patch_py_create_info_and_eval_py_patches(tmp_path):
              "--steps", "5", "--seq_len", "32", "--batch_size", "4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Patch written to" in proc.stdout and os.path.isfile(os.path.join(out, "manifest.json"))
+  assert "collateral on held-out text" in proc.stdout and "KL(base || patched)" in proc.stdout
+  with open(os.path.join(out, "manifest.json")) as f:
+    training = json.load(f)["training"]
+  assert training["collateral"]["tokens"] > 0 and training["collateral"]["kl_per_token"] >= 0
+  assert 0.0 <= training["rows_base_traffic_share"]["all"] <= 1.0
   proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out)
   assert proc.returncode != 0 and "already exists" in proc.stderr
   proc = run("patch.py", "info", out)
   assert proc.returncode == 0 and "rows changed" in proc.stdout, proc.stderr[-2000:]
+  assert "rows the base traffic reads" in proc.stdout and "KL(base || patched)" in proc.stdout
   proc = run("eval.py", "--checkpoint", checkpoints, "--patches", out, "--max_eval_batches", "40",
              "--niah_lengths=", "--output_dir", str(tmp_path / "eval"))
   assert proc.returncode == 0, proc.stderr[-3000:]
