@@ -481,3 +481,13 @@ def test_generate_py_prompts_file_sampling_is_seeded(tmp_path):
 def test_generate_py_bad_input_fails_before_restoring(args, message):
   proc = _generate_py(*args, timeout=120)
   assert proc.returncode != 0 and message in proc.stderr and "restored" not in proc.stderr, proc.stderr
+
+
+def test_each_placement_gets_its_measured_default_decode_path():
+  one = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  eight = make_mesh(MESH_8, jax.devices()[:8])
+  assert generation.pinned_host_supported(one)  # XLA:CPU has pinned host memory
+  assert generation.default_decode_path("device", one) == "device"
+  assert generation.default_decode_path("host", one) == "pinned_host"
+  assert generation.default_decode_path("host", eight) == "callback"  # the pinned path would copy per device
+  assert generation.default_decode_path("disk", one) == "callback"
