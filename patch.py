@@ -8,9 +8,10 @@
 projections, gates, conv and MoE balancing bias frozen) and writes the changed rows with a manifest
 (see engram_jax/patches.py). The checkpoint is never modified and an existing --out is never written
 over. `--protect freeze|l2` keeps rows that ordinary text (--reference_files, default: the embedded
-held-out text) reads often from moving, or pulls them back. The patch's collateral damage on that
-reference text (mean KL(base || patched) per token, the held-out loss change) and the share of its
-rows the reference text reads are measured, printed and written into its manifest.
+held-out text) reads often from moving, or pulls them back. The patch's collateral damage on the
+reference text that did not choose the protected rows (the next --reference_batches batches: mean
+KL(base || patched) per token, the held-out loss change) and the share of its rows that text reads
+are measured, printed and written into its manifest.
 """
 
 import hashlib
@@ -83,8 +84,14 @@ def create():
   kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
   batches = list(data_lib.make_dataset(data_cfg, "train", **kwargs))
   ref_cfg = dataclasses.replace(cfg.data, eval_files=tuple(_REFERENCE.value) if _REFERENCE.value else cfg.data.eval_files)
-  # The reference text chooses the protected rows and measures the patch's collateral damage.
-  reference = data_lib.eval_batches(ref_cfg, **kwargs)[:_REFERENCE_BATCHES.value]
+  # The reference text's first --reference_batches batches choose the protected rows; the next ones
+  # (text the selection did not see) measure the patch's collateral damage.
+  text = data_lib.eval_batches(ref_cfg, **kwargs)
+  n = _REFERENCE_BATCHES.value
+  reference = text[:n]
+  unseen = text[n:2 * n]
+  measured_on = ("--reference_files" if _REFERENCE.value else "held-out text") + (
+      ", batches the row selection did not read" if unseen else ", the batches that chose the protected rows")
   print(f"facts: {len(batches)} batches of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
   tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches, training,
                                      reference_batches=reference)
@@ -93,9 +100,9 @@ def create():
           "base_step": runner.step, "batch_size": data_cfg.batch_size, "seq_len": data_cfg.seq_len, **stats}
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
   patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [patch])
-  meta["collateral"] = {**patches.collateral(cfg.model, runner.params, patched, runner.model_state, reference),
-                        "text": ("--reference_files" if _REFERENCE.value else "held-out text")}
-  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, reference)
+  meta["collateral"] = {**patches.collateral(cfg.model, runner.params, patched, runner.model_state,
+                                              unseen or reference), "text": measured_on}
+  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, unseen or reference)
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
   patches.save_patch(patch, _OUT.value)
   print(patches.describe(patches.load_patch(_OUT.value)))
