@@ -441,6 +441,41 @@ def plot(summary: dict, results: List[dict], results_dir: str):
     plt.close(fig)
 
 
+def plot_lengths(study_dirs: List[str], out_path: str):
+  """The allocation curve of several studies (e.g. 300 and 1200 steps) on one plot: mean ± standard
+  error over seeds per rho, each study labelled with its training tokens."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  drawn = 0
+  for d in study_dirs:
+    results = [r for r in load_results(os.path.join(d, "runs")) if r["condition"].startswith("rho")]
+    if not results:
+      continue
+    by = collections.defaultdict(list)
+    for r in results:
+      by[r["sparse"]["rho"]].append(r["heldout"]["loss"])
+    xs = sorted(by)
+    st = [stats(by[x]) for x in xs]
+    study = results[0]["study"]
+    tokens = study["steps"] * study["batch_size"] * study["seq_len"] / 1e6
+    ax.errorbar(xs, [t["mean"] for t in st], yerr=[t["sem"] if t["n"] > 1 else 0.0 for t in st], fmt="o-", capsize=4,
+                label=f"{study['steps']} steps ({tokens:.2f}M tokens), seeds {min(t['n'] for t in st)}-{max(t['n'] for t in st)}")
+    drawn += 1
+  if drawn:
+    ax.set_xlabel("rho (share of the inactive budget in routed experts; 1 = pure MoE)")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title("Sparsity allocation at two training lengths (mean ± s.e. over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+
+
 def write_report(results_dir: str) -> dict:
   results = load_results(os.path.join(results_dir))
   if not results:
@@ -537,6 +572,10 @@ def main():
     return
   if args.report:
     summary = write_report(args.results)
+    lengths = sorted(os.path.join(ROOT, "bench", d) for d in os.listdir(os.path.join(ROOT, "bench"))
+                     if d.startswith("reproduction") and os.path.isdir(os.path.join(ROOT, "bench", d, "runs")))
+    if len(lengths) > 1:
+      plot_lengths(lengths, os.path.join(RESULTS, "allocation_lengths.png"))
     print(json.dumps(summary.get("paired_differences", {}), indent=1))
     return
   names = run_names(args.seeds)
