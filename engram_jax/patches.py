@@ -377,6 +377,10 @@ class RowTraining:
   # A row is protected when the reference text reads it at least this many times.
   protect_min_count: int = 2
   protect_weight: float = 1.0
+  # Replayed ordinary text: kl_weight * mean KL(base || patched) per token on the reference batches
+  # (cycled, one per step; the base model's distributions computed once) joins the facts loss, so
+  # rows that ordinary text reads learn the facts only where that costs the text nothing.
+  kl_weight: float = 0.0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -385,6 +389,8 @@ class RowTraining:
       raise ValueError(f"RowTraining.learning_rate={self.learning_rate}: expected a positive float")
     if self.protect not in ("none", "freeze", "l2"):
       raise ValueError(f"RowTraining.protect={self.protect!r}: expected 'none', 'freeze' or 'l2'")
+    if not self.kl_weight >= 0:
+      raise ValueError(f"RowTraining.kl_weight={self.kl_weight}: expected a float >= 0")
 
 
 def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_counts: bool = False):
@@ -449,7 +455,8 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   """Trains only the Engram rows the facts batches read; returns ({table name: changed rows}, stats).
 
   `batches` are train-pipeline batches of the facts corpus (cycled for `training.steps` steps);
-  `reference_batches`, of ordinary text, choose the protected rows. The backbone, every other Engram
+  `reference_batches`, of ordinary text, choose the protected rows and (with `training.kl_weight`)
+  are replayed, one per step, under a KL term to the base model. The backbone, every other Engram
   parameter and the MoE balancing bias stay exactly as given.
   """
   if cfg.model.engram is None:
@@ -471,19 +478,29 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   tx = optax.adam(training.learning_rate, b1=training.b1, b2=training.b2, eps=training.eps)
   opt_state = tx.init(compact0)
   weight = training.protect_weight if training.protect == "l2" else 0.0
+  replay = training.kl_weight > 0 and bool(reference_batches)
 
-  def loss_fn(compact, batch, cids):
+  def loss_fn(compact, batch, cids, ref):
     rows = {name: jnp.take(compact[name], cids[name], axis=0) for name in compact}  # [B,T,H,d]
     (logits, _) = forward(cfg.model, backbone, model_state, batch, rows=rows)
     nll = token_nll(logits, batch["targets"])[0]
     mask = batch["loss_mask"]
     loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     penalty = sum(jnp.sum((1.0 - trainable[n]) * jnp.square(compact[n] - compact0[n])) for n in compact)
-    return loss + weight * penalty, loss
+    total = loss + weight * penalty
+    if ref is not None:  # replayed text: its rows are the trained ones where it reads them, else the base rows
+      ref_batch, (pos, inside, base_rows), base_log_p = ref
+      rows = {n: jnp.where(inside[n][..., None], jnp.take(compact[n], pos[n], axis=0), base_rows[n]) for n in compact}
+      (ref_logits, _) = forward(cfg.model, backbone, model_state, ref_batch, rows=rows)
+      log_p = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+      kl = jnp.sum(jnp.exp(base_log_p) * (base_log_p - log_p), axis=-1)
+      ref_mask = ref_batch["loss_mask"]
+      total = total + training.kl_weight * jnp.sum(kl * ref_mask) / jnp.maximum(jnp.sum(ref_mask), 1.0)
+    return total, loss
 
   @jax.jit
-  def step(compact, opt_state, batch, cids):
-    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(compact, batch, cids)
+  def step(compact, opt_state, batch, cids, ref=None):
+    (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(compact, batch, cids, ref)
     if training.protect == "freeze":
       grads = {n: g * trainable[n] for n, g in grads.items()}
     updates, opt_state = tx.update(grads, opt_state, compact)
@@ -502,14 +519,34 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
       out[name] = jnp.asarray(pos, jnp.int32)
     return out
 
+  def replay_rows(batch):
+    """(positions in the trained set, whether the id is in it, the base rows) of a reference batch."""
+    e = cfg.model.engram
+    pos, inside, base_rows = {}, {}, {}
+    for i, layer in enumerate(e.layer_ids):
+      name = memory.table_name(layer)
+      ids = batch["engram_ids"][..., i, :].astype(np.int64) + memory.table_layout(e, layer)[1]
+      at = np.clip(np.searchsorted(uniq[name], ids), 0, len(uniq[name]) - 1)
+      pos[name] = jnp.asarray(at, jnp.int32)
+      inside[name] = jnp.asarray(uniq[name][at] == ids)
+      base_rows[name] = jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0)
+    return pos, inside, base_rows
+
+  base_log_probs = jax.jit(lambda b: jax.nn.log_softmax(
+      forward(cfg.model, params, model_state, b)[0].astype(jnp.float32), axis=-1))
   keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
   prepared = [({k: jnp.asarray(b[k]) for k in keys}, compact_ids(b)) for b in batches]
+  replayed = []
+  if replay:
+    for b in reference_batches:
+      placed = {k: jnp.asarray(b[k]) for k in keys}
+      replayed.append((placed, replay_rows(b), base_log_probs(placed)))
   compact = compact0
   losses = []
   t0 = time.perf_counter()
   for s in range(training.steps):
     batch, cids = prepared[s % len(prepared)]
-    compact, opt_state, loss = step(compact, opt_state, batch, cids)
+    compact, opt_state, loss = step(compact, opt_state, batch, cids, replayed[s % len(replayed)] if replay else None)
     if s == 0 or (s + 1) % max(1, training.steps // 10) == 0:
       losses.append((s + 1, float(loss)))
       log(f"patch step {s + 1}/{training.steps}  facts loss {float(loss):.4f}")
