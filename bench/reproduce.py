@@ -20,6 +20,9 @@ of tokens on the embedded corpus mixed with the synthetic knowledge corpus, know
       --set expert_hidden=512 --set top_k=4 --set num_shared_experts=2 --set mlp_hidden=3072 \
       --set steps=2000 --set batch_size=32 --set seq_len=1024 --results bench/reproduction_small/runs
                                              # the same study at the `small` size (a GPU)
+  python bench/reproduce.py --set steps=1200 --seeds 2 --results bench/reproduction_1200/runs \
+      --work runs/reproduction_1200 --only rho1.0_s0,rho0.1_s0,rho0.3_s0,rho0.8_s0,rho0.55_s0,rho1.0_s1,rho0.3_s1
+                                             # the curve at four times the tokens (~20-26 min a run)
 
 Resumable at two levels: a finished run's results file (bench/reproduction/runs/<name>.json,
 committed) is never recomputed, and a run stopped mid-training resumes from its last checkpoint
@@ -468,7 +471,7 @@ def plot_lengths(study_dirs: List[str], out_path: str):
   if drawn:
     ax.set_xlabel("rho (share of the inactive budget in routed experts; 1 = pure MoE)")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title("Sparsity allocation at two training lengths (mean ± s.e. over seeds)")
+    ax.set_title("Allocation curve at each training length (mean ± s.e.)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
