@@ -406,6 +406,10 @@ def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_c
   return out
 
 
+# The batch fields a patch's forward passes read.
+_BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
+
+
 def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
                batches: Sequence[Dict[str, np.ndarray]]) -> dict:
   """What a patch does to text it was not trained on (held-out text by default): the mean
@@ -426,10 +430,9 @@ def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
     nll_b, nll_p = token_nll(lb, batch["targets"])[0], token_nll(lp, batch["targets"])[0]
     return jnp.stack([jnp.sum(kl * mask), jnp.sum(nll_b * mask), jnp.sum(nll_p * mask), jnp.sum(mask)])
 
-  keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
   total = np.zeros(4, np.float64)
   for b in batches:
-    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in keys})))
+    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS})))
   kl, nll_b, nll_p, n = total
   n = max(n, 1.0)
   return {"kl_per_token": float(kl / n), "heldout_loss_base": float(nll_b / n), "heldout_loss_patched": float(nll_p / n),
@@ -506,41 +509,36 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
     updates, opt_state = tx.update(grads, opt_state, compact)
     return optax.apply_updates(compact, updates), opt_state, loss
 
-  def compact_ids(batch):
+  def set_positions(batch):
+    """{table name: (position of each lookup's row in the trained set, its global row id)}."""
     e = cfg.model.engram
     out = {}
     for i, layer in enumerate(e.layer_ids):
       name = memory.table_name(layer)
       rows = batch["engram_ids"][..., i, :].astype(np.int64) + memory.table_layout(e, layer)[1]
-      pos = np.searchsorted(uniq[name], rows)
-      pos = np.clip(pos, 0, len(uniq[name]) - 1)
-      # Padding positions may read rows outside the set: they are masked out of the loss, and any
-      # id of the set serves (the gradient through a masked position is zero).
-      out[name] = jnp.asarray(pos, jnp.int32)
+      out[name] = (np.clip(np.searchsorted(uniq[name], rows), 0, len(uniq[name]) - 1), rows)
     return out
 
-  def replay_rows(batch):
-    """(positions in the trained set, whether the id is in it, the base rows) of a reference batch."""
-    e = cfg.model.engram
-    pos, inside, base_rows = {}, {}, {}
-    for i, layer in enumerate(e.layer_ids):
-      name = memory.table_name(layer)
-      ids = batch["engram_ids"][..., i, :].astype(np.int64) + memory.table_layout(e, layer)[1]
-      at = np.clip(np.searchsorted(uniq[name], ids), 0, len(uniq[name]) - 1)
-      pos[name] = jnp.asarray(at, jnp.int32)
-      inside[name] = jnp.asarray(uniq[name][at] == ids)
-      base_rows[name] = jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0)
-    return pos, inside, base_rows
+  def compact_ids(batch):
+    # Padding positions may read rows outside the set: they are masked out of the loss, and any
+    # id of the set serves (the gradient through a masked position is zero).
+    return {name: jnp.asarray(at, jnp.int32) for name, (at, _) in set_positions(batch).items()}
 
-  base_log_probs = jax.jit(lambda b: jax.nn.log_softmax(
-      forward(cfg.model, params, model_state, b)[0].astype(jnp.float32), axis=-1))
-  keys = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
-  prepared = [({k: jnp.asarray(b[k]) for k in keys}, compact_ids(b)) for b in batches]
+  def replay_rows(batch):
+    """(positions in the trained set, whether the row is in it, the base rows) of a reference batch."""
+    found = set_positions(batch)
+    return ({n: jnp.asarray(at, jnp.int32) for n, (at, _) in found.items()},
+            {n: jnp.asarray(uniq[n][at] == rows) for n, (at, rows) in found.items()},
+            {n: jnp.take(tables[n], jnp.asarray(rows, jnp.int32), axis=0) for n, (_, rows) in found.items()})
+
+  base_log_probs = jax.jit(lambda p, b: jax.nn.log_softmax(
+      forward(cfg.model, p, model_state, b)[0].astype(jnp.float32), axis=-1))
+  prepared = [({k: jnp.asarray(b[k]) for k in _BATCH_KEYS}, compact_ids(b)) for b in batches]
   replayed = []
   if replay:
     for b in reference_batches:
-      placed = {k: jnp.asarray(b[k]) for k in keys}
-      replayed.append((placed, replay_rows(b), base_log_probs(placed)))
+      placed = {k: jnp.asarray(b[k]) for k in _BATCH_KEYS}
+      replayed.append((placed, replay_rows(b), base_log_probs(params, placed)))
   compact = compact0
   losses = []
   t0 = time.perf_counter()
