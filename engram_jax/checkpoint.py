@@ -43,6 +43,7 @@ resumed from an older step on purpose.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -395,6 +396,50 @@ class CheckpointManager:
 
 
 # ----------------------------------------------------------------------------------- preemption
+
+
+def saved_array_reader(checkpoint_dir: str, step: int):
+  """read(path, start, stop) -> numpy rows [start, stop) (the whole array without them) of the array saved at key path `path` (a
+  tuple such as ("params", "layer_1", "engram", "memory", "table")) in step `step` of a checkpoint
+  directory, read with tensorstore from the step's zarr3 arrays in its OCDBT store: no device is
+  involved, and only the saved chunks overlapping the rows are read. `read.paths` lists the saved
+  arrays, `read.has(path)` and `read.shape(path)` answer without reading one.
+
+  Raises CheckpointRestoreError when the step's metadata cannot be read, and when a path is not saved.
+  """
+  import ast
+
+  import tensorstore as ts
+
+  state = os.path.abspath(os.path.join(checkpoint_dir, str(step), _STATE))
+  meta_path = os.path.join(state, "_METADATA")
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      tree = json.load(f)["tree_metadata"]
+  except (OSError, ValueError, KeyError) as e:
+    raise CheckpointRestoreError(f"checkpoint {checkpoint_dir!r} step {step}: cannot read {meta_path!r} ({e})",
+                                 directory=checkpoint_dir, step=step) from None
+  names = {tuple(ast.literal_eval(key)): ".".join(ast.literal_eval(key)) for key in tree}
+  opened = {}
+
+  def array(path):
+    path = tuple(path)
+    if path not in names:
+      raise CheckpointRestoreError(f"checkpoint {checkpoint_dir!r} step {step} saved no array {'/'.join(path)}",
+                                   directory=checkpoint_dir, step=step)
+    if path not in opened:
+      spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": "file://" + state, "path": names[path]}}
+      opened[path] = ts.open(spec, read=True).result()
+    return opened[path]
+
+  def read(path, start: Optional[int] = None, stop: Optional[int] = None) -> np.ndarray:
+    a = array(path)
+    return np.asarray((a if start is None and stop is None else a[start:stop]).read().result())
+
+  read.paths = tuple(names)  # type: ignore[attr-defined]
+  read.has = lambda path: tuple(path) in names  # type: ignore[attr-defined]
+  read.shape = lambda path: tuple(array(path).shape)  # type: ignore[attr-defined]
+  return read
 
 
 def step_to_read(checkpoint_dir: str, step: Optional[int] = None) -> int:

@@ -489,6 +489,12 @@ class TrainConfig:
   # Update the Engram tables row-sparsely (lazy Adam on the rows read this step; see
   # memory.sparse_adam_update) so step cost does not grow with table size; False = dense Adam.
   engram_sparse_updates: bool = True
+  # Where the Engram tables and their lazy Adam moments live while training: "device" (in the
+  # params, on the accelerators), "host" (numpy arrays in host RAM) or "disk" (memory-mapped files
+  # under <workdir>/engram_tables, the OS page cache as the RAM tier). With host or disk the host
+  # gathers each step's rows ahead of the step and applies the row-sparse Adam update itself
+  # (engram_jax/host_training.py); it needs engram_sparse_updates.
+  engram_tables: str = "device"
   grad_clip_norm: Optional[float] = 1.0
   # Weight of the z-loss mean(logsumexp(logits)^2) that keeps the softmax normaliser near 1 (0 = off).
   z_loss: float = 0.0
@@ -551,6 +557,11 @@ class TrainConfig:
       _fail(name, "z_loss", self.z_loss, "a non-negative float")
     if not isinstance(self.checkpoint, CheckpointConfig):
       _fail(name, "checkpoint", self.checkpoint, "a CheckpointConfig")
+    if self.engram_tables not in ("device", "host", "disk"):
+      _fail(name, "engram_tables", self.engram_tables, "'device', 'host' or 'disk'")
+    if self.engram_tables != "device" and not self.engram_sparse_updates:
+      _fail(name, "engram_tables", self.engram_tables,
+            "'device' when engram_sparse_updates=False (tables off the devices are updated row-sparsely)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -468,29 +468,38 @@ def sparse_adam_state_specs() -> SparseAdamState:
   return SparseAdamState(m=rows, v=rows, count=logical_to_spec(("table_rows",)))
 
 
-def _adam_rows(table, state: SparseAdamState, ids, grads, *, lr, b1, b2, eps):
-  """Lazy Adam at ids [K] (repeats summed; ids >= R ignored) with grads [K, d]; returns both.
+def adam_rows_math(rows, m, v, count, grads, *, lr, b1, b2, eps):
+  """Lazy Adam on gathered rows: rows, m, v [K, d], count [K] int32 and their summed gradients
+  grads [K, d] -> the new (rows, m, v, count). The one place the update's arithmetic is written:
+  the device update (`_adam_rows`) and the host update (host_training.py) both call it, so tables
+  off the devices follow the same float32 operations in the same order.
 
-  Each formula is optax.scale_by_adam's (eps_root = 0) followed by scale(-lr) and apply_updates,
-  in the same order, so a row read every step follows optax.adam up to float rounding (XLA fuses
-  the two programs differently; ~1 ulp of the update per step in float32). Reads and writes are gathers and scatters at K rows: with the table and state
-  donated, XLA updates them in place and the step costs O(K d), not O(R d).
+  Each formula is optax.scale_by_adam's (eps_root = 0) followed by scale(-lr) and apply_updates.
   """
-  num_rows = table.shape[0]
-  uniq, inv = jnp.unique(ids, size=ids.shape[0], fill_value=num_rows, return_inverse=True)
-  grads = jax.ops.segment_sum(grads.astype(state.m.dtype), inv.reshape(-1), num_segments=ids.shape[0])
-  m = jnp.take(state.m, uniq, axis=0, mode="clip")  # [K, d] (padding reads row R-1, never written)
-  v = jnp.take(state.v, uniq, axis=0, mode="clip")
-  count = jnp.take(state.count, uniq, mode="clip")
   count = jnp.where(count < jnp.iinfo(jnp.int32).max, count + 1, count)  # optax.safe_increment
   m = (1 - b1) * grads + b1 * m
   v = (1 - b2) * (grads ** 2) + b2 * v
   m_hat = m / (1 - b1 ** count).astype(m.dtype)[:, None]
   v_hat = v / (1 - b2 ** count).astype(v.dtype)[:, None]
   step = (-lr) * (m_hat / (jnp.sqrt(v_hat) + eps))
-  rows = jnp.take(table, uniq, axis=0, mode="clip")
-  rows = (rows + step).astype(table.dtype)
-  write = lambda a, x: a.at[uniq].set(x.astype(a.dtype), mode="drop")
+  return (rows + step).astype(rows.dtype), m, v, count
+
+
+def _adam_rows(table, state: SparseAdamState, ids, grads, *, lr, b1, b2, eps):
+  """Lazy Adam at ids [K] (repeats summed; ids >= R ignored) with grads [K, d]; returns both.
+
+  A row read every step follows optax.adam up to float rounding (XLA fuses the two programs
+  differently; ~1 ulp of the update per step in float32). Reads and writes are gathers and
+  scatters at K rows: with the table and state donated, XLA updates them in place and the step
+  costs O(K d), not O(R d).
+  """
+  num_rows = table.shape[0]
+  uniq, inv = jnp.unique(ids, size=ids.shape[0], fill_value=num_rows, return_inverse=True)
+  grads = jax.ops.segment_sum(grads.astype(state.m.dtype), inv.reshape(-1), num_segments=ids.shape[0])
+  take = lambda a: jnp.take(a, uniq, axis=0, mode="clip")  # noqa: E731 (padding reads row R-1, never written)
+  rows, m, v, count = adam_rows_math(take(table), take(state.m), take(state.v), take(state.count), grads,
+                                     lr=lr, b1=b1, b2=b2, eps=eps)
+  write = lambda a, x: a.at[uniq].set(x.astype(a.dtype), mode="drop")  # noqa: E731
   return write(table, rows), SparseAdamState(m=write(state.m, m), v=write(state.v, v),
                                              count=write(state.count, count))
 

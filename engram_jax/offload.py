@@ -208,39 +208,21 @@ def write_table_dir(out_dir: str, cfg: ModelConfig, fingerprint: str,
 
 def checkpoint_table_reader(checkpoint_dir: str, step: int):
   """read_chunk(name, start, stop) over a checkpoint's saved tables, read with tensorstore straight
-  from the zarr3 arrays in the step's OCDBT store: no device is involved and only the saved chunks
-  that overlap [start, stop) are read (a chunk is one saved shard, rows / devices rows)."""
-  import ast
+  from the zarr3 arrays in the step's OCDBT store (`checkpoint.saved_array_reader`): no device is
+  involved and only the saved chunks that overlap [start, stop) are read."""
+  from engram_jax import checkpoint as ckpt_lib
 
-  import tensorstore as ts
-
-  state = os.path.abspath(os.path.join(checkpoint_dir, str(step), "state"))
-  meta_path = os.path.join(state, "_METADATA")
-  try:
-    with open(meta_path, encoding="utf-8") as f:
-      tree = json.load(f)["tree_metadata"]
-  except (OSError, ValueError, KeyError) as e:
-    raise TableFileError(f"checkpoint {checkpoint_dir!r} step {step}: cannot read {meta_path!r} ({e})") from None
-  paths = {}
-  for key in tree:
-    parts = tuple(ast.literal_eval(key))
-    if len(parts) >= 4 and parts[0] == "params" and parts[-3:] == ("engram", "memory", "table"):
-      paths[parts[1]] = ".".join(parts)
-  opened = {}
+  arrays = ckpt_lib.saved_array_reader(checkpoint_dir, step)
+  paths = {p[1]: p for p in arrays.paths if len(p) >= 4 and p[0] == "params" and p[-3:] == ("engram", "memory", "table")}
 
   def read(name: str, start: int, stop: int) -> np.ndarray:
     if name not in paths:
       raise TableFileError(f"checkpoint {checkpoint_dir!r} step {step} has no table {name!r} (it has "
                            f"{sorted(paths)})")
-    if name not in opened:
-      spec = {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": "file://" + state, "path": paths[name]}}
-      opened[name] = ts.open(spec, read=True).result()
-    return np.asarray(opened[name][start:stop].read().result(), np.float32)
+    return np.asarray(arrays(paths[name], start, stop), np.float32)
 
   read.names = tuple(sorted(paths))  # type: ignore[attr-defined]
-  read.shape = lambda name: tuple(opened.setdefault(name, ts.open(  # type: ignore[attr-defined]
-      {"driver": "zarr3", "kvstore": {"driver": "ocdbt", "base": "file://" + state, "path": paths[name]}},
-      read=True).result()).shape)
+  read.shape = lambda name: arrays.shape(paths[name])  # type: ignore[attr-defined]
   return read
 
 

@@ -25,7 +25,7 @@ import optax
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
-from engram_jax import memory
+from engram_jax import host_training, memory, offload
 from engram_jax import runlock
 from engram_jax.config import Config, to_dict
 from engram_jax.model import abstract_variables, forward, init_variables, param_counts, token_nll
@@ -78,11 +78,19 @@ def sparse_tables(cfg: Config) -> bool:
   return cfg.model.engram is not None and cfg.train.engram_sparse_updates
 
 
+def host_tables(cfg: Config) -> bool:
+  """Whether the Engram tables train off the devices (`train.engram_tables` host or disk): then the
+  train state holds the backbone alone and host_training.py holds the tables and their moments."""
+  return cfg.model.engram is not None and cfg.train.engram_tables != "device"
+
+
 def state_shardings(cfg: Config, mesh, tx=None):
   """(optimizer, TrainState of shardings, abstract TrainState with shardings on every leaf).
 
   With row-sparse table updates the optax optimizer covers every param but the Engram tables,
-  whose lazy Adam state (moments like the table, a per-row step count) lives in `engram_opt`.
+  whose lazy Adam state (moments like the table, a per-row step count) lives in `engram_opt`. With
+  tables off the devices (`host_tables`) the state's params are the backbone alone (no empty
+  sub-dicts where the tables were) and `engram_opt` is empty: host_training.py holds both.
   """
   abstract = abstract_variables(cfg.model)
   var_shardings = tree_shardings(abstract, mesh)
@@ -93,8 +101,13 @@ def state_shardings(cfg: Config, mesh, tx=None):
     tx = tx or make_optimizer(cfg.train, memory.split(abstract["params"])[0])
     backbone, tables = memory.split(plain["params"])
     backbone_shard, table_shard = memory.split(var_shardings["params"])
-    engram_opt = jax.eval_shape(memory.sparse_init, tables)
-    engram_opt_shard = memory.sparse_state_shardings(table_shard)
+    if host_tables(cfg):
+      backbone, backbone_shard = _prune_empty(backbone), _prune_empty(backbone_shard)
+      plain = {**plain, "params": backbone}
+      var_shardings = {**var_shardings, "params": backbone_shard}
+    else:
+      engram_opt = jax.eval_shape(memory.sparse_init, tables)
+      engram_opt_shard = memory.sparse_state_shardings(table_shard)
     opt_abstract = jax.eval_shape(tx.init, backbone)
     opt_shard = opt_state_shardings(opt_abstract, backbone_shard, replicated)
   else:
@@ -119,7 +132,10 @@ def init_state(cfg: Config, mesh, tx, shardings) -> TrainState:
     variables = nn.meta.unbox(init_variables(cfg.model, jax.random.key(cfg.train.seed)))
     params = variables.pop("params")
     engram_opt = {}
-    if sparse_tables(cfg):
+    if host_tables(cfg):  # the tables are dropped here, so XLA never computes them on the devices
+      params = _prune_empty(memory.split(params)[0])
+      opt_state = tx.init(params)
+    elif sparse_tables(cfg):
       backbone, tables = memory.split(params)
       opt_state = tx.init(backbone)
       engram_opt = memory.sparse_init(tables)
@@ -154,9 +170,13 @@ def make_grads(cfg: Config):
   With row-sparse table updates (`train.engram_sparse_updates`, the default) the rows are gathered
   (memory.gather) before the differentiated function and the gradient is taken with respect to them,
   so no [rows, d] table gradient exists; otherwise the tables are differentiated through the gather
-  like any other parameter. That is the only difference between the two.
+  like any other parameter. With tables off the devices (`host_tables`) the params are the backbone
+  and the rows come with the batch (`batch["engram_rows"]`, host_training.RowFeed's arrays for one
+  micro-batch), assembled in-graph by offload.assemble_rows; the gradient is taken with respect to
+  the assembled rows as on the devices.
   """
   sparse = sparse_tables(cfg)
+  host = host_tables(cfg)
 
   def loss_fn(params, model_state, batch, rows=None):
     (logits, aux) = forward(cfg.model, params, model_state, batch, rows=rows)
@@ -167,8 +187,12 @@ def make_grads(cfg: Config):
     if not sparse:
       (loss, extra), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model_state, batch)
       return loss, extra, grads, {}
-    backbone, tables = memory.split(params)
-    rows = memory.gather(tables, cfg.model.engram, batch["engram_ids"])  # {name: [B,T,H,d]}
+    if host:
+      backbone = params
+      rows = offload.assemble_rows(batch["engram_rows"], None, jnp.dtype(cfg.model.param_dtype))
+    else:
+      backbone, tables = memory.split(params)
+      rows = memory.gather(tables, cfg.model.engram, batch["engram_ids"])  # {name: [B,T,H,d]}
     (loss, extra), (g_backbone, g_rows) = jax.value_and_grad(
         lambda b, r: loss_fn(b, model_state, batch, r), argnums=(0, 1), has_aux=True)(backbone, rows)
     return loss, extra, g_backbone, g_rows
@@ -186,27 +210,40 @@ def make_train_step(cfg: Config, tx):
   not grow with the table; otherwise optax's Adam updates the tables densely. Global-norm clipping
   applies to the optax params; Adam's update is invariant to the gradient's scale (up to eps), so row
   gradients are left out of it rather than paying a de-duplication for an exact joint norm.
+
+  Tables off the devices (`host_tables`): the batch carries the rows (`engram_rows`, RowFeed.ready's
+  arrays) and the step returns a third output, {"row_grads": {table: [..., H, d]} (the gradients of
+  the rows read, divided by the micro-batch count like the device update's), "lr": the tables'
+  learning rate}, for host_training.HostTrainTables.update; nothing else differs.
   """
   accum = cfg.train.grad_accum_steps
+  host = host_tables(cfg)
   schedule = learning_rate_schedule(cfg.train)
   sparse = sparse_tables(cfg)
   engram = cfg.model.engram
   tcfg = cfg.train
   grads_of = make_grads(cfg)
 
-  def step_fn(state: TrainState, batch) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  def step_fn(state: TrainState, batch):
+    feed = batch.get("engram_rows") if host else None  # {table: {"index" [B,T,H], "rows" [S, A, U, d]}}
+    batch = {k: v for k, v in batch.items() if k != "engram_rows"}
     if accum == 1:
+      if feed is not None:
+        batch = {**batch, "engram_rows": {n: {"index": e["index"], "rows": e["rows"][:, 0]} for n, e in feed.items()}}
       loss, (ce, z, tokens, aux), grads, g_rows = grads_of(state.params, state.model_state, batch)
       engram_ids = batch.get("engram_ids")
     else:
       micro = jax.tree.map(lambda x: x.reshape((accum, x.shape[0] // accum) + x.shape[1:]), batch)
+      if feed is not None:
+        micro["engram_rows"] = {n: {"index": e["index"].reshape((accum, -1) + e["index"].shape[1:]),
+                                    "rows": jnp.moveaxis(e["rows"], 1, 0)} for n, e in feed.items()}
 
       def body(carry, mb):
         l, (c, zz, n, a), g, gr = grads_of(state.params, state.model_state, mb)
         acc_g, acc = carry
         return (jax.tree.map(jnp.add, acc_g, g), jax.tree.map(jnp.add, acc, (l, c, zz, n))), (a, gr)
 
-      grad_params = memory.split(state.params)[0] if sparse else state.params
+      grad_params = memory.split(state.params)[0] if sparse and not host else state.params
       zeros = jax.tree.map(jnp.zeros_like, grad_params)
       (grads, (loss, ce, z, tokens)), (auxs, g_rows) = jax.lax.scan(body, (zeros, (0.0, 0.0, 0.0, 0.0)), micro)
       grads = jax.tree.map(lambda g: g / accum, grads)
@@ -220,12 +257,15 @@ def make_train_step(cfg: Config, tx):
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(row_grad_norm)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     engram_opt = state.engram_opt
-    if sparse:
+    table_lr = schedule(state.step) * tcfg.engram_lr_multiplier
+    if host:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = keep(optax.apply_updates(state.params, updates), state.params)
+    elif sparse:
       backbone, tables = memory.split(state.params)
       updates, opt_state = tx.update(grads, state.opt_state, backbone)
       backbone = keep(optax.apply_updates(backbone, updates), backbone)
-      hyper = dict(lr=schedule(state.step) * tcfg.engram_lr_multiplier, b1=tcfg.adam_b1, b2=tcfg.adam_b2,
-                   eps=tcfg.adam_eps)
+      hyper = dict(lr=table_lr, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps)
       tables, engram_opt = jax.lax.cond(
           finite, lambda a: memory.sparse_update(*a, engram, engram_ids, g_rows, **hyper), lambda a: a,
           (tables, state.engram_opt))
@@ -250,14 +290,24 @@ def make_train_step(cfg: Config, tx):
       loads = jnp.concatenate([s["load"].reshape(-1, s["load"].shape[-1]) for s in aux["moe"].values()])  # [L, E]
       metrics["moe_max_over_mean_load"] = jnp.mean(jnp.max(loads, -1) / jnp.maximum(jnp.mean(loads, -1), 1e-9))
       metrics["moe_dropped"] = sum(jnp.sum(s["dropped"]) for s in aux["moe"].values())
+    if host:
+      return new_state, metrics, {"row_grads": g_rows, "lr": table_lr}
     return new_state, metrics
 
   return step_fn
 
 
 def make_eval_step(cfg: Config):
+  """eval_step(params, model_state, batch) -> per-token loss; with tables off the devices the batch
+  carries its rows (`engram_rows`, as the train step's with one micro-batch)."""
+  host = host_tables(cfg)
+
   def eval_step(params, model_state, batch, engram_scale=None):
-    (logits, _) = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale)
+    rows = None
+    if host:
+      feed = {n: {"index": e["index"], "rows": e["rows"][:, 0]} for n, e in batch["engram_rows"].items()}
+      rows = offload.assemble_rows(feed, None, jnp.dtype(cfg.model.param_dtype))
+    (logits, _) = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows)
     return token_nll(logits, batch["targets"])[0] * batch["loss_mask"]  # [B, T] per-token loss, 0 where masked
 
   return eval_step
@@ -375,6 +425,106 @@ def drop_rows_after(jsonl_path: str, step: int) -> int:
 # The loop.
 
 
+class _DataPosition:
+  """The data iterator's position recorded before the loop read ahead (what a checkpoint saves)."""
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self) -> bytes:  # grain's checkpoint handler writes it as the iterator's own state
+    return json.dumps(self._state, indent=4).encode()
+
+
+class _StepInputs:
+  """The loop's batches, placed on the mesh.
+
+  Device tables: the next batch of the data iterator. Tables off the devices (host_training.py):
+  one batch is read ahead (`look_ahead`, right after a step is dispatched) and its rows gathered on
+  a thread while the step runs; `next` brings them up to date (rows the previous update wrote are
+  read again) and places them; `after_step` applies the step's lazy Adam update on the host. A
+  checkpoint saves the data position from before the read-ahead (`data_position`) and the tables
+  and moments from the host (`saved_state`).
+  """
+
+  _END = object()
+
+  def __init__(self, cfg: Config, mesh, data_iter, store):
+    self.cfg, self.mesh, self.data_iter, self.store = cfg, mesh, data_iter, store
+    self._pending = None  # (local batch or _END, future of its prepared rows)
+    self._current = None
+    self._position = None
+    if store is not None:
+      import concurrent.futures
+
+      if jax.process_count() > 1:
+        raise ValueError(f"train.engram_tables={cfg.train.engram_tables!r} trains with one process; this run has "
+                         f"{jax.process_count()} (use train.engram_tables='device' for multi-host training)")
+      shards = batch_devices(mesh)
+      self.feed = host_training.RowFeed(store, shards, cfg.train.grad_accum_steps)
+      self.eval_feed = host_training.RowFeed(store, shards, 1)
+      self.chunks = host_training.mesh_chunks(mesh)
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-rows")
+
+  def next(self):
+    if self.store is None:
+      return place_batch(next(self.data_iter), self.mesh)
+    if self._pending is None:
+      local = next(self.data_iter)
+      prepared = self.feed.prepare(local)
+    else:
+      local, future = self._pending
+      self._pending = None
+      if local is self._END:
+        raise StopIteration
+      prepared = future.result()
+    self._current = local
+    batch = place_batch(local, self.mesh)
+    batch["engram_rows"] = self._place(self.feed.ready(prepared))
+    return batch
+
+  def _place(self, rows):
+    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
+
+  def look_ahead(self):
+    if self.store is None:
+      return
+    self._position = self.data_iter.get_state()
+    try:
+      local = next(self.data_iter)
+    except StopIteration:
+      self._pending = (self._END, None)
+      return
+    self._pending = (local, self._pool.submit(self.feed.prepare, local))
+
+  def after_step(self, table_out, finite: bool):
+    if self.store is None or not finite:  # a skipped step changes no row, as on the devices
+      return
+    out = jax.device_get(table_out[0])
+    t = self.cfg.train
+    written = self.store.update(self._current["engram_ids"], out["row_grads"], out["lr"], chunks=self.chunks,
+                                b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps)
+    self.feed.record(written)
+
+  def rows_for_eval(self, local):
+    return None if self.store is None else self._place(self.eval_feed.ready(self.eval_feed.prepare(local)))
+
+  def data_position(self):
+    if self.store is None or self._position is None:
+      return self.data_iter
+    return _DataPosition(self._position)
+
+  def saved_state(self, state: TrainState) -> TrainState:
+    if self.store is None:
+      return state
+    tables, opt = self.store.state_tree()
+    return state.replace(params=memory.merge(state.params, tables), engram_opt=opt)
+
+  def close(self):
+    if self.store is not None:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+      self.store.flush()
+
+
 def check_batch_divides_mesh(cfg: Config, mesh):
   shards = batch_devices(mesh)
   per_step = cfg.data.batch_size
@@ -465,7 +615,7 @@ def _lock_workdir(lock: runlock.WorkdirLock):
 
 
 def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Optional[int], state_is_finite,
-            log) -> Optional[Tuple[TrainState, int, Dict[str, Any]]]:
+            log, store=None) -> Optional[Tuple[TrainState, int, Dict[str, Any]]]:
   """(state, step, metadata) from `resume_step` or else the newest checkpoint; None for a fresh start.
 
   A step that cannot be restored, or that holds NaN/inf (written by a version without the save-time
@@ -478,11 +628,15 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
   step = manager.latest_step() if resume_step is None else resume_step
   if step is None:
     return None
+  partial = store is not None  # the tables and their moments are read into the host store instead
+  finite = lambda s: bool(state_is_finite(s)) and (store is None or store.all_finite())  # noqa: E731
   try:
-    state = manager.restore(step, abstract_state, data_iter)
+    state = manager.restore(step, abstract_state, data_iter, partial=partial)
     meta = manager.read_metadata(step) or {}
+    if store is not None:
+      host_training.fill_from_checkpoint(store, str(manager.directory), step)
     problem = None
-    if not bool(state_is_finite(state)):
+    if not finite(state):
       problem = "holds NaN or infinite values (a diverged state)"
       jax.tree.map(lambda x: x.delete(), state)  # free the devices for the search below
   except ckpt_lib.CheckpointNotFoundError:
@@ -492,7 +646,7 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
   else:
     cause = None
   if cause is not None or problem is not None:
-    intact = manager.find_intact(abstract_state, below=step, accept=lambda s: bool(state_is_finite(s)))
+    intact = manager.find_intact(abstract_state, below=step, partial=partial, accept=lambda s: bool(state_is_finite(s)))
     if intact is None:
       hint = ("No older step restores intact into this config either" if any(s < step for s in manager.all_steps())
               else "There is no older step")
@@ -514,10 +668,14 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
   return state, step, meta
 
 
-def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches) -> Dict[str, float]:
+def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches, rows_for=None) -> Dict[str, float]:
+  """Held-out loss over `batches`; `rows_for(local) -> placed rows` supplies the rows of tables off
+  the devices."""
   total, count = 0.0, 0.0
   for local in batches:
     batch = place_batch(local, mesh)
+    if rows_for is not None:
+      batch["engram_rows"] = rows_for(local)
     token_loss = eval_fn(state.params, state.model_state, batch)
     total += float(jnp.sum(token_loss))
     count += float(jnp.sum(batch["loss_mask"]))  # the global batch: every process's rows
@@ -576,8 +734,11 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
   state_is_finite = _state_is_finite_fn(shardings)
   manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), cfg.train.checkpoint,
                                        config=to_dict(cfg))
+  store = None
   try:
-    restored = _resume(cfg, manager, abstract_state, data_iter, resume_step, state_is_finite, log)
+    if host_tables(cfg):
+      store = host_training.HostTrainTables.allocate(cfg.model.engram, cfg.train.engram_tables, workdir)
+    restored = _resume(cfg, manager, abstract_state, data_iter, resume_step, state_is_finite, log, store=store)
   except BaseException:
     manager.close()
     raise
@@ -586,11 +747,17 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
     log(f"Resumed from step {start} in {manager.directory}")
   else:
     state, start, meta = init_state(cfg, mesh, tx, shardings), 0, {}
+    if store is not None:
+      store.fill(host_training.init_values(cfg))
+  inputs = _StepInputs(cfg, mesh, data_iter, store)
 
   data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, data_shardings),
-                      out_shardings=(shardings, None), donate_argnums=(0,))
+    if store is None:
+      step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, data_shardings),
+                        out_shardings=(shardings, None), donate_argnums=(0,))
+    else:  # the rows' shapes vary with the step's distinct rows: their placement gives their shardings
+      step_fn = jax.jit(make_train_step(cfg, tx), out_shardings=(shardings, None, None), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(cfg))
 
   writer = MetricsWriter(workdir, replay_from=start)
@@ -626,25 +793,28 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
         log(f"step {step}: not checkpointed, the last {run} step(s) were skipped for a non-finite loss or "
             f"gradient ({newest})")
       return
-    if not bool(state_is_finite(state)):
+    if not bool(state_is_finite(state)) or (store is not None and not store.all_finite()):
       raise NonFiniteError(f"the train state holds NaN or infinite values at step {step} although its loss and "
                            "gradients were finite. " + _last_good_text(cfg, last_good, manager.directory),
                            step=step, last_good_step=last_good)
-    manager.save(step, state, data_iter, force=force, metadata={"skipped_steps": skipped})
+    manager.save(step, inputs.saved_state(state), inputs.data_position(), force=force,
+                 metadata={"skipped_steps": skipped})
     last_good = step
 
   try:
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
       while step < end:
         try:
-          local = next(data_iter)
+          batch = inputs.next()
         except StopIteration:  # a finite data.num_epochs ran out
           stopped_by = "end_of_data"
           break
-        state, metrics = step_fn(state, place_batch(local, mesh))
+        state, metrics, *table_out = step_fn(state, batch)
+        inputs.look_ahead()  # host tables: the next step's rows are gathered while this one runs
         step += 1
         steps_since += 1
         run = int(jax.device_get(state.nonfinite_run))
+        inputs.after_step(table_out, finite=run == 0)
         skipped += run > 0
         diverged = run >= max(cfg.train.max_consecutive_nonfinite, 1)
         if step % cfg.train.log_every == 0 or step == end or diverged:
@@ -670,7 +840,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
         if bar is not None:
           bar.update(1)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and eval_local:
-          ev = evaluate(cfg, state, mesh, eval_fn, eval_local)
+          ev = evaluate(cfg, state, mesh, eval_fn, eval_local, rows_for=inputs.rows_for_eval if store is not None else None)
           writer.write(step, ev)
           first_eval = first_eval or {"step": step, **ev}
           last_eval = {"step": step, **ev}
@@ -687,6 +857,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
   finally:
     if bar is not None:
       bar.close()
+    inputs.close()
     manager.wait()
     manager.close()
     writer.close()

@@ -1,0 +1,415 @@
+"""Training with the Engram tables off the accelerators: in host RAM (`host`) or memory-mapped on
+disk (`disk`), with their lazy Adam moments beside them (`train.engram_tables`).
+
+A step's rows are addressed by hash ids the data pipeline computed on the host, so the host knows
+them before the step runs. The trainer then works like this (trainer.py, `engram_tables != "device"`):
+
+  1. `RowFeed.prepare` (on the prefetch thread, while the previous step runs) gathers the distinct
+     rows of every batch shard from the host tables (`offload.prepare_rows`, the serving path's
+     host gather) and remembers which rows it read and at which table version;
+  2. `RowFeed.ready` (on the main thread, once the previous step's update is applied) re-reads the
+     rows that updates made after the gather wrote (read-after-write stays exact), and places the
+     rows on the batch's devices;
+  3. the jitted step assembles them (`offload.assemble_rows`), differentiates with respect to them
+     and returns the row gradients instead of updating a table;
+  4. `HostTrainTables.update` applies the row-sparse (lazy) Adam step on the host: the same
+     arithmetic as the device update (`memory.adam_rows_math`, run by XLA on the host CPU), with
+     duplicate rows summed in the same order as the device update on the step's mesh, so host,
+     disk and device training give bitwise-equal float32 tables on CPU.
+
+The tables are `offload.HostTables` (the serving class: float32 rows, here writable), so one
+placement concept covers training and serving. Checkpoints hold the tables and moments under the
+same names as device training (`params/<layer>/engram/memory/table`, `engram_opt/<layer>/{m,v,count}`),
+written by orbax from the host arrays and read back with tensorstore chunk by chunk, so a run can
+resume with another placement and eval.py / generate.py / patch.py read its checkpoints unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import threading
+from typing import Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engram_jax import memory, offload
+from engram_jax.config import Config, EngramConfig
+
+PLACEMENTS = ("device", "host", "disk")
+# The disk placement's directory under the workdir, and its manifest.
+TABLES_DIR = "engram_tables"
+_MANIFEST = "manifest.json"
+_KIND = "engram_jax training tables"
+# Rows copied per chunk when tables are filled from a checkpoint or checked for non-finite values.
+_CHUNK_ROWS = 1 << 16
+
+
+class TableStoreError(ValueError):
+  """A host or disk table store that cannot be used for this run; nothing was written."""
+
+
+def _layout(cfg: EngramConfig) -> Dict[str, Tuple[int, int]]:
+  return {memory.table_name(l): (int(memory.table_layout(cfg, l)[2]), int(cfg.head_dim)) for l in cfg.layer_ids}
+
+
+def bytes_needed(cfg: EngramConfig) -> int:
+  """Bytes of the tables plus their lazy Adam state (float32 rows, m and v, an int32 count per row)."""
+  return sum(rows * (3 * dim * 4 + 4) for rows, dim in _layout(cfg).values())
+
+
+def mesh_chunks(mesh) -> int:
+  """How many pieces the device update splits a step's ids into on `mesh` (its table shards; 1 on
+  one device): the host update sums duplicates over the same pieces in the same order."""
+  if mesh is None or math.prod(mesh.shape.values()) == 1:
+    return 1
+  from engram_jax.sharding import rule_axes
+
+  return int(math.prod(mesh.shape[a] for a in rule_axes("table_rows", mesh)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The host lazy Adam step.
+
+
+@functools.lru_cache(maxsize=None)
+def _adam_program(b1: float, b2: float, eps: float):
+  """(rows, m, v, count, grads, lr) numpy -> numpy: `memory.adam_rows_math` compiled by XLA for the
+  host CPU (the same float32 operations as the device update; numpy's pow could round differently)."""
+  cpu = jax.devices("cpu")[0]
+  fn = jax.jit(lambda r, m, v, c, g, lr: memory.adam_rows_math(r, m, v, c, g, lr=lr, b1=b1, b2=b2, eps=eps))
+
+  def run(*arrays):
+    return [np.asarray(x) for x in fn(*(jax.device_put(a, cpu) for a in arrays))]
+
+  return run
+
+
+def sum_duplicates(flat_ids: np.ndarray, flat_grads: np.ndarray, chunks: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(sorted distinct ids [U], summed gradients [U, d]) in the device update's order of addition:
+  the ids are cut into `chunks` contiguous pieces (the device update's per-device pieces), repeats
+  are summed within each piece in id order, then the pieces' sums are added in piece order."""
+  flat_ids = np.asarray(flat_ids, np.int64)
+  flat_grads = np.asarray(flat_grads, np.float32)
+  per = -(-len(flat_ids) // max(chunks, 1))
+  ids, sums = [], []
+  for start in range(0, len(flat_ids), per):
+    uniq, inv = np.unique(flat_ids[start:start + per], return_inverse=True)
+    total = np.zeros((len(uniq), flat_grads.shape[1]), np.float32)
+    np.add.at(total, inv.reshape(-1), flat_grads[start:start + per])
+    ids.append(uniq)
+    sums.append(total)
+  if len(ids) == 1:
+    return ids[0], sums[0]
+  uniq, inv = np.unique(np.concatenate(ids), return_inverse=True)
+  total = np.zeros((len(uniq), flat_grads.shape[1]), np.float32)
+  np.add.at(total, inv.reshape(-1), np.concatenate(sums))
+  return uniq, total
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables and their moments.
+
+
+@dataclasses.dataclass
+class HostTrainTables:
+  """The Engram tables being trained, on the host: `tables` (offload.HostTables, float32 rows) and
+  per table the lazy Adam moments `m`, `v` [R, d] and step counts `count` [R] (numpy arrays for
+  `host`, memory maps of files under `directory` for `disk`). `version` counts applied updates;
+  `lock` serializes the prefetch thread's reads with the updates."""
+
+  cfg: EngramConfig
+  tables: offload.HostTables
+  m: Dict[str, np.ndarray]
+  v: Dict[str, np.ndarray]
+  count: Dict[str, np.ndarray]
+  directory: Optional[str] = None
+  version: int = 0
+  lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+  @property
+  def placement(self) -> str:
+    return self.tables.placement
+
+  @property
+  def names(self) -> Tuple[str, ...]:
+    return memory.table_names(self.cfg)
+
+  @classmethod
+  def allocate(cls, cfg: EngramConfig, placement: str, workdir: str) -> "HostTrainTables":
+    """Zeroed tables and moments for `placement` ("host": RAM, checked against what is available;
+    "disk": files under `<workdir>/engram_tables`, which must be absent, empty or this format)."""
+    if placement not in ("host", "disk"):
+      raise ValueError(f"placement={placement!r}: host training tables live in 'host' or 'disk'")
+    need = bytes_needed(cfg)
+    directory = None
+    if placement == "host":
+      free = offload.available_memory()
+      if free is not None and need > free:
+        raise MemoryError(
+            f"train.engram_tables='host' needs {need / 2**30:.2f} GiB of RAM for the Engram tables and their Adam "
+            f"moments but only {free / 2**30:.2f} GiB is available: use train.engram_tables='disk' (memory-mapped "
+            f"files under the workdir, the page cache as the RAM tier) or smaller tables. Nothing was written.")
+      arrays = {kind: {n: np.zeros((r, d) if kind != "count" else (r,), np.float32 if kind != "count" else np.int32)
+                       for n, (r, d) in _layout(cfg).items()} for kind in ("rows", "m", "v", "count")}
+    else:
+      directory = os.path.join(workdir, TABLES_DIR)
+      arrays = _open_disk(cfg, directory, need)
+    tables = offload.HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
+                                directory=directory)
+    return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory)
+
+  def fill(self, read: Callable[[str, str, int, int], np.ndarray], names: Optional[Tuple[str, ...]] = None):
+    """Fill tables and moments chunk by chunk from `read(kind, table, start, stop)` (kind: rows, m, v,
+    count), e.g. a checkpoint's saved arrays; `names` limits it to some kinds."""
+    kinds = names or ("rows", "m", "v", "count")
+    with self.lock:
+      for kind in kinds:
+        for name in self.names:
+          target = self._array(kind, name)
+          for start in range(0, target.shape[0], _CHUNK_ROWS):
+            stop = min(target.shape[0], start + _CHUNK_ROWS)
+            chunk = np.asarray(read(kind, name, start, stop))
+            if chunk.shape != target[start:stop].shape:
+              raise TableStoreError(f"{kind} of table {name}: rows [{start}, {stop}) came back with shape {chunk.shape}; "
+                                    f"expected {target[start:stop].shape}")
+            target[start:stop] = chunk
+      self.version += 1
+
+  def _array(self, kind: str, name: str) -> np.ndarray:
+    return {"rows": self.tables.rows, "m": self.m, "v": self.v, "count": self.count}[kind][name]
+
+  def all_finite(self) -> bool:
+    for name in self.names:
+      for kind in ("rows", "m", "v"):
+        a = self._array(kind, name)
+        for start in range(0, a.shape[0], _CHUNK_ROWS):
+          if not np.all(np.isfinite(a[start:start + _CHUNK_ROWS])):
+            return False
+    return True
+
+  def update(self, engram_ids: np.ndarray, row_grads: Dict[str, np.ndarray], lr, *, chunks: int, b1: float,
+             b2: float, eps: float) -> Dict[str, np.ndarray]:
+    """One lazy Adam step at the rows a step read: engram_ids [..., L, H] (the step's hash ids, any
+    leading axes), row_grads {table: [..., H, d]} in the same order, `lr` the step's table learning
+    rate (float32). `chunks`: `mesh_chunks` of the step's mesh. Returns {table: ids written}."""
+    ids = memory.row_ids(self.cfg, np.asarray(engram_ids))
+    program = _adam_program(float(b1), float(b2), float(eps))
+    lr = np.asarray(lr, np.float32)
+    written = {}
+    with self.lock:
+      for name in self.names:
+        table = self.tables.rows[name]
+        flat = np.clip(np.asarray(ids[name]).reshape(-1), 0, table.shape[0] - 1)
+        uniq, grads = sum_duplicates(flat, np.asarray(row_grads[name]).reshape(len(flat), -1), chunks)
+        bucket = offload.row_bucket(len(uniq))  # few shapes compile
+        pad = lambda a: np.concatenate([a, np.zeros((bucket - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
+        new = program(pad(table[uniq]), pad(self.m[name][uniq]), pad(self.v[name][uniq]),
+                      pad(self.count[name][uniq]), pad(grads), lr)
+        rows, m, v, count = (x[:len(uniq)] for x in new)
+        table[uniq], self.m[name][uniq], self.v[name][uniq], self.count[name][uniq] = rows, m, v, count
+        written[name] = uniq
+      self.version += 1
+    return written
+
+  def state_tree(self):
+    """({table: rows}, {table: memory.SparseAdamState}) of the host arrays, for a checkpoint."""
+    opt = {n: memory.SparseAdamState(m=self.m[n], v=self.v[n], count=self.count[n]) for n in self.names}
+    return dict(self.tables.rows), opt
+
+  def flush(self):
+    """Writes memory-mapped tables and moments through to their files (disk placement)."""
+    for name in self.names:
+      for kind in ("rows", "m", "v", "count"):
+        a = self._array(kind, name)
+        if isinstance(a, np.memmap):
+          a.flush()
+
+
+def _open_disk(cfg: EngramConfig, directory: str, need: int) -> Dict[str, Dict[str, np.ndarray]]:
+  """Memory maps of the disk placement's files (created, or reopened when the directory is ours)."""
+  layout = _layout(cfg)
+  manifest = {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in layout.items()}}
+  path = os.path.join(directory, _MANIFEST)
+  if os.path.isdir(directory) and os.listdir(directory):
+    try:
+      with open(path, encoding="utf-8") as f:
+        have = json.load(f)
+    except (OSError, ValueError):
+      have = None
+    if not isinstance(have, dict) or have.get("kind") != _KIND:
+      raise TableStoreError(
+          f"train.engram_tables='disk' keeps its tables in {directory!r}, which is not empty and not an engram_jax "
+          f"training table directory (no {_MANIFEST} of that kind): move it away or use another workdir. Nothing "
+          f"was written.")
+    if have.get("tables") != manifest["tables"]:
+      raise TableStoreError(
+          f"{directory!r} holds training tables of another layout ({have.get('tables')}); this run's Engram layers "
+          f"need {manifest['tables']}: use another workdir, or the config that wrote them. Nothing was written.")
+    mode = "r+"
+  else:
+    os.makedirs(directory, exist_ok=True)
+    usage = shutil.disk_usage(directory)
+    if need > usage.free:
+      raise TableStoreError(f"train.engram_tables='disk' needs {need / 2**30:.2f} GiB under {directory!r} for the "
+                            f"tables and their Adam moments; the disk has {usage.free / 2**30:.2f} GiB free")
+    mode = "w+"
+  arrays = {kind: {} for kind in ("rows", "m", "v", "count")}
+  for name, (rows, dim) in layout.items():
+    for kind in arrays:
+      shape, dtype = ((rows,), np.int32) if kind == "count" else ((rows, dim), np.float32)
+      file = os.path.join(directory, f"{name}.{kind}")
+      arrays[kind][name] = np.memmap(file, dtype=dtype, mode=mode if os.path.exists(file) else "w+", shape=shape)
+      offload._random_access(arrays[kind][name])
+  if mode == "w+":
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      json.dump(manifest, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  return arrays
+
+
+def init_values(cfg: Config) -> Callable[[str, str, int, int], np.ndarray]:
+  """read(kind, table, start, stop) of a fresh run's tables (the device init's values, computed by
+  XLA on the host CPU one table at a time) and zero moments."""
+  from engram_jax.model import _TABLE_KEY
+
+  e = cfg.model.engram
+  cache: Dict[str, np.ndarray] = {}
+
+  def table(name: str) -> np.ndarray:
+    if name not in cache:
+      cache.clear()  # one table in memory at a time
+      layer = next(l for l in e.layer_ids if memory.table_name(l) == name)
+      one = dataclasses.replace(e, layer_ids=(layer,))  # init_tables folds the layer id into the key
+
+      def init():
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed), _TABLE_KEY)
+        return nn.meta.unbox(memory.init_tables(one, key, jnp.dtype(cfg.model.param_dtype)))[name]
+
+      with jax.default_device(jax.devices("cpu")[0]):
+        cache[name] = np.asarray(jax.jit(init)())
+    return cache[name]
+
+  def read(kind: str, name: str, start: int, stop: int) -> np.ndarray:
+    if kind == "rows":
+      return table(name)[start:stop]
+    dim = e.head_dim
+    return np.zeros((stop - start,), np.int32) if kind == "count" else np.zeros((stop - start, dim), np.float32)
+
+  return read
+
+
+def checkpoint_values(checkpoint_dir: str, step: int) -> Callable[[str, str, int, int], np.ndarray]:
+  """read(kind, table, start, stop) of a checkpoint's tables and lazy Adam state, read with
+  tensorstore from the saved arrays (never through an accelerator)."""
+  from engram_jax import checkpoint as ckpt_lib
+
+  reader = ckpt_lib.saved_array_reader(checkpoint_dir, step)
+  paths = {"rows": lambda n: ("params", n, "engram", "memory", "table"), "m": lambda n: ("engram_opt", n, "m"),
+           "v": lambda n: ("engram_opt", n, "v"), "count": lambda n: ("engram_opt", n, "count")}
+
+  def read(kind: str, name: str, start: int, stop: int) -> np.ndarray:
+    return reader(paths[kind](name), start, stop)
+
+  read.has = lambda kind, name: reader.has(paths[kind](name))  # type: ignore[attr-defined]
+  read.shape = lambda kind, name: reader.shape(paths[kind](name))  # type: ignore[attr-defined]
+  return read
+
+
+def fill_from_checkpoint(store: HostTrainTables, checkpoint_dir: str, step: int):
+  """Read a checkpoint's tables and lazy Adam state into `store` (chunk by chunk, host only). A
+  checkpoint of dense-Adam training (no `engram_opt`), or one whose tables have other shapes, is a
+  CheckpointRestoreError naming the difference; `store` is then left as it was."""
+  from engram_jax.checkpoint import CheckpointRestoreError
+
+  read = checkpoint_values(checkpoint_dir, step)
+  for name in store.names:
+    for kind in ("rows", "m", "v", "count"):
+      if not read.has(kind, name):
+        raise CheckpointRestoreError(
+            f"checkpoint {checkpoint_dir} step {step} has no {'table' if kind == 'rows' else 'lazy Adam ' + kind} for "
+            f"{name}: it was written by a run with other Engram layers or with dense table updates "
+            f"(train.engram_sparse_updates=False); tables off the devices resume only from row-sparse training",
+            directory=checkpoint_dir, step=step)
+      saved = read.shape(kind, name)
+      want = store._array(kind, name).shape
+      if saved != want:
+        raise CheckpointRestoreError(f"checkpoint {checkpoint_dir} step {step}: {kind} of table {name} is {saved}; "
+                                     f"this run's layout needs {want}", directory=checkpoint_dir, step=step)
+  store.fill(read)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feeding rows to the steps.
+
+
+@dataclasses.dataclass
+class Prepared:
+  """One step's rows gathered on the host: per micro-batch the prepare_rows arrays, the distinct
+  ids of each batch shard (to re-read rows written after the gather), and the table version."""
+
+  micro: List[Dict[str, dict]]
+  ids: List[Dict[str, List[np.ndarray]]]
+  version: int
+
+
+class RowFeed:
+  """Gathers steps' rows from `store` ahead of the steps (`prepare`, any thread) and hands them to a
+  step exact (`ready`, main thread): rows that updates applied after the gather wrote are read again.
+
+  `shards`: the batch shards of the mesh (per process); `accum`: micro-batches per step."""
+
+  def __init__(self, store: HostTrainTables, shards: int, accum: int = 1):
+    self.store = store
+    self.shards = shards
+    self.accum = accum
+    self._written: List[Tuple[int, Dict[str, np.ndarray]]] = []  # (version after the update, ids)
+    self._bucket: Dict[str, int] = {}
+
+  def prepare(self, local: Dict[str, np.ndarray]) -> Prepared:
+    ids = np.asarray(local["engram_ids"])
+    per = ids.shape[0] // self.accum
+    with self.store.lock:
+      version = self.store.version
+      micro, shard_ids = [], []
+      for j in range(self.accum):
+        part = ids[j * per:(j + 1) * per]
+        row_ids = memory.row_ids(self.store.cfg, part)
+        micro.append(offload.prepare_rows(self.store.tables, None, part, self.shards))
+        shard_ids.append({n: [np.unique(s) for s in np.asarray(row_ids[n]).reshape(self.shards, -1)]
+                          for n in self.store.names})
+    return Prepared(micro, shard_ids, version)
+
+  def record(self, written: Dict[str, np.ndarray]):
+    """Call after each update with what it wrote (`HostTrainTables.update`'s result)."""
+    self._written.append((self.store.version, written))
+
+  def ready(self, prepared: Prepared) -> Dict[str, dict]:
+    """{table: {"index" int32 [B, T, H], "rows" float32 [S, A, U, d]}} with every row current."""
+    stale = [ids for version, ids in self._written if version > prepared.version]
+    self._written = [(v, ids) for v, ids in self._written if v > prepared.version]
+    out = {}
+    for name in self.store.names:
+      written = np.unique(np.concatenate([w[name] for w in stale])) if stale else None
+      rows = []
+      for j, entry in enumerate(prepared.micro):
+        r = entry[name]["rows"]
+        if written is not None and len(written):
+          with self.store.lock:
+            for s, uniq in enumerate(prepared.ids[j][name]):
+              redo = np.isin(uniq, written, assume_unique=True)
+              if redo.any():
+                r[s, :len(uniq)][redo] = self.store.tables.rows[name][uniq[redo]]
+        rows.append(r)
+      width = max(self._bucket.get(name, 0), max(r.shape[1] for r in rows))  # the bucket only grows
+      self._bucket[name] = width
+      rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+      out[name] = {"index": np.concatenate([e[name]["index"] for e in prepared.micro]), "rows": np.stack(rows, 1)}
+    return out
