@@ -84,10 +84,12 @@ def _adam_program(b1: float, b2: float, eps: float):
   """(rows, m, v, count, grads, lr) numpy -> numpy: `memory.adam_rows_math` compiled by XLA for the
   host CPU (the same float32 operations as the device update; numpy's pow could round differently)."""
   cpu = jax.devices("cpu")[0]
+  host_mesh = jax.sharding.Mesh(np.array([cpu]), ("host",))  # not the training mesh the loop runs under
   fn = jax.jit(lambda r, m, v, c, g, lr: memory.adam_rows_math(r, m, v, c, g, lr=lr, b1=b1, b2=b2, eps=eps))
 
   def run(*arrays):
-    return [np.asarray(x) for x in fn(*(jax.device_put(a, cpu) for a in arrays))]
+    with jax.set_mesh(host_mesh):
+      return [np.asarray(x) for x in fn(*(jax.device_put(a, cpu) for a in arrays))]
 
   return run
 
@@ -146,22 +148,14 @@ class HostTrainTables:
   def allocate(cls, cfg: EngramConfig, placement: str, workdir: str) -> "HostTrainTables":
     """Zeroed tables and moments for `placement` ("host": RAM, checked against what is available;
     "disk": files under `<workdir>/engram_tables`, which must be absent, empty or this format)."""
-    if placement not in ("host", "disk"):
-      raise ValueError(f"placement={placement!r}: host training tables live in 'host' or 'disk'")
-    need = bytes_needed(cfg)
+    check_placement(cfg, placement, workdir)
     directory = None
     if placement == "host":
-      free = offload.available_memory()
-      if free is not None and need > free:
-        raise MemoryError(
-            f"train.engram_tables='host' needs {need / 2**30:.2f} GiB of RAM for the Engram tables and their Adam "
-            f"moments but only {free / 2**30:.2f} GiB is available: use train.engram_tables='disk' (memory-mapped "
-            f"files under the workdir, the page cache as the RAM tier) or smaller tables. Nothing was written.")
       arrays = {kind: {n: np.zeros((r, d) if kind != "count" else (r,), np.float32 if kind != "count" else np.int32)
                        for n, (r, d) in _layout(cfg).items()} for kind in ("rows", "m", "v", "count")}
     else:
       directory = os.path.join(workdir, TABLES_DIR)
-      arrays = _open_disk(cfg, directory, need)
+      arrays = _open_disk(cfg, directory)
     tables = offload.HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
                                 directory=directory)
     return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory)
@@ -233,42 +227,76 @@ class HostTrainTables:
           a.flush()
 
 
-def _open_disk(cfg: EngramConfig, directory: str, need: int) -> Dict[str, Dict[str, np.ndarray]]:
+def check_placement(cfg: EngramConfig, placement: str, workdir: str):
+  """Raises before anything is written when `placement` cannot hold this run's tables: "host" needs
+  more RAM than is available (MemoryError naming the bytes and the disk alternative); "disk" finds
+  `<workdir>/engram_tables` not empty and not a training table directory of this layout, or a disk
+  with too little free space (TableStoreError)."""
+  if placement not in ("host", "disk"):
+    raise ValueError(f"placement={placement!r}: host training tables live in 'host' or 'disk'")
+  need = bytes_needed(cfg)
+  if placement == "host":
+    free = offload.available_memory()
+    if free is not None and need > free:
+      raise MemoryError(
+          f"train.engram_tables='host' needs {need / 2**30:.2f} GiB of RAM for the Engram tables and their Adam "
+          f"moments but only {free / 2**30:.2f} GiB is available: use train.engram_tables='disk' (memory-mapped "
+          f"files under the workdir, the page cache as the RAM tier) or smaller tables. Nothing was written.")
+    return
+  directory = os.path.join(workdir, TABLES_DIR)
+  if os.path.isdir(directory) and os.listdir(directory):
+    _check_ours(cfg, directory)
+    return
+  probe = workdir if os.path.isdir(workdir) else os.path.dirname(os.path.abspath(workdir))
+  while not os.path.isdir(probe):
+    probe = os.path.dirname(probe)
+  free = shutil.disk_usage(probe).free
+  if need > free:
+    raise TableStoreError(f"train.engram_tables='disk' needs {need / 2**30:.2f} GiB under {directory!r} for the "
+                          f"tables and their Adam moments; the disk has {free / 2**30:.2f} GiB free. Nothing was "
+                          f"written.")
+
+
+def _manifest(cfg: EngramConfig) -> dict:
+  return {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in _layout(cfg).items()}}
+
+
+def _check_ours(cfg: EngramConfig, directory: str):
+  try:
+    with open(os.path.join(directory, _MANIFEST), encoding="utf-8") as f:
+      have = json.load(f)
+  except (OSError, ValueError):
+    have = None
+  if not isinstance(have, dict) or have.get("kind") != _KIND:
+    raise TableStoreError(
+        f"train.engram_tables='disk' keeps its tables in {directory!r}, which is not empty and not an engram_jax "
+        f"training table directory (no {_MANIFEST} of that kind): move it away or use another workdir. Nothing "
+        f"was written.")
+  want = _manifest(cfg)["tables"]
+  if have.get("tables") != want:
+    raise TableStoreError(
+        f"{directory!r} holds training tables of another layout ({have.get('tables')}); this run's Engram layers "
+        f"need {want}: use another workdir, or the config that wrote them. Nothing was written.")
+
+
+def _open_disk(cfg: EngramConfig, directory: str) -> Dict[str, Dict[str, np.ndarray]]:
   """Memory maps of the disk placement's files (created, or reopened when the directory is ours)."""
   layout = _layout(cfg)
-  manifest = {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in layout.items()}}
+  manifest = _manifest(cfg)
   path = os.path.join(directory, _MANIFEST)
-  if os.path.isdir(directory) and os.listdir(directory):
-    try:
-      with open(path, encoding="utf-8") as f:
-        have = json.load(f)
-    except (OSError, ValueError):
-      have = None
-    if not isinstance(have, dict) or have.get("kind") != _KIND:
-      raise TableStoreError(
-          f"train.engram_tables='disk' keeps its tables in {directory!r}, which is not empty and not an engram_jax "
-          f"training table directory (no {_MANIFEST} of that kind): move it away or use another workdir. Nothing "
-          f"was written.")
-    if have.get("tables") != manifest["tables"]:
-      raise TableStoreError(
-          f"{directory!r} holds training tables of another layout ({have.get('tables')}); this run's Engram layers "
-          f"need {manifest['tables']}: use another workdir, or the config that wrote them. Nothing was written.")
-    mode = "r+"
-  else:
-    os.makedirs(directory, exist_ok=True)
-    usage = shutil.disk_usage(directory)
-    if need > usage.free:
-      raise TableStoreError(f"train.engram_tables='disk' needs {need / 2**30:.2f} GiB under {directory!r} for the "
-                            f"tables and their Adam moments; the disk has {usage.free / 2**30:.2f} GiB free")
-    mode = "w+"
+  reopen = os.path.isdir(directory) and bool(os.listdir(directory))
+  if reopen:
+    _check_ours(cfg, directory)
+  os.makedirs(directory, exist_ok=True)
   arrays = {kind: {} for kind in ("rows", "m", "v", "count")}
   for name, (rows, dim) in layout.items():
     for kind in arrays:
       shape, dtype = ((rows,), np.int32) if kind == "count" else ((rows, dim), np.float32)
       file = os.path.join(directory, f"{name}.{kind}")
-      arrays[kind][name] = np.memmap(file, dtype=dtype, mode=mode if os.path.exists(file) else "w+", shape=shape)
+      exists = os.path.exists(file) and os.path.getsize(file) == math.prod(shape) * np.dtype(dtype).itemsize
+      arrays[kind][name] = np.memmap(file, dtype=dtype, mode="r+" if exists else "w+", shape=shape)
       offload._random_access(arrays[kind][name])
-  if mode == "w+":
+  if not reopen:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)

@@ -448,7 +448,7 @@ class _StepInputs:
 
   _END = object()
 
-  def __init__(self, cfg: Config, mesh, data_iter, store):
+  def __init__(self, cfg: Config, mesh, data_iter, store, tx):
     self.cfg, self.mesh, self.data_iter, self.store = cfg, mesh, data_iter, store
     self._pending = None  # (local batch or _END, future of its prepared rows)
     self._current = None
@@ -464,6 +464,10 @@ class _StepInputs:
       self.eval_feed = host_training.RowFeed(store, shards, 1)
       self.chunks = host_training.mesh_chunks(mesh)
       self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-rows")
+      # Device training's optimizer state keeps empty sub-trees where the tables were; checkpoints
+      # are saved in that structure (same leaves, same order) so either placement restores them.
+      backbone = memory.split(nn.meta.unbox(abstract_variables(cfg.model))["params"])[0]
+      self._opt_structure = jax.tree.structure(jax.eval_shape(tx.init, backbone))
 
   def next(self):
     if self.store is None:
@@ -517,7 +521,8 @@ class _StepInputs:
     if self.store is None:
       return state
     tables, opt = self.store.state_tree()
-    return state.replace(params=memory.merge(state.params, tables), engram_opt=opt)
+    opt_state = jax.tree.unflatten(self._opt_structure, jax.tree.leaves(state.opt_state))
+    return state.replace(params=memory.merge(state.params, tables), opt_state=opt_state, engram_opt=opt)
 
   def close(self):
     if self.store is not None:
@@ -630,8 +635,12 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
     return None
   partial = store is not None  # the tables and their moments are read into the host store instead
   finite = lambda s: bool(state_is_finite(s)) and (store is None or store.all_finite())  # noqa: E731
+  if partial:  # an empty dict in a partial target reads as a mismatched leaf: leave the field out
+    abstract_state = abstract_state.replace(engram_opt=None)
   try:
     state = manager.restore(step, abstract_state, data_iter, partial=partial)
+    if partial:
+      state = state.replace(engram_opt={})
     meta = manager.read_metadata(step) or {}
     if store is not None:
       host_training.fill_from_checkpoint(store, str(manager.directory), step)
@@ -716,6 +725,8 @@ def train(cfg: Config, workdir: str, *, progress: Optional[bool] = None, log=pri
     data_iter = data_lib.make_train_iterator(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
     eval_local = (data_lib.eval_batches(cfg.data, engram=cfg.model.engram, vocab_size=cfg.model.vocab_size)
                   if cfg.train.eval_every > 0 else [])[:cfg.train.eval_max_batches]
+    if host_tables(cfg):  # not enough RAM, or a disk table directory that is not this run's
+      host_training.check_placement(cfg.model.engram, cfg.train.engram_tables, workdir)
     os.makedirs(workdir, exist_ok=True)  # only now: a config or data error leaves no workdir behind
     _lock_workdir(lock)
     return _train_locked(cfg, workdir, mesh, tx, shardings, abstract_state, data_iter, eval_local,
@@ -749,7 +760,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
     state, start, meta = init_state(cfg, mesh, tx, shardings), 0, {}
     if store is not None:
       store.fill(host_training.init_values(cfg))
-  inputs = _StepInputs(cfg, mesh, data_iter, store)
+  inputs = _StepInputs(cfg, mesh, data_iter, store, tx)
 
   data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):

@@ -1,0 +1,201 @@
+"""Training with the Engram tables in host RAM or on disk (train.engram_tables): bitwise equal to device
+row-sparse training, exact read-after-write when the next step's rows are gathered early, resumes
+across placements, clear errors."""
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from engram_jax import checkpoint as ckpt_lib
+from engram_jax import host_training, memory, offload, trainer
+from engram_jax.config import CheckpointConfig, Config, MeshConfig, load_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+
+
+def tiny(placement="device", steps=STEPS, accum=1) -> Config:
+  cfg = load_preset(os.path.join(ROOT, "configs", "tiny.py"))
+  train = dataclasses.replace(cfg.train, steps=steps, warmup_steps=2, log_every=1, eval_every=0,
+                              engram_tables=placement, grad_accum_steps=accum,
+                              checkpoint=CheckpointConfig(every_n_steps=15, keep_last_n=5, async_save=True))
+  return dataclasses.replace(cfg, train=train, data=dataclasses.replace(cfg.data, seq_len=32, batch_size=8),
+                             mesh=MeshConfig(data=-1))
+
+
+def train(cfg, workdir, devices=1, **kw):
+  return trainer.train(cfg, str(workdir), progress=False, log=lambda *_: None, devices=jax.devices()[:devices], **kw)
+
+
+def losses(workdir):
+  import json
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def saved(workdir, step=STEPS):
+  """Every saved parameter, model-state and lazy Adam array of a step, read from the checkpoint."""
+  read = ckpt_lib.saved_array_reader(os.path.join(workdir, "checkpoints"), step)
+  return {p: read(p) for p in read.paths if p[0] in ("params", "engram_opt", "model_state")}
+
+
+def assert_same_run(a, b):
+  assert losses(a) == losses(b)
+  sa, sb = saved(a), saved(b)
+  assert sorted(sa) == sorted(sb)
+  assert any(p[0] == "engram_opt" for p in sa) and any(p[-1] == "table" for p in sa)
+  for path in sa:
+    np.testing.assert_array_equal(sa[path], sb[path], err_msg="/".join(path))
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("device")
+  train(tiny(), workdir)
+  return workdir
+
+
+def test_host_tables_with_a_slow_gather_equal_device_training(device_run, tmp_path, monkeypatch):
+  """The next step's rows are gathered while a step runs, slowly here, so the gather of step t+1
+  reads rows before step t's update writes them: the rows re-read before the transfer keep it exact."""
+  real = offload.prepare_rows
+
+  def slow(*args, **kwargs):
+    time.sleep(0.05)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(host_training.offload, "prepare_rows", slow)
+  reread = []
+  ready = host_training.RowFeed.ready
+
+  def counting(self, prepared):
+    reread.append(len([v for v, _ in self._written if v > prepared.version]))
+    return ready(self, prepared)
+
+  monkeypatch.setattr(host_training.RowFeed, "ready", counting)
+  train(tiny("host"), tmp_path)
+  assert sum(reread) > 0  # some steps' rows were gathered before the previous update
+  assert_same_run(device_run, tmp_path)
+
+
+def test_disk_tables_equal_device_training_and_switch_placement_on_resume(device_run, tmp_path):
+  """Disk tables (memory-mapped files under the workdir), stopped at step 15 and resumed on the
+  devices, then the reverse: every run equals uninterrupted device training."""
+  disk_then_device = tmp_path / "a"
+  out = train(tiny("disk"), disk_then_device, max_steps=15)
+  assert out["stopped_by"] == "max_steps"
+  files = sorted(os.listdir(disk_then_device / host_training.TABLES_DIR))
+  assert "manifest.json" in files and "layer_1.rows" in files and "layer_1.count" in files
+  train(tiny("device"), disk_then_device)
+  assert_same_run(device_run, disk_then_device)
+
+  device_then_disk = tmp_path / "b"
+  train(tiny("device"), device_then_disk, max_steps=15)
+  logs = []
+  trainer.train(tiny("disk"), str(device_then_disk), progress=False, log=logs.append, devices=jax.devices()[:1])
+  assert any("Resumed from step 15" in line for line in logs)
+  assert_same_run(device_run, device_then_disk)
+
+
+@pytest.mark.parametrize("devices,accum", [(8, 1), (4, 2)], ids=["mesh8", "mesh4_accum2"])
+def test_host_tables_equal_device_training_on_a_mesh(tmp_path, devices, accum):
+  """On a mesh the device update sums a row's gradients per device, then over devices: the host
+  update adds in that order (host_training.sum_duplicates), so the tables stay bitwise equal,
+  with gradient accumulation too."""
+  train(tiny("device", accum=accum), tmp_path / "device", devices=devices)
+  train(tiny("host", accum=accum), tmp_path / "host", devices=devices)
+  assert_same_run(tmp_path / "device", tmp_path / "host")
+
+
+def test_row_feed_rereads_rows_written_after_the_gather():
+  cfg = tiny("host").model.engram
+  store = host_training.HostTrainTables.allocate(cfg, "host", "unused")
+  rng = np.random.default_rng(0)
+  for name in store.names:
+    store.tables.rows[name][:] = rng.standard_normal(store.tables.rows[name].shape).astype(np.float32)
+  ids = rng.integers(0, 50, size=(4, 8, len(cfg.layer_ids), cfg.num_heads)).astype(np.int64)
+  feed = host_training.RowFeed(store, shards=2)
+  early = feed.prepare({"engram_ids": ids})
+  grads = {n: rng.standard_normal(ids.shape[:2] + (cfg.num_heads, cfg.head_dim)).astype(np.float32)
+           for n in store.names}
+  written = store.update(ids[:2], {n: g[:2] for n, g in grads.items()}, 0.1, chunks=1, b1=0.9, b2=0.95, eps=1e-8)
+  feed.record(written)
+  got = feed.ready(early)
+  want = host_training.RowFeed(store, shards=2).ready(host_training.RowFeed(store, shards=2).prepare(
+      {"engram_ids": ids}))
+  for name in store.names:
+    assert len(written[name]) > 0
+    np.testing.assert_array_equal(got[name]["index"], want[name]["index"])
+    np.testing.assert_array_equal(got[name]["rows"], want[name]["rows"])
+
+
+def test_host_update_is_the_device_lazy_adam_on_a_mesh():
+  """HostTrainTables.update equals memory.sparse_update on the 8-device mesh, repeats included."""
+  cfg = tiny("host").model.engram
+  store = host_training.HostTrainTables.allocate(cfg, "host", "unused")
+  rng = np.random.default_rng(1)
+  tables = {n: rng.standard_normal(a.shape).astype(np.float32) for n, a in store.tables.rows.items()}
+  for name in store.names:
+    store.tables.rows[name][:] = tables[name]
+  from engram_jax.sharding import make_mesh
+
+  mesh = make_mesh(MeshConfig(data=-1), jax.devices()[:8])
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  device_tables = {n: jax.device_put(t, sharding) for n, t in tables.items()}
+  device_state = memory.sparse_init(device_tables)
+  update = jax.jit(lambda t, s, i, g: memory.sparse_update(t, s, cfg, i, g, lr=0.01, b1=0.9, b2=0.95, eps=1e-8))
+  for _ in range(3):
+    ids = rng.integers(0, 40, size=(8, 16, len(cfg.layer_ids), cfg.num_heads)).astype(np.int32)
+    grads = {n: rng.standard_normal((8, 16, cfg.num_heads, cfg.head_dim)).astype(np.float32) for n in store.names}
+    with jax.set_mesh(mesh):
+      device_tables, device_state = update(device_tables, device_state, jax.device_put(ids, sharding),
+                                           {n: jax.device_put(g, sharding) for n, g in grads.items()})
+    store.update(ids, grads, np.float32(0.01), chunks=host_training.mesh_chunks(mesh), b1=0.9, b2=0.95, eps=1e-8)
+  for name in store.names:
+    np.testing.assert_array_equal(store.tables.rows[name], np.asarray(device_tables[name]))
+    np.testing.assert_array_equal(store.m[name], np.asarray(device_state[name].m))
+    np.testing.assert_array_equal(store.v[name], np.asarray(device_state[name].v))
+    np.testing.assert_array_equal(store.count[name], np.asarray(device_state[name].count))
+
+
+def test_fill_from_a_checkpoint_and_its_errors(tmp_path):
+  from engram_jax.runner import load_config_from_checkpoint
+
+  fixture = os.path.join(ROOT, "tests", "fixtures", "tiny_checkpoint")
+  cfg = load_config_from_checkpoint(os.path.join(fixture, "checkpoints"), 3)
+  store = host_training.HostTrainTables.allocate(cfg.model.engram, "host", str(tmp_path))
+  host_training.fill_from_checkpoint(store, os.path.join(fixture, "checkpoints"), 3)
+  table = offload.checkpoint_table_reader(os.path.join(fixture, "checkpoints"), 3)("layer_1", 0, None)
+  np.testing.assert_array_equal(store.tables.rows["layer_1"], table)
+  assert store.count["layer_1"].max() >= 1
+
+  other = dataclasses.replace(cfg.model.engram, layer_ids=(1, 2))
+  wrong = host_training.HostTrainTables.allocate(other, "host", str(tmp_path))
+  with pytest.raises(ckpt_lib.CheckpointRestoreError, match="layer_2"):
+    host_training.fill_from_checkpoint(wrong, os.path.join(fixture, "checkpoints"), 3)
+
+
+def test_placement_errors_write_nothing(tmp_path, monkeypatch):
+  with pytest.raises(ValueError, match="engram_tables='ram'"):
+    dataclasses.replace(tiny().train, engram_tables="ram")
+  with pytest.raises(ValueError, match="engram_sparse_updates=False"):
+    dataclasses.replace(tiny().train, engram_tables="host", engram_sparse_updates=False)
+
+  monkeypatch.setattr(offload, "available_memory", lambda: 1000)
+  with pytest.raises(MemoryError, match="engram_tables='disk'"):
+    train(tiny("host"), tmp_path / "ram")
+  assert not (tmp_path / "ram").exists()
+  monkeypatch.undo()
+
+  workdir = tmp_path / "disk"
+  (workdir / host_training.TABLES_DIR).mkdir(parents=True)
+  (workdir / host_training.TABLES_DIR / "notes.txt").write_text("mine")
+  with pytest.raises(host_training.TableStoreError, match="not an engram_jax training table directory"):
+    train(tiny("disk"), workdir)
+  assert os.listdir(workdir / host_training.TABLES_DIR) == ["notes.txt"]
+  assert not (workdir / "checkpoints").exists()
