@@ -133,6 +133,7 @@ class HostTrainTables:
   v: Dict[str, np.ndarray]
   count: Dict[str, np.ndarray]
   directory: Optional[str] = None
+  fresh: bool = True  # every array newly allocated, so all zeros
   version: int = 0
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -155,15 +156,20 @@ class HostTrainTables:
                        for n, (r, d) in _layout(cfg).items()} for kind in ("rows", "m", "v", "count")}
     else:
       directory = os.path.join(workdir, TABLES_DIR)
-      arrays = _open_disk(cfg, directory)
+      arrays, fresh = _open_disk(cfg, directory)
     tables = offload.HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
                                 directory=directory)
-    return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory)
+    return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory,
+               fresh=placement == "host" or fresh)
 
-  def fill(self, read: Callable[[str, str, int, int], np.ndarray], names: Optional[Tuple[str, ...]] = None):
+  def initialize(self, cfg: Config):
+    """A fresh run's values: the device init's tables (`init_values`), zero moments (left as
+    allocated when the arrays are new, so a new disk store writes its tables only)."""
+    self.fill(init_values(cfg), ("rows",) if self.fresh else ("rows", "m", "v", "count"))
+
+  def fill(self, read: Callable[[str, str, int, int], np.ndarray], kinds: Tuple[str, ...] = ("rows", "m", "v", "count")):
     """Fill tables and moments chunk by chunk from `read(kind, table, start, stop)` (kind: rows, m, v,
-    count), e.g. a checkpoint's saved arrays; `names` limits it to some kinds."""
-    kinds = names or ("rows", "m", "v", "count")
+    count), e.g. a checkpoint's saved arrays; `kinds` limits it to some of them."""
     with self.lock:
       for kind in kinds:
         for name in self.names:
@@ -279,8 +285,9 @@ def _check_ours(cfg: EngramConfig, directory: str):
         f"need {want}: use another workdir, or the config that wrote them. Nothing was written.")
 
 
-def _open_disk(cfg: EngramConfig, directory: str) -> Dict[str, Dict[str, np.ndarray]]:
-  """Memory maps of the disk placement's files (created, or reopened when the directory is ours)."""
+def _open_disk(cfg: EngramConfig, directory: str) -> Tuple[Dict[str, Dict[str, np.ndarray]], bool]:
+  """(memory maps of the disk placement's files, whether every file was new): created, or reopened
+  when the directory is ours."""
   layout = _layout(cfg)
   manifest = _manifest(cfg)
   path = os.path.join(directory, _MANIFEST)
@@ -289,18 +296,20 @@ def _open_disk(cfg: EngramConfig, directory: str) -> Dict[str, Dict[str, np.ndar
     _check_ours(cfg, directory)
   os.makedirs(directory, exist_ok=True)
   arrays = {kind: {} for kind in ("rows", "m", "v", "count")}
+  fresh = True
   for name, (rows, dim) in layout.items():
     for kind in arrays:
       shape, dtype = ((rows,), np.int32) if kind == "count" else ((rows, dim), np.float32)
       file = os.path.join(directory, f"{name}.{kind}")
       exists = os.path.exists(file) and os.path.getsize(file) == math.prod(shape) * np.dtype(dtype).itemsize
       arrays[kind][name] = np.memmap(file, dtype=dtype, mode="r+" if exists else "w+", shape=shape)
+      fresh &= not exists
       offload._random_access(arrays[kind][name])
   if not reopen:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
-  return arrays
+  return arrays, fresh
 
 
 def init_values(cfg: Config) -> Callable[[str, str, int, int], np.ndarray]:

@@ -463,6 +463,7 @@ class _StepInputs:
       self.feed = host_training.RowFeed(store, shards, cfg.train.grad_accum_steps)
       self.eval_feed = host_training.RowFeed(store, shards, 1)
       self.chunks = host_training.mesh_chunks(mesh)
+      self.times = dict.fromkeys(("rows_gather", "rows_ready", "rows_place", "grads_fetch", "host_update"), 0.0)
       self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-rows")
       # Device training's optimizer state keeps empty sub-trees where the tables were; checkpoints
       # are saved in that structure (same leaves, same order) so either placement restores them.
@@ -474,7 +475,7 @@ class _StepInputs:
       return place_batch(next(self.data_iter), self.mesh)
     if self._pending is None:
       local = next(self.data_iter)
-      prepared = self.feed.prepare(local)
+      prepared = self._prepare(local)
     else:
       local, future = self._pending
       self._pending = None
@@ -482,9 +483,20 @@ class _StepInputs:
         raise StopIteration
       prepared = future.result()
     self._current = local
+    t0 = time.perf_counter()
+    rows = self.feed.ready(prepared)
+    t1 = time.perf_counter()
     batch = place_batch(local, self.mesh)
-    batch["engram_rows"] = self._place(self.feed.ready(prepared))
+    batch["engram_rows"] = self._place(rows)
+    self.times["rows_ready"] += t1 - t0
+    self.times["rows_place"] += time.perf_counter() - t1
     return batch
+
+  def _prepare(self, local):
+    t0 = time.perf_counter()
+    prepared = self.feed.prepare(local)
+    self.times["rows_gather"] += time.perf_counter() - t0
+    return prepared
 
   def _place(self, rows):
     return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
@@ -498,16 +510,31 @@ class _StepInputs:
     except StopIteration:
       self._pending = (self._END, None)
       return
-    self._pending = (local, self._pool.submit(self.feed.prepare, local))
+    self._pending = (local, self._pool.submit(self._prepare, local))
 
   def after_step(self, table_out, finite: bool):
     if self.store is None or not finite:  # a skipped step changes no row, as on the devices
       return
+    t0 = time.perf_counter()
     out = jax.device_get(table_out[0])
+    t1 = time.perf_counter()
     t = self.cfg.train
     written = self.store.update(self._current["engram_ids"], out["row_grads"], out["lr"], chunks=self.chunks,
                                 b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps)
     self.feed.record(written)
+    self.times["grads_fetch"] += t1 - t0
+    self.times["host_update"] += time.perf_counter() - t1
+
+  def take_times(self, steps: int) -> Dict[str, float]:
+    """Seconds per step of each host stage since the last call (tables off the devices), for the
+    metrics: rows_gather (on the prefetch thread, overlapping the step), rows_ready (re-reading
+    rows written since), rows_place (transfer to the devices), grads_fetch (the step's
+    row gradients to the host, once the step is done), host_update (the lazy Adam step)."""
+    if self.store is None or steps < 1:
+      return {}
+    out = {f"time/{k}_s": v / steps for k, v in self.times.items()}
+    self.times = dict.fromkeys(self.times, 0.0)
+    return out
 
   def rows_for_eval(self, local):
     return None if self.store is None else self._place(self.eval_feed.ready(self.eval_feed.prepare(local)))
@@ -759,7 +786,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
   else:
     state, start, meta = init_state(cfg, mesh, tx, shardings), 0, {}
     if store is not None:
-      store.fill(host_training.init_values(cfg))
+      store.initialize(cfg)
   inputs = _StepInputs(cfg, mesh, data_iter, store, tx)
 
   data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
@@ -836,6 +863,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
           if peak:
             metrics["mfu"] = tok_s * fpt / (peak * jax.device_count())
           metrics["skipped_steps"] = float(skipped)
+          metrics.update(inputs.take_times(steps_since))
           metrics["nonfinite_run"] = float(run)
           writer.write(step, metrics)
           history.append({"step": step, "loss": float(metrics["loss"])})

@@ -1,0 +1,122 @@
+"""Train-step time with the Engram tables in host RAM or on disk vs on the devices (train.engram_tables).
+
+Each point trains the tiny model (`configs/tiny.py`, its batch and length) through `trainer.train`,
+checkpoints and evaluation off, logging every `--window` steps, and takes the median over windows
+after the first (compilation) of seconds per step. Rounds alternate the placements of a point, and
+the ratio of medians placement / device is reported per round and as the median over rounds.
+Points: tiny's table (rows x 1, width 16), a wider table (`--wide_dim`), and more rows
+(`--row_factors`, host only against device: the step should stay flat as the table grows, like the
+device row-sparse path). For host and disk the trainer also logs seconds per step of each host stage
+(`time/*_s`: the row gather on the prefetch thread, re-reading rows written since, transfer,
+fetching the row gradients, the host lazy Adam); the medians are printed.
+
+On CPU the host and device share memory, so the ratio is the cost of the orchestration itself.
+
+  taskset -c 0 python bench/bench_host_training.py --rounds 3
+  python bench/bench_host_training.py --gpu   # on a GPU: the small preset, host vs device
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(preset, placement, factor=1, dim=None, steps=60, window=10, batch=None):
+  from engram_jax.config import CheckpointConfig, MeshConfig, load_preset
+
+  cfg = load_preset(os.path.join(ROOT, "configs", f"{preset}.py"))
+  e = cfg.model.engram
+  changes = {"vocab_size_per_ngram": tuple(int(v * factor) for v in e.vocab_size_per_ngram)}
+  if dim is not None:
+    changes["n_embed_per_ngram"] = dim * e.n_head_per_ngram
+  model = dataclasses.replace(cfg.model, engram=dataclasses.replace(e, **changes))
+  train = dataclasses.replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps),
+                              eval_every=0, log_every=window, engram_tables=placement,
+                              checkpoint=CheckpointConfig(enabled=False))
+  data = cfg.data if batch is None else dataclasses.replace(cfg.data, batch_size=batch)
+  return dataclasses.replace(cfg, model=model, train=train, data=data, mesh=MeshConfig(data=-1))
+
+
+def run(cfg):
+  """(median seconds per step after the first window, {stage: median seconds per step})."""
+  from engram_jax import trainer
+
+  workdir = tempfile.mkdtemp(prefix="bench-host-training-")
+  try:
+    t0 = time.perf_counter()
+    trainer.train(cfg, workdir, progress=False, log=lambda *_: None)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  windows = [r for r in rows if "tokens_per_sec" in r][1:]
+  step_s = float(np.median([tokens / r["tokens_per_sec"] for r in windows]))
+  stages = {k[len("time/"):]: float(np.median([r[k] for r in windows])) for k in windows[0] if k.startswith("time/")}
+  return step_s, stages, wall
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=60)
+  parser.add_argument("--window", type=int, default=10)
+  parser.add_argument("--wide_dim", type=int, default=64)
+  parser.add_argument("--row_factors", default="16,64")
+  parser.add_argument("--gpu", action="store_true", help="the small preset, host vs device tables")
+  parser.add_argument("--out", default=None, help="also write the results as JSON here")
+  args = parser.parse_args()
+  import jax
+
+  if args.gpu:
+    points = [("small", {"factor": 1}, ("device", "host"))]
+  else:
+    points = [("tiny", {"factor": 1}, ("device", "host", "disk")),
+              ("tiny", {"factor": 1, "dim": args.wide_dim}, ("device", "host", "disk"))]
+    points += [("tiny", {"factor": int(f)}, ("device", "host")) for f in args.row_factors.split(",") if f]
+  results = []
+  for preset, size, placements in points:
+    per_round = {p: [] for p in placements}
+    stages = {p: [] for p in placements}
+    for r in range(args.rounds):
+      order = placements if r % 2 == 0 else tuple(reversed(placements))
+      for placement in order:
+        step_s, st, wall = run(config(preset, placement, steps=args.steps, window=args.window, **size))
+        per_round[placement].append(step_s)
+        stages[placement].append(st)
+        print(json.dumps({"preset": preset, **size, "placement": placement, "round": r, "step_s": step_s,
+                          "wall_s": wall, **st}), flush=True)
+    from engram_jax.host_training import bytes_needed
+
+    cfg = config(preset, "device", **size)
+    row = {"preset": preset, **size, "head_dim": cfg.model.engram.head_dim,
+           "table_and_moments_mib": bytes_needed(cfg.model.engram) / 2**20,
+           "device_step_s": float(np.median(per_round["device"]))}
+    for p in placements[1:]:
+      ratios = [a / b for a, b in zip(per_round[p], per_round["device"])]
+      row[f"{p}_step_s"] = float(np.median(per_round[p]))
+      row[f"{p}_over_device"] = float(np.median(ratios))
+      row[f"{p}_over_device_rounds"] = ratios
+      row[f"{p}_stages_s"] = {k: float(np.median([s[k] for s in stages[p]])) for k in stages[p][0]}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  summary = {"machine": f"{platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}",
+             "points": results}
+  print(json.dumps(summary), flush=True)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
