@@ -12,7 +12,13 @@ fetching the row gradients, the host lazy Adam); the medians are printed.
 
 On CPU the host and device share memory, so the ratio is the cost of the orchestration itself.
 
+`--beyond_ram F`: one run instead, with disk tables whose rows plus Adam moments take F times this
+machine's RAM (tiny's table with more rows per head), checkpoints off: init time, seconds per step
+and tokens/s per window, and the process's peak resident memory (VmHWM; file pages of the memory
+maps count in it while resident) and its anonymous memory at the end (RssAnon).
+
   taskset -c 0 python bench/bench_host_training.py --rounds 3
+  taskset -c 0 python bench/bench_host_training.py --beyond_ram 1.1 --steps 200
   python bench/bench_host_training.py --gpu   # on a GPU: the small preset, host vs device
 """
 
@@ -74,10 +80,15 @@ def main():
   parser.add_argument("--wide_dim", type=int, default=64)
   parser.add_argument("--row_factors", default="16,64")
   parser.add_argument("--gpu", action="store_true", help="the small preset, host vs device tables")
-  parser.add_argument("--out", default=None, help="also write the results as JSON here")
+  parser.add_argument("--beyond_ram", type=float, default=None,
+                      help="one disk run whose tables and moments take this many times the RAM")
+  parser.add_argument("--workdir", default=None, help="--beyond_ram: where the table files go (default: a temp dir)")
+  parser.add_argument("--json", default=None, help="also write the results as JSON here")
   args = parser.parse_args()
   import jax
 
+  if args.beyond_ram:
+    return beyond_ram(args)
   if args.gpu:
     points = [("small", {"factor": 1}, ("device", "host"))]
   else:
@@ -113,9 +124,60 @@ def main():
   summary = {"machine": f"{platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}",
              "points": results}
   print(json.dumps(summary), flush=True)
-  if args.out:
-    with open(args.out, "w") as f:
+  if args.json:
+    with open(args.json, "w") as f:
       json.dump(summary, f, indent=1)
+
+
+def _proc_status(*keys):
+  out = {}
+  with open("/proc/self/status") as f:
+    for line in f:
+      name, _, value = line.partition(":")
+      if name in keys:
+        out[name] = int(value.split()[0]) * 1024
+  return out
+
+
+def beyond_ram(args):
+  import math
+
+  import jax
+
+  from engram_jax import host_training, trainer
+  from engram_jax.config import load_preset
+
+  ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  base = load_preset(os.path.join(ROOT, "configs", "tiny.py")).model.engram
+  factor = args.beyond_ram * ram / host_training.bytes_needed(base)
+  cfg = config("tiny", "disk", factor=math.ceil(factor), steps=args.steps, window=args.window)
+  need = host_training.bytes_needed(cfg.model.engram)
+  workdir = args.workdir or tempfile.mkdtemp(prefix="bench-beyond-ram-")
+  print(json.dumps({"ram_bytes": ram, "tables_and_moments_bytes": need, "over_ram": need / ram,
+                    "rows_per_head": cfg.model.engram.vocab_size_per_ngram, "workdir": workdir}), flush=True)
+  t0 = time.perf_counter()
+  try:
+    trainer.train(cfg, workdir, progress=False, log=lambda line: print(line, flush=True))
+    wall = time.perf_counter() - t0
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+  finally:
+    if args.workdir is None:
+      shutil.rmtree(workdir, ignore_errors=True)
+  windows = [r for r in rows if "tokens_per_sec" in r]
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  steady = windows[1:] or windows
+  result = {"machine": f"{platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}",
+            "ram_gib": ram / 2**30, "tables_and_moments_gib": need / 2**30, "steps": args.steps, "wall_s": wall,
+            "step_s_per_window": [tokens / r["tokens_per_sec"] for r in windows],
+            "tokens_per_sec_median": float(np.median([r["tokens_per_sec"] for r in steady])),
+            "stages_s": {k: float(np.median([r[k] for r in steady])) for k in steady[0] if k.startswith("time/")},
+            "loss_first_last": [windows[0]["loss"], windows[-1]["loss"]],
+            **{k.lower() + "_gib": v / 2**30 for k, v in _proc_status("VmHWM", "RssAnon", "RssFile").items()}}
+  print(json.dumps(result), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

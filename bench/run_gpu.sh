@@ -23,10 +23,12 @@
 #                 twin) compiled for this GPU, without and with full remat            (<= 170 s)
 #   engram_layer  bench/bench_engram_layer.py (if present): one Engram layer vs PyTorch,
 #                 correctness gates at full shape, eager and torch.compile            (<= 540 s)
+#   host_training bench/bench_host_training.py --gpu: `small` trained 40 steps with its Engram tables
+#                 and Adam moments in host RAM vs on the GPU, per-stage host times     (<= 240 s)
 # A failed or timed-out part does not stop the next one, and the JSON files are rewritten after
 # each measured piece, so a part cut short keeps what it finished. Files in $OUT (at most 8):
 # run_gpu.txt (environment, exit codes, durations), bench_<part>.log (stdout + stderr),
-# bench_model.json, bench_e2e.json, bench_engram_layer.json.
+# bench_model.json, bench_e2e.json, bench_engram_layer.json, bench_host_training.json.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench_gpu}
@@ -128,8 +130,11 @@ for part in "${PARTS[@]}"; do
       else
         echo "== engram_layer: bench/bench_engram_layer.py not found, skipped" >>"$STATUS"
       fi ;;
+    host_training)
+      run_part bench_host_training 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY \
+        bench/bench_host_training.py --gpu --rounds 1 --steps 40 --json "$OUT/bench_host_training.json" ;;
     *)
-      echo "== unknown part $part (expected engram_layer_quick, model_quick, hashing, generate, offload, model, plan, e2e, engram_layer)" >>"$STATUS" ;;
+      echo "== unknown part $part (expected engram_layer_quick, model_quick, hashing, generate, offload, model, plan, e2e, engram_layer, host_training)" >>"$STATUS" ;;
   esac
 done
 cat "$STATUS"

@@ -312,33 +312,63 @@ def _open_disk(cfg: EngramConfig, directory: str) -> Tuple[Dict[str, Dict[str, n
   return arrays, fresh
 
 
-def init_values(cfg: Config) -> Callable[[str, str, int, int], np.ndarray]:
-  """read(kind, table, start, stop) of a fresh run's tables (the device init's values, computed by
-  XLA on the host CPU one table at a time) and zero moments."""
+def init_values(cfg: Config, memory_budget: Optional[int] = None) -> Callable[[str, str, int, int], np.ndarray]:
+  """read(kind, table, start, stop) of a fresh run's tables and zero moments.
+
+  A table whose float32 rows take at most a quarter of `memory_budget` (default: the RAM available)
+  gets the device init's values, computed by XLA on the host CPU one table at a time, so host and
+  device runs start equal. A bigger one (a disk table beyond RAM) is drawn chunk by chunk
+  (`_CHUNK_ROWS` rows, each from the layer's init key folded with the chunk index): the same
+  distribution, N(0, table_init_std), but not the device init's values, which only exist whole.
+  """
   from engram_jax.model import _TABLE_KEY
 
   e = cfg.model.engram
+  dtype = jnp.dtype(cfg.model.param_dtype)
+  budget = offload.available_memory() if memory_budget is None else memory_budget
+  cpu = jax.devices("cpu")[0]
+  host_mesh = jax.sharding.Mesh(np.array([cpu]), ("host",))
   cache: Dict[str, np.ndarray] = {}
 
-  def table(name: str) -> np.ndarray:
+  def layer_of(name: str) -> int:
+    return next(l for l in e.layer_ids if memory.table_name(l) == name)
+
+  def base_key():
+    return jax.random.fold_in(jax.random.key(cfg.train.seed), _TABLE_KEY)
+
+  def whole(name: str) -> np.ndarray:
     if name not in cache:
       cache.clear()  # one table in memory at a time
-      layer = next(l for l in e.layer_ids if memory.table_name(l) == name)
-      one = dataclasses.replace(e, layer_ids=(layer,))  # init_tables folds the layer id into the key
-
-      def init():
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), _TABLE_KEY)
-        return nn.meta.unbox(memory.init_tables(one, key, jnp.dtype(cfg.model.param_dtype)))[name]
-
-      with jax.default_device(jax.devices("cpu")[0]):
+      one = dataclasses.replace(e, layer_ids=(layer_of(name),))  # init_tables folds the layer id into the key
+      init = lambda: nn.meta.unbox(memory.init_tables(one, base_key(), dtype))[name]  # noqa: E731
+      with jax.set_mesh(host_mesh), jax.default_device(cpu):
         cache[name] = np.asarray(jax.jit(init)())
     return cache[name]
 
+  @functools.lru_cache(maxsize=None)
+  def chunk_program(rows: int):
+    def draw(layer, chunk):
+      key = jax.random.fold_in(jax.random.fold_in(base_key(), layer), chunk)
+      return (jax.random.normal(key, (rows, e.head_dim), jnp.float32) * e.table_init_std).astype(dtype)
+
+    return jax.jit(draw)
+
+  def chunked(name: str, start: int, stop: int) -> np.ndarray:
+    out = []
+    for chunk in range(start // _CHUNK_ROWS, -(-stop // _CHUNK_ROWS)):
+      lo = chunk * _CHUNK_ROWS
+      with jax.set_mesh(host_mesh), jax.default_device(cpu):
+        values = np.asarray(chunk_program(_CHUNK_ROWS)(layer_of(name), chunk))
+      out.append(values[max(start - lo, 0):stop - lo])
+    return np.concatenate(out)
+
   def read(kind: str, name: str, start: int, stop: int) -> np.ndarray:
     if kind == "rows":
-      return table(name)[start:stop]
-    dim = e.head_dim
-    return np.zeros((stop - start,), np.int32) if kind == "count" else np.zeros((stop - start, dim), np.float32)
+      rows = int(memory.table_layout(e, layer_of(name))[2])
+      if budget is not None and rows * e.head_dim * 4 > budget // 4:
+        return chunked(name, start, stop)
+      return whole(name)[start:stop]
+    return np.zeros((stop - start,), np.int32) if kind == "count" else np.zeros((stop - start, e.head_dim), np.float32)
 
   return read
 

@@ -180,6 +180,20 @@ def test_fill_from_a_checkpoint_and_its_errors(tmp_path):
     host_training.fill_from_checkpoint(wrong, os.path.join(fixture, "checkpoints"), 3)
 
 
+def test_init_values_chunked_beyond_the_memory_budget():
+  """Tables too big to draw whole are drawn chunk by chunk: the same values whatever rows are read
+  at a time, distributed as N(0, table_init_std). (Within the budget they are the device init's
+  values: the training tests above start host and device runs equal.)"""
+  cfg = tiny("host")
+  whole = host_training.init_values(cfg)("rows", "layer_1", 0, 70000)
+  read = host_training.init_values(cfg, memory_budget=1000)
+  a = read("rows", "layer_1", 0, 70000)
+  b = np.concatenate([read("rows", "layer_1", s, min(s + 9999, 70000)) for s in range(0, 70000, 9999)])
+  np.testing.assert_array_equal(a, b)
+  assert abs(a.std() - cfg.model.engram.table_init_std) < 1e-3 and not np.array_equal(a, whole)
+  assert read("m", "layer_1", 5, 9).shape == (4, cfg.model.engram.head_dim) and not read("count", "layer_1", 0, 3).any()
+
+
 def test_placement_errors_write_nothing(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="engram_tables='ram'"):
     dataclasses.replace(tiny().train, engram_tables="ram")
