@@ -79,7 +79,8 @@ def main():
   parser.add_argument("--window", type=int, default=10)
   parser.add_argument("--wide_dim", type=int, default=64)
   parser.add_argument("--row_factors", default="16,64")
-  parser.add_argument("--gpu", action="store_true", help="the small preset, host vs device tables")
+  parser.add_argument("--gpu", action="store_true", help="one point: --preset (default small), host vs device tables")
+  parser.add_argument("--preset", default="small", help="--gpu: the preset to train (tiny checks the path on CPU)")
   parser.add_argument("--beyond_ram", type=float, default=None,
                       help="one disk run whose tables and moments take this many times the RAM")
   parser.add_argument("--workdir", default=None, help="--beyond_ram: where the table files go (default: a temp dir)")
@@ -90,7 +91,7 @@ def main():
   if args.beyond_ram:
     return beyond_ram(args)
   if args.gpu:
-    points = [("small", {"factor": 1}, ("device", "host"))]
+    points = [(args.preset, {"factor": 1}, ("device", "host"))]
   else:
     points = [("tiny", {"factor": 1}, ("device", "host", "disk")),
               ("tiny", {"factor": 1, "dim": args.wide_dim}, ("device", "host", "disk"))]

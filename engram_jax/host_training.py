@@ -473,7 +473,7 @@ class RowFeed:
             for s, uniq in enumerate(prepared.ids[j][name]):
               redo = np.isin(uniq, written, assume_unique=True)
               if redo.any():
-                r[s, :len(uniq)][redo] = self.store.tables.rows[name][uniq[redo]]
+                r[s, :len(uniq)][redo] = self.store.tables.take(name, uniq[redo])
         rows.append(r)
       width = max(self._bucket.get(name, 0), max(r.shape[1] for r in rows))  # the bucket only grows
       self._bucket[name] = width

@@ -20,7 +20,7 @@ STEPS = 30
 
 def tiny(placement="device", steps=STEPS, accum=1) -> Config:
   cfg = load_preset(os.path.join(ROOT, "configs", "tiny.py"))
-  train = dataclasses.replace(cfg.train, steps=steps, warmup_steps=2, log_every=1, eval_every=0,
+  train = dataclasses.replace(cfg.train, steps=steps, warmup_steps=2, log_every=1, eval_every=15, eval_max_batches=2,
                               engram_tables=placement, grad_accum_steps=accum,
                               checkpoint=CheckpointConfig(every_n_steps=15, keep_last_n=5, async_save=True))
   return dataclasses.replace(cfg, train=train, data=dataclasses.replace(cfg.data, seq_len=32, batch_size=8),
@@ -35,7 +35,8 @@ def losses(workdir):
   import json
 
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+    rows = list(map(json.loads, f))
+  return ({r["step"]: r["loss"] for r in rows if "loss" in r}, {r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
 
 
 def saved(workdir, step=STEPS):
@@ -45,7 +46,9 @@ def saved(workdir, step=STEPS):
 
 
 def assert_same_run(a, b):
-  assert losses(a) == losses(b)
+  (train_a, eval_a), (train_b, eval_b) = losses(a), losses(b)
+  assert sorted(train_a) == list(range(1, STEPS + 1)) and sorted(eval_a) == [15, 30]
+  assert train_a == train_b and eval_a == eval_b
   sa, sb = saved(a), saved(b)
   assert sorted(sa) == sorted(sb)
   assert any(p[0] == "engram_opt" for p in sa) and any(p[-1] == "table" for p in sa)
