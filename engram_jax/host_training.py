@@ -43,7 +43,6 @@ import numpy as np
 from engram_jax import memory, offload
 from engram_jax.config import Config, EngramConfig
 
-PLACEMENTS = ("device", "host", "disk")
 # The disk placement's directory under the workdir, and its manifest.
 TABLES_DIR = "engram_tables"
 _MANIFEST = "manifest.json"
