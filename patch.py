@@ -7,11 +7,12 @@
 `create` restores the checkpoint's parameters, trains only the rows the facts corpus reads (backbone,
 projections, gates, conv and MoE balancing bias frozen) and writes the changed rows with a manifest
 (see engram_jax/patches.py). The checkpoint is never modified and an existing --out is never written
-over. `--protect freeze|l2` keeps rows that ordinary text (--reference_files, default: the embedded
-held-out text) reads often from moving, or pulls them back. The patch's collateral damage on the
-reference text that did not choose the protected rows or get replayed (the next --reference_batches batches: mean
-KL(base || patched) per token, the held-out loss change) and the share of its rows that text reads
-are measured, printed and written into its manifest.
+over. The base model's traffic (--reference_files, default: the checkpoint's training text) is
+hashed to count how often each row is read; `--protect` decides what that protects (the default is
+RowTraining's). The patch's collateral damage on held-out text the traffic never includes (mean
+KL(base || patched) per token, the held-out loss change), the share of its rows the traffic and the
+held-out text read, and with --probes / --old_probes the recall of new and known facts before and
+after, are measured, printed and written into its manifest.
 """
 
 import hashlib
@@ -26,24 +27,36 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: reads <workdi
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A checkpoints directory (instead of --workdir).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to patch (default: the latest).")
 _FACTS = flags.DEFINE_list("facts", None, "create: the facts corpus, text or JSONL files read like any corpus.")
+_QA = flags.DEFINE_list("qa", None, "create: question/answer pairs (JSONL, one {\"prompt\", \"answer\"} object per "
+                        "line) trained with the loss on the answers only; with or instead of --facts.")
 _OUT = flags.DEFINE_string("out", None, "create: the patch directory to write (must not exist).")
-_STEPS = flags.DEFINE_integer("steps", 200, "create: optimizer steps over the facts.")
-_LR = flags.DEFINE_float("learning_rate", 1e-2, "create: Adam learning rate of the rows.")
+_STEPS = flags.DEFINE_integer("steps", None, "create: optimizer steps over the facts (default: RowTraining's).")
+_LR = flags.DEFINE_float("learning_rate", None, "create: Adam learning rate of the rows (default: RowTraining's).")
 _BATCH = flags.DEFINE_integer("batch_size", None, "create: rows per batch (default: the checkpoint's).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "create: tokens per row (default: the checkpoint's).")
-_PROTECT = flags.DEFINE_enum("protect", "none", ["none", "freeze", "l2"],
-                             "create: rows ordinary text reads often: train them (none), freeze them, or pull them "
-                             "back to their base values (l2).")
-_PROTECT_MIN = flags.DEFINE_integer("protect_min_count", 2, "create: reads in the reference text that make a row "
+_PROTECT = flags.DEFINE_enum("protect", None, ["none", "freeze", "l2", "traffic"],
+                             "create: rows the base model's ordinary traffic reads: freeze them (the patch then "
+                             "owns only rows that traffic never reads), pull them back to their base values (l2), "
+                             "pull each back in proportion to how often the traffic reads it (traffic: "
+                             "--protect_weight x reads per traffic token x squared change), or train them like "
+                             "any other (none). Default: RowTraining's.")
+_PROTECT_MIN = flags.DEFINE_integer("protect_min_count", None, "create: reads in the traffic text that make a row "
                                     "protected.")
-_PROTECT_WEIGHT = flags.DEFINE_float("protect_weight", 1.0, "create: weight of the l2 pull-back.")
-_KL_WEIGHT = flags.DEFINE_float("kl_weight", 10.0, "create: weight of a KL(base || patched) term on replayed reference "
-                                "text (0: off). The default halved the collateral KL on held-out text of a 12-fact "
-                                "patch of the quick-start model without losing recall (README, Knowledge patches).")
-_REFERENCE = flags.DEFINE_list("reference_files", None, "create: ordinary text choosing the protected rows "
-                               "(default: the model's held-out text).")
-_REFERENCE_BATCHES = flags.DEFINE_integer("reference_batches", 16, "create: batches of reference text read (protected rows, "
-                                                 "collateral).")
+_PROTECT_WEIGHT = flags.DEFINE_float("protect_weight", None, "create: weight of the l2 or traffic pull-back.")
+_KL_WEIGHT = flags.DEFINE_float("kl_weight", None, "create: weight of a KL(base || patched) term on replayed traffic "
+                                "text (0: off; with --protect freeze the replayed text reads only frozen rows, so "
+                                "the term matters with --protect none or l2).")
+_REFERENCE = flags.DEFINE_list("reference_files", None, "create: the base model's ordinary traffic, whose row reads "
+                               "choose the protected rows (default: the checkpoint's training text; the held-out "
+                               "text is kept for measuring the collateral damage).")
+_TRAFFIC_BATCHES = flags.DEFINE_integer("traffic_batches", 512, "create: batches of the traffic text counted "
+                                        "(host hashing only, no forward pass).")
+_COLLATERAL_BATCHES = flags.DEFINE_integer("collateral_batches", 16, "create: batches of held-out text the "
+                                           "collateral damage is measured on.")
+_NEW_PROBES = flags.DEFINE_string("probes", None, "create: multiple-choice probes (JSONL, as eval.py --mc_files) "
+                                  "of the new facts: recall before and after is measured and recorded.")
+_OLD_PROBES = flags.DEFINE_string("old_probes", None, "create: multiple-choice probes of facts the model already "
+                                  "knows: recall before and after is measured and recorded.")
 
 
 def _sha256(path):
@@ -59,21 +72,30 @@ def create():
   from engram_jax import data as data_lib
   from engram_jax import patches
   from engram_jax.config import Config, MeshConfig, from_dict
+  from engram_jax.probes import read_mc_file
   from engram_jax.runner import ModelRunner, load_config_from_checkpoint
   from engram_jax.sharding import make_mesh
 
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
-  if not _FACTS.value or not _OUT.value:
-    raise app.UsageError("create needs --facts <file[,file...]> and --out <new patch directory>")
-  for path in _FACTS.value + (_REFERENCE.value or []):
+  if not (_FACTS.value or _QA.value) or not _OUT.value:
+    raise app.UsageError("create needs --facts <file[,file...]> and/or --qa <file[,file...]>, and --out <new patch "
+                         "directory>")
+  for path in (_FACTS.value or []) + (_QA.value or []) + (_REFERENCE.value or []):
     if not os.path.isfile(path):
-      raise app.UsageError(f"--facts/--reference_files: {path!r} does not exist")
+      raise app.UsageError(f"--facts/--qa/--reference_files: {path!r} does not exist")
   if os.path.exists(_OUT.value):
     raise app.UsageError(f"--out {_OUT.value!r} already exists: patches are never written over")
-  training = patches.RowTraining(steps=_STEPS.value, learning_rate=_LR.value, protect=_PROTECT.value,
-                                 protect_min_count=_PROTECT_MIN.value, protect_weight=_PROTECT_WEIGHT.value,
-                                 kl_weight=_KL_WEIGHT.value)
+  for path in (_NEW_PROBES.value, _OLD_PROBES.value):
+    if path and not os.path.isfile(path):
+      raise app.UsageError(f"--probes/--old_probes: {path!r} does not exist")
+  for flag in (_TRAFFIC_BATCHES, _COLLATERAL_BATCHES):
+    if flag.value < 1:
+      raise app.UsageError(f"--{flag.name}={flag.value}: expected a positive batch count")
+  given = {"steps": _STEPS.value, "learning_rate": _LR.value, "protect": _PROTECT.value,
+           "protect_min_count": _PROTECT_MIN.value, "protect_weight": _PROTECT_WEIGHT.value,
+           "kl_weight": _KL_WEIGHT.value}
+  training = patches.RowTraining(**{k: v for k, v in given.items() if v is not None})
   checkpoint_dir = _CHECKPOINT.value or os.path.join(_WORKDIR.value, "checkpoints")
   cfg = (from_dict(Config, _CONFIG.value) if _CONFIG.value is not None
          else load_config_from_checkpoint(checkpoint_dir, _STEP.value))
@@ -82,37 +104,92 @@ def create():
   # Patch training is small (the rows one facts corpus reads): one device holds it.
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, mesh=mesh)
-  data_cfg = dataclasses.replace(cfg.data, train_files=tuple(_FACTS.value), eval_files=None, num_epochs=1,
+  data_cfg = dataclasses.replace(cfg.data, train_files=tuple(_FACTS.value or ()), eval_files=None, num_epochs=1,
                                  remainder="pad", num_workers=0, batch_size=_BATCH.value or cfg.data.batch_size,
                                  seq_len=_SEQ.value or cfg.data.seq_len)
   kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
-  batches = list(data_lib.make_dataset(data_cfg, "train", **kwargs))
-  ref_cfg = dataclasses.replace(cfg.data, eval_files=tuple(_REFERENCE.value) if _REFERENCE.value else cfg.data.eval_files)
-  # The reference text's first --reference_batches batches choose the protected rows; the next ones
-  # (text the selection did not see) measure the patch's collateral damage.
-  text = data_lib.eval_batches(ref_cfg, **kwargs)
-  n = _REFERENCE_BATCHES.value
-  reference = text[:n]
-  unseen = text[n:2 * n]
-  measured_on = ("--reference_files" if _REFERENCE.value else "held-out text") + (
-      ", batches the row selection did not read" if unseen else ", the batches that chose the protected rows")
-  print(f"facts: {len(batches)} batches of {data_cfg.batch_size} x {data_cfg.seq_len} tokens")
+  batches = list(data_lib.make_dataset(data_cfg, "train", **kwargs)) if _FACTS.value else []
+  pairs = [p for path in (_QA.value or []) for p in patches.read_qa_file(path)]
+  if pairs:
+    batches += patches.answer_batches(pairs, runner.encode, runner.hashing, batch_size=data_cfg.batch_size,
+                                      max_len=cfg.model.max_seq_len, bos_id=runner.bos_id, pad_id=runner.pad_id)
+  traffic_batches, collateral_batches, traffic_text, measured_on = _reference_text(cfg, kwargs)
+  traffic = patches.rows_read(cfg.model, traffic_batches, with_counts=True)
+  print(f"facts: {len(batches)} batches ({len(pairs)} question/answer pairs); base traffic: "
+        f"{len(traffic_batches)} batches of {traffic_text}")
   tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches, training,
-                                     reference_batches=reference)
+                                     reference_batches=traffic_batches[:16] if training.kl_weight > 0 else (),
+                                     traffic=traffic)
   meta = {**dataclasses.asdict(training), "facts": [{"file": os.path.basename(p), "sha256": _sha256(p)}
-                                                    for p in _FACTS.value],
-          "base_step": runner.step, "batch_size": data_cfg.batch_size, "seq_len": data_cfg.seq_len, **stats}
+                                                    for p in (_FACTS.value or []) + (_QA.value or [])],
+          "qa_pairs": len(pairs),
+          "base_step": runner.step, "batch_size": data_cfg.batch_size, "seq_len": data_cfg.seq_len,
+          "traffic": {"text": traffic_text, "batches": len(traffic_batches)}, **stats}
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
-  patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [patch])
-  meta["collateral"] = {**patches.collateral(cfg.model, runner.params, patched, runner.model_state,
-                                              unseen or reference), "text": measured_on}
-  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, unseen or reference)
+  probes = {name: read_mc_file(path) for name, path in (("new_facts", _NEW_PROBES.value),
+                                                         ("old_facts", _OLD_PROBES.value)) if path}
+  before = {name: _recall(runner, p) for name, p in probes.items()}
+  base_params = runner.params
+  runner.apply_patches([patch], log=lambda s: None)
+  meta["collateral"] = {**patches.collateral(cfg.model, base_params, runner.params, runner.model_state,
+                                              collateral_batches), "text": measured_on}
+  meta["recall"] = {name: {"base": before[name], "patched": _recall(runner, p), "questions": len(p)}
+                    for name, p in probes.items()}
+  runner.revert_patches()
+  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, traffic_batches)
+  meta["rows_heldout_share"] = patches.traffic_share(cfg.model, tables, collateral_batches)
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
   patches.save_patch(patch, _OUT.value)
   print(patches.describe(patches.load_patch(_OUT.value)))
   print(f"\nPatch written to {_OUT.value} ({stats['train_seconds']:.1f} s of training).")
   where = f"--workdir {_WORKDIR.value}" if _WORKDIR.value else f"--checkpoint {checkpoint_dir}"
   print(f"Evaluate with it: python eval.py {where} --patches {_OUT.value}")
+
+
+def _recall(runner, probes):
+  from engram_jax.probes import score_multiple_choice
+
+  out = score_multiple_choice(probes, runner.encode, runner.score_fn(), runner.bos_id)
+  return {"mc": out["accuracy"], "greedy_exact": out["greedy_exact"]}
+
+
+def _reference_text(cfg, kwargs):
+  """(traffic batches, collateral batches, what the traffic is, what the collateral is measured on).
+
+  The traffic (the rows the base model reads in ordinary use) is --reference_files or else the
+  checkpoint's training text, --traffic_batches batches of it; the collateral damage is measured on
+  --collateral_batches batches of held-out text, which the traffic never includes. Without training
+  text at hand (files moved) or without a held-out split, one text is cut in two."""
+  import dataclasses
+  import itertools
+
+  from engram_jax import data as data_lib
+
+  n, m = _TRAFFIC_BATCHES.value, _COLLATERAL_BATCHES.value
+  try:
+    heldout = data_lib.eval_batches(cfg.data, **kwargs)
+  except ValueError:  # custom training files and no eval_files: there is no held-out split
+    heldout = []
+  if _REFERENCE.value:
+    files, what = tuple(_REFERENCE.value), "--reference_files"
+  else:
+    files, what = data_lib.split_files(cfg.data, "train"), "the checkpoint's training text"
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      print(f"note: the checkpoint's training text is not here ({missing[0]!r}): the held-out text is split into "
+            "traffic and collateral batches")
+      files = ()
+  if files:
+    traffic_cfg = dataclasses.replace(cfg.data, train_files=files, num_epochs=1, num_workers=0, remainder="pad")
+    text = list(itertools.islice(data_lib.make_dataset(traffic_cfg, "train", **kwargs), n + (0 if heldout else m)))
+    if heldout:
+      return text, heldout[:m], what, "held-out text"
+    return text[:n], text[n:] or text[-m:], what, f"{what} batches the traffic count did not read"
+  if len(heldout) < 2:
+    raise app.UsageError("patch.py create: no text to learn the base model's traffic from (the training files are "
+                         "missing and the held-out split has under 2 batches): pass --reference_files")
+  m = min(m, len(heldout) // 2)
+  return heldout[m:m + n], heldout[:m], "held-out text (the part not measured)", "held-out text"
 
 
 def main(argv):

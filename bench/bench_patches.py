@@ -1,28 +1,36 @@
 """Knowledge patches, measured: does writing only Engram rows teach a trained model new facts, at
-what cost to what it knew, and how does it compare with fine-tuning everything?
+what cost to what it knew, and do patches stack?
 
 Setup (all on CPU, tiny preset with larger tables so a patch is a small share of them):
   base model  trained on the embedded corpus mixed with facts A (synthetic people, knowledge.py);
-  patch B     rows trained on facts B (disjoint people) from the base, everything else frozen;
-  patch B'    the same with the rows ordinary text reads often frozen (--protect freeze);
-  patch B''   the same with the facts' own template rows frozen (rows the facts read in many places:
-              "was born in", read for every person, rather than a person's name);
-  patch C     rows trained on facts C, separately, to apply together with B;
-  full FT     every parameter trained on facts B for the same steps (the reference).
-Reported per condition: multiple-choice accuracy and greedy exact answer on facts B (new), on
-paraphrased questions about B, on facts A (old), held-out loss on the embedded text, B's recall
-with Engram knocked out, and the patch's rows, bytes and share of the table.
+  per seed s  facts B_s and C_s (64 other people each, disjoint from A and from each other);
+  patch B     rows trained on facts B from the base, everything else frozen, with the default
+              protection: the rows the base model's traffic (its training mix, hashed, no forward
+              pass) reads are frozen, so the patch owns only rows that traffic never reads;
+  patch B/none  the same without protection (the earlier default), seed 0 only unless --all_seeds;
+  patch C     the same on facts C, trained apart, applied together with B;
+  capacity    one patch of 24, 100 and 300 facts (6, 25, 75 people), seed 0.
+Reported per condition: multiple-choice accuracy and greedy exact answer on the new facts, on
+paraphrased questions, on facts A (old), held-out loss and KL(base || patched) per token on held-out
+text (the traffic never includes it), the new facts' recall with Engram knocked out, and the rows a
+patch changes, the rows two stacked patches share.
 
-  python bench/bench_patches.py --out runs/bench_patches [--smoke]
+  python bench/bench_patches.py --out runs/bench_patches [--smoke] [--seeds 3]
+  python bench/bench_patches.py --quickstart runs/tiny --out runs/bench_patches_quickstart
 
-Resumable: the base model's checkpoint in --out is reused. Writes --out/results.json and prints a
-markdown table.
+--quickstart measures `patch.py create` with its default flags on a model trained by the README's
+main job (12 people per patch, two patches per seed, applied alone and together; held-out loss by
+eval.py's evaluation over the whole held-out split).
+
+Resumable: the base model's checkpoint and each finished condition in --out/results.json are reused.
+Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -39,7 +47,7 @@ from engram_jax import knowledge, memory, patches, trainer  # noqa: E402
 from engram_jax.config import MeshConfig, load_preset  # noqa: E402
 from engram_jax.evaluation import EvalOptions, run_evaluation  # noqa: E402
 from engram_jax.probes import score_multiple_choice  # noqa: E402
-from engram_jax.runner import ModelRunner  # noqa: E402
+from engram_jax.runner import ModelRunner, load_config_from_checkpoint  # noqa: E402
 from engram_jax.sharding import make_mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,11 +68,8 @@ def disjoint_corpora(n: int, seeds):
 
 def recall(runner: ModelRunner, probes, scale=None):
   """(multiple-choice accuracy, greedy exact-answer rate) of knowledge probes."""
-  mc = score_multiple_choice(probes, runner.encode, runner.score_fn(scale), runner.bos_id)["accuracy"]
-  contexts = [[runner.bos_id] + runner.encode(p["question"]) for p in probes]
-  answers = [runner.encode(" " + p["choices"][p["answer"]]) for p in probes]
-  _, greedy = runner.score(contexts, answers, scale)
-  return float(mc), float(np.mean(greedy))
+  out = score_multiple_choice(probes, runner.encode, runner.score_fn(scale), runner.bos_id)
+  return float(out["accuracy"]), float(out["greedy_exact"])
 
 
 def heldout_loss(runner: ModelRunner, max_batches: int) -> float:
@@ -72,43 +77,75 @@ def heldout_loss(runner: ModelRunner, max_batches: int) -> float:
   return run_evaluation(runner, options)["benchmarks"][0]["loss"]
 
 
-def measure(runner: ModelRunner, sets, max_batches: int) -> dict:
-  off = runner.scale(runner.engram_layers)
+def measure(runner: ModelRunner, sets, heldout, base_params=None) -> dict:
+  """Recall of every probe set, the new facts' recall with Engram knocked out, and on the held-out
+  batches the loss and (against base_params) the KL(base || patched) per token."""
   out = {}
   for name, probes in sets.items():
     mc, greedy = recall(runner, probes)
     out[f"{name}_mc"], out[f"{name}_greedy"] = mc, greedy
-  out["new_mc_engram_off"] = recall(runner, sets["new"], off)[0]
-  out["heldout_loss"] = heldout_loss(runner, max_batches)
+  out["new_mc_engram_off"] = recall(runner, sets["new"], runner.scale(runner.engram_layers))[0]
+  c = patches.collateral(runner.cfg.model, base_params if base_params is not None else runner.params, runner.params,
+                         runner.model_state, heldout)
+  out["heldout_loss"], out["kl_per_token"] = c["heldout_loss_patched"], c["kl_per_token"]
   return out
+
+
+def mean_se(values):
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=os.path.join(ROOT, "runs", "bench_patches"))
   p.add_argument("--smoke", action="store_true", help="a few steps of everything (checks the script runs)")
+  p.add_argument("--quickstart", default=None, metavar="WORKDIR",
+                 help="measure patch.py create's defaults on this README main-job workdir instead")
+  p.add_argument("--variants", default="default=;none=--protect none",
+                 help="--quickstart: 'name=patch.py flags;...' (default: the defaults, and no protection); a "
+                 "bare --qa trains on the facts' question/answer pairs instead of their documents")
+  p.add_argument("--base", default=None, help="the base model's workdir (default: --out/base; trained there if "
+                 "absent), to measure other patch settings against one base")
+  p.add_argument("--seeds", type=int, default=3, help="facts draws (B_s, C_s) measured")
+  p.add_argument("--all_seeds", action="store_true", help="the unprotected patch at every seed, not only 0")
+  p.add_argument("--qa", action="store_true", help="train the patches on the facts' question/answer pairs "
+                 "(knowledge.qa_pairs; the loss on the answers only) instead of their documents")
+  p.add_argument("--skip_none", action="store_true", help="no unprotected patch (a sweep of the protected ones)")
   p.add_argument("--entities", type=int, default=64, help="people per facts set")
+  p.add_argument("--capacity", default="24,100,300", help="facts per patch of the capacity rows ('' skips)")
   p.add_argument("--rows_per_head", type=int, default=100003, help="Engram table size per head (tiny: 20011)")
   p.add_argument("--base_steps", type=int, default=1200)
   p.add_argument("--facts_repeat", type=int, default=8, help="facts A files listed this often in the base mix")
   p.add_argument("--patch_steps", type=int, default=300)
   p.add_argument("--patch_lr", type=float, default=3e-2)
-  p.add_argument("--ft_lr", type=float, default=1e-3, help="full fine-tuning learning rate (AdamW)")
+  default = patches.RowTraining()
+  p.add_argument("--protect", default=default.protect, choices=patches.PROTECT_MODES,
+                 help="the protected patches' mode (default: RowTraining's, as patch.py create)")
+  p.add_argument("--protect_weight", type=float, default=default.protect_weight)
+  p.add_argument("--protect_min_count", type=int, default=default.protect_min_count)
+  p.add_argument("--traffic_batches", type=int, default=512, help="batches of the base's training mix counted")
   p.add_argument("--eval_batches", type=int, default=16)
-  p.add_argument("--template_min_count", type=int, default=24,
-                 help="patch B'': a row the facts read at least this often is a template row (frozen)")
-  p.add_argument("--only", default=None, help="comma-separated conditions to (re)run, e.g. 'B_templates'; "
-                 "the others are kept from an earlier results.json")
+  p.add_argument("--only", default=None, help="comma-separated conditions to (re)run, e.g. 'B_s0'; the others "
+                 "are kept from an earlier results.json")
   args = p.parse_args()
   if args.smoke:
     args.entities, args.base_steps, args.patch_steps, args.eval_batches = 8, 6, 4, 2
+    args.seeds, args.capacity, args.traffic_batches = 1, "8", 8
   os.makedirs(args.out, exist_ok=True)
-  t_start = time.perf_counter()
+  if args.quickstart:
+    return quickstart(args)
 
   # -- data -----------------------------------------------------------------------------------------
-  kc_a, kc_b, kc_c = disjoint_corpora(args.entities, (100, 101, 102))
-  files = {name: knowledge.write_knowledge(kc, os.path.join(args.out, f"facts_{name}"))
-           for name, kc in (("A", kc_a), ("B", kc_b), ("C", kc_c))}
+  draws = disjoint_corpora(args.entities, [100] + [101 + 2 * s + k for s in range(args.seeds) for k in (0, 1)])
+  kc_a = draws[0]
+  facts = {"A": kc_a}
+  for s in range(args.seeds):
+    facts[f"B_s{s}"], facts[f"C_s{s}"] = draws[1 + 2 * s], draws[2 + 2 * s]
+  capacity = [int(x) for x in args.capacity.split(",") if x]
+  for n in capacity:  # people of 4 facts each, disjoint from A (and drawn apart from B, C)
+    facts[f"cap{n}"] = disjoint_corpora(max(1, n // len(knowledge.ATTRIBUTES)), (100, 500 + n))[1]
+  files = {name: knowledge.write_knowledge(kc, os.path.join(args.out, f"facts_{name}")) for name, kc in facts.items()}
   embedded = data_lib.split_files(load_preset(os.path.join(ROOT, "configs", "tiny.py")).data, "train")
 
   # -- base model ---------------------------------------------------------------------------------
@@ -122,113 +159,226 @@ def main():
                                 eval_every=0, log_every=50,
                                 checkpoint=dataclasses.replace(tiny.train.checkpoint, every_n_steps=200)),
       mesh=MeshConfig(data=1))
-  base_dir = os.path.join(args.out, "base")
+  base_dir = args.base or os.path.join(args.out, "base")
   t0 = time.perf_counter()
   devices = jax.devices()[:1]
   trainer.train(cfg, base_dir, progress=False, devices=devices, log=lambda s: print(s, flush=True))
   base_seconds = time.perf_counter() - t0
   mesh = make_mesh(MeshConfig(), devices)
   runner = ModelRunner.from_checkpoint(cfg, os.path.join(base_dir, "checkpoints"), mesh=mesh)
-  sets = {"new": kc_b.probes, "new_paraphrase": knowledge.paraphrase_probes(kc_b.probes), "old": kc_a.probes,
-          "other": kc_c.probes}
+  base_params = runner.params
+  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
+  heldout = data_lib.eval_batches(cfg.data, **kwargs)[:args.eval_batches]
+  # The base model's traffic: its own training mix (the embedded text and facts A), as patch.py
+  # create counts a checkpoint's training text by default.
+  traffic_cfg = dataclasses.replace(cfg.data, num_epochs=1, num_workers=0, remainder="pad")
+  traffic_batches = list(itertools.islice(data_lib.make_dataset(traffic_cfg, "train", **kwargs), args.traffic_batches))
+  traffic = patches.rows_read(cfg.model, traffic_batches, with_counts=True)
+
   results_path = os.path.join(args.out, "results.json")
-  results = {"conditions": {}}
-  if args.only and os.path.exists(results_path):
+  results = {"conditions": {}, "patches": {}}
+  if os.path.exists(results_path):
     with open(results_path) as f:
       results = json.load(f)
+    results.setdefault("patches", {})
   only = set(args.only.split(",")) if args.only else None
-  wanted = lambda name: only is None or name in only  # noqa: E731
-  results.update({"config": {k: v for k, v in vars(args).items()},
-                  "table_rows": {n: int(t.shape[0]) for n, t in memory.split(runner.params)[1].items()}})
+  done = lambda name: name in results["conditions"] and (only is None or name not in only)  # noqa: E731
+  results.update({"config": dict(vars(args)),
+                  "table_rows": {n: int(t.shape[0]) for n, t in memory.split(runner.params)[1].items()},
+                  "traffic_tokens": int(sum(int((b["segment_ids"] > 0).sum()) for b in traffic_batches))})
   results.setdefault("base_train_seconds", base_seconds)
-  if wanted("base"):
-    results["conditions"]["base"] = measure(runner, sets, args.eval_batches)
-    print(json.dumps({"base": results["conditions"]["base"]}), flush=True)
-
-  # -- patches --------------------------------------------------------------------------------------
-  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
 
   def facts_batches(name):
     data_cfg = dataclasses.replace(cfg.data, train_files=(files[name]["train"],), num_epochs=1, num_workers=0)
     return list(data_lib.make_dataset(data_cfg, "train", **kwargs))
 
-  reference = data_lib.eval_batches(cfg.data, **kwargs)[:16]
-  made = {}
-  variants = (("B", "B", "none", None), ("B_protect", "B", "freeze", None),
-              ("B_templates", "B", "freeze", "facts"), ("C", "C", "none", None))
-  needs = {"B": ("B", "B+C"), "B_protect": ("B_protect",), "B_templates": ("B_templates",), "C": ("C", "B+C")}
-  for label, facts, protect, ref_source in variants:
+  def train_batches(name):
+    if not args.qa:
+      return facts_batches(name)
+    return patches.answer_batches(knowledge.qa_pairs(facts[name]), runner.encode, runner.hashing,
+                                  batch_size=cfg.data.batch_size, max_len=cfg.model.max_seq_len,
+                                  bos_id=runner.bos_id, pad_id=runner.pad_id)
+
+  def make(label, name, protect):
     path = os.path.join(args.out, f"patch_{label}")
-    if not any(wanted(x) for x in needs[label]):
-      continue
-    if not wanted(label) and os.path.exists(os.path.join(path, "manifest.json")):
-      made[label] = path  # only a stacked condition needs it: an earlier run's patch serves
-      continue
-    ref, min_count = reference, 2
-    if ref_source == "facts":
-      ref, min_count = facts_batches(facts), args.template_min_count
+    if os.path.exists(os.path.join(path, "manifest.json")) and label in results["patches"] and (
+        only is None or label not in only):
+      return path
     training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect,
-                                   protect_min_count=min_count)
-    tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts_batches(facts), training,
-                                       reference_batches=ref, log=lambda s: None)
-    patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": facts, "protect": protect})
+                                   protect_weight=args.protect_weight, protect_min_count=args.protect_min_count)
+    tables, stats = patches.train_rows(cfg, base_params, runner.model_state, train_batches(name), training,
+                                       traffic=traffic, log=lambda s: None)
+    patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": name, "qa": args.qa,
+                                                                   **dataclasses.asdict(training)})
     shutil.rmtree(path, ignore_errors=True)
     patches.save_patch(patch, path)
-    made[label] = path
     total = sum(results["table_rows"].values())
-    results[f"patch_{label}"] = {"rows": patch.num_rows, "share_of_table": patch.num_rows / total,
-                                 "bytes_on_disk": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)),
-                                 "train_seconds": stats["train_seconds"], "rows_protected": stats["rows_protected"],
-                                 "first_last_loss": [stats["losses"][0], stats["losses"][-1]]}
-    print(json.dumps({f"patch_{label}": results[f"patch_{label}"]}), flush=True)
-
-  for label, applied in (("patch_B", ["B"]), ("patch_B_protect", ["B_protect"]),
-                         ("patch_B_templates", ["B_templates"]), ("patch_B+C", ["B", "C"])):
-    if not wanted(label[len("patch_"):]):
-      continue
-    runner.apply_patches([made[x] for x in applied], log=lambda s: None)
-    results["conditions"][label] = measure(runner, sets, args.eval_batches)
-    print(json.dumps({label: results["conditions"][label]}), flush=True)
-    runner.revert_patches()
-
-  # -- full fine-tuning reference -----------------------------------------------------------------
-  if not wanted("full_finetune"):
+    results["patches"][label] = {
+        "rows": patch.num_rows, "share_of_table": patch.num_rows / total,
+        "bytes_on_disk": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)),
+        "train_seconds": stats["train_seconds"], "rows_read": sum(stats["rows_read"].values()),
+        "rows_protected": sum(stats["rows_protected"].values()),
+        "heldout_share": patches.traffic_share(cfg.model, tables, heldout)["all"],
+        "first_last_loss": [stats["losses"][0], stats["losses"][-1]]}
+    print(json.dumps({label: results["patches"][label]}), flush=True)
     _write(results, results_path)
-    return
-  ft_cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_files=(files["B"]["train"],)),
-                               train=dataclasses.replace(cfg.train, steps=args.patch_steps, learning_rate=args.ft_lr,
-                                                         warmup_steps=0, schedule="constant",
-                                                         checkpoint=dataclasses.replace(cfg.train.checkpoint,
-                                                                                        enabled=False)))
-  tx, shardings, _ = trainer.state_shardings(ft_cfg, mesh)
-  state = trainer.init_state(ft_cfg, mesh, tx, shardings)
-  state = state.replace(params=jax.device_put(runner.params, shardings.params),
-                        model_state=jax.device_put(runner.model_state, shardings.model_state))
-  step = jax.jit(trainer.make_train_step(ft_cfg, tx), donate_argnums=(0,))
-  batches = facts_batches("B")
-  t0 = time.perf_counter()
-  from engram_jax.sharding import place_batch
+    return path
 
-  for s in range(args.patch_steps):
-    state, _ = step(state, place_batch(batches[s % len(batches)], mesh))
-  jax.block_until_ready(state)
-  ft = ModelRunner(cfg, state.params, state.model_state, mesh, runner.tokenizer)
-  results["conditions"]["full_finetune_B"] = measure(ft, sets, args.eval_batches)
-  results["full_finetune_seconds"] = time.perf_counter() - t0
-  results["total_seconds"] = time.perf_counter() - t_start
+  def condition(label, applied, sets):
+    if done(label):
+      return
+    report = None
+    if applied:
+      report = runner.apply_patches(applied, log=lambda s: None)
+    rec = measure(runner, sets, heldout, base_params)
+    if report is not None and len(applied) > 1:
+      rec["rows_shared"] = int(sum(report.overlapping_rows.values()))
+    runner.revert_patches()
+    results["conditions"][label] = rec
+    print(json.dumps({label: rec}), flush=True)
+    _write(results, results_path)
 
+  old = {"old": kc_a.probes}
+  condition("base", [], {"new": facts["B_s0"].probes, **old})
+  for s in range(args.seeds):
+    b, c = f"B_s{s}", f"C_s{s}"
+    sets = {"new": facts[b].probes, "new_paraphrase": knowledge.paraphrase_probes(facts[b].probes), **old,
+            "other": facts[c].probes}
+    pb, pc = make(b, b, args.protect), make(c, c, args.protect)
+    condition(b, [pb], sets)
+    condition(f"{c}_alone", [pc], {"new": facts[c].probes, **old})
+    condition(f"{b}+{c}", [pb, pc], sets)
+    if (s == 0 or args.all_seeds) and not args.skip_none:
+      condition(f"{b}_none", [make(f"{b}_none", b, "none")], sets)
+      condition(f"{b}_none+{c}_none", [make(f"{b}_none", b, "none"), make(f"{c}_none", c, "none")], sets)
+  for n in capacity:
+    name = f"cap{n}"
+    condition(name, [make(name, name, args.protect)], {"new": facts[name].probes, **old})
+  results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
   _write(results, results_path)
+  print(summary(results))
+
+
+def summary(results) -> str:
+  """Markdown: mean ± standard error over seeds of the default and unprotected patches."""
+  conds = results["conditions"]
+  seeds = sorted({k.split("_s")[1].split("_")[0].split("+")[0] for k in conds if k.startswith("B_s")})
+  cols = ("new_mc", "new_greedy", "new_paraphrase_mc", "new_mc_engram_off", "old_mc", "heldout_loss", "kl_per_token")
+  base_loss = conds["base"]["heldout_loss"] if "base" in conds else float("nan")
+  lines = ["| condition | seeds | " + " | ".join(cols) + " | held-out loss change |",
+           "|" + "---|" * (len(cols) + 3)]
+  rows = [("base", ["base"])]
+  for pattern in ("B_s{}", "C_s{}_alone", "B_s{}+C_s{}", "B_s{}_none", "B_s{}_none+C_s{}_none"):
+    rows.append((pattern.replace("{}", "*"), [pattern.format(s, s) for s in seeds if pattern.format(s, s) in conds]))
+  for n in results["config"]["capacity"].split(","):
+    if n and f"cap{n}" in conds:
+      rows.append((f"capacity {n} facts", [f"cap{n}"]))
+  for label, keys in rows:
+    if not keys:
+      continue
+    cells = []
+    for c in cols:
+      vals = [conds[k][c] for k in keys if c in conds[k]]
+      if not vals:
+        cells.append("-")
+        continue
+      m, se = mean_se(vals)
+      fmt = ".2e" if c == "kl_per_token" else ".4f"
+      cells.append(f"{m:{fmt}}" + (f" ± {se:{fmt}}" if len(vals) > 1 else ""))
+    m, se = mean_se([(conds[k]["heldout_loss"] - base_loss) / base_loss * 100 for k in keys])
+    cells.append(f"{m:+.3f}%" + (f" ± {se:.3f}" if len(keys) > 1 else ""))
+    lines.append(f"| {label} | {len(keys)} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def quickstart(args):
+  """`patch.py create` with default flags on the README main job's model: two patches of 12 people
+  per seed, recall alone and stacked, held-out loss change over the whole held-out split."""
+  import subprocess
+
+  workdir = args.quickstart
+  ckpt = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt):
+    raise SystemExit(f"--quickstart {workdir!r}: no checkpoints/ (train it first: python train.py --config "
+                     f"configs/tiny.py --workdir {workdir})")
+  runner = ModelRunner.from_checkpoint(load_config_from_checkpoint(ckpt), ckpt,
+                                       mesh=make_mesh(MeshConfig(), jax.devices()[:1]), log=lambda s: None)
+  base_params = runner.params
+  people = 3 if args.smoke else 12
+  results_path = os.path.join(args.out, "results.json")
+  results = {}
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      results = json.load(f)
+  options = EvalOptions(knockout=False, niah_lengths=(), mc_files=(), max_batches=args.eval_batches if args.smoke else None)
+  if "base_heldout_loss" not in results:
+    results["base_heldout_loss"] = run_evaluation(runner, options)["benchmarks"][0]["loss"]
+  draws = disjoint_corpora(people, [300 + 2 * s + k for s in range(args.seeds) for k in (0, 1)])
+  extra = ["--steps", str(args.patch_steps)] if args.smoke else []
+  variants = {}
+  for item in args.variants.split(";"):
+    name, _, flag_text = item.partition("=")
+    variants[name.strip()] = flag_text.split()
+  for s in range(args.seeds):
+    for variant, flags_ in variants.items():
+      key = f"s{s}_{variant}"
+      if key in results:
+        continue
+      made = []
+      for k, kc in enumerate(draws[2 * s:2 * s + 2]):
+        f = knowledge.write_knowledge(kc, os.path.join(args.out, f"facts_s{s}_{k}"))
+        out = os.path.join(args.out, f"patch_{key}_{k}")
+        shutil.rmtree(out, ignore_errors=True)
+        # A variant naming --qa trains on the facts' question/answer pairs instead of their documents.
+        source = ["--qa", f["qa"]] if "--qa" in flags_ else ["--facts", f["train"]]
+        rest = [x for x in flags_ if x != "--qa"]
+        subprocess.run([sys.executable, os.path.join(ROOT, "patch.py"), "create", "--workdir", workdir, *source,
+                        "--out", out, "--probes", f["probes"], *rest, *extra], check=True)
+        made.append((out, kc))
+      rec = {}
+      for k, (out, kc) in enumerate(made):
+        with open(os.path.join(out, "manifest.json")) as fh:
+          t = json.load(fh)["training"]
+        rec[f"alone_{k}"] = {"mc": t["recall"]["new_facts"]["patched"]["mc"],
+                             "greedy": t["recall"]["new_facts"]["patched"]["greedy_exact"],
+                             "base_mc": t["recall"]["new_facts"]["base"]["mc"],
+                             "kl": t["collateral"]["kl_per_token"], "rows": sum(e["rows"] for e in
+                                                                                 _manifest(out)["tables"].values())}
+      report = runner.apply_patches([m[0] for m in made], log=lambda s: None)
+      for k, (_, kc) in enumerate(made):
+        rec[f"stacked_{k}"] = {"mc": recall(runner, kc.probes)[0]}
+      rec["stacked_heldout_loss"] = run_evaluation(runner, options)["benchmarks"][0]["loss"]
+      rec["stacked_loss_change"] = rec["stacked_heldout_loss"] / results["base_heldout_loss"] - 1
+      rec["rows_shared"] = int(sum(report.overlapping_rows.values()))
+      runner.revert_patches()
+      results[key] = rec
+      print(json.dumps({key: rec}), flush=True)
+      with open(results_path, "w") as fh:
+        json.dump(results, fh, indent=1)
+  lines = ["| `patch.py create` | seeds | new facts MC (alone) | greedy exact | collateral KL | "
+           "stacked, each: MC | stacked held-out loss change | rows shared |", "|---|---|---|---|---|---|---|---|"]
+  for variant in variants:
+    recs = [results[f"s{s}_{variant}"] for s in range(args.seeds) if f"s{s}_{variant}" in results]
+    if not recs:
+      continue
+    col = lambda f: "{:.3f} ± {:.3f}".format(*mean_se([f(r, k) for r in recs for k in (0, 1)]))  # noqa: E731
+    loss = mean_se([100 * r["stacked_loss_change"] for r in recs])
+    lines.append(f"| {variant} | {len(recs)} | {col(lambda r, k: r[f'alone_{k}']['mc'])} | "
+                 f"{col(lambda r, k: r[f'alone_{k}']['greedy'])} | "
+                 "{:.4f} ± {:.4f}".format(*mean_se([r[f"alone_{k}"]["kl"] for r in recs for k in (0, 1)])) +
+                 f" | {col(lambda r, k: r[f'stacked_{k}']['mc'])} | {loss[0]:+.3f}% ± {loss[1]:.3f} | "
+                 f"{np.mean([r['rows_shared'] for r in recs]):.0f} |")
+  print("\n".join(lines))
+
+
+def _manifest(path):
+  with open(os.path.join(path, "manifest.json")) as f:
+    return json.load(f)
 
 
 def _write(results, path):
   with open(path, "w") as f:
     json.dump(results, f, indent=1)
-  cols = ("new_mc", "new_greedy", "new_paraphrase_mc", "new_mc_engram_off", "old_mc", "other_mc", "heldout_loss")
-  print("\n| condition | " + " | ".join(cols) + " |")
-  print("|" + "---|" * (len(cols) + 1))
-  for name, rec in results["conditions"].items():
-    print(f"| {name} | " + " | ".join(f"{rec[c]:.3f}" for c in cols) + " |")
-  print(json.dumps({k: v for k, v in results.items() if k.startswith("patch_")}, indent=1))
 
 
 if __name__ == "__main__":

@@ -156,18 +156,34 @@ def generate_knowledge(num_entities: int = 256, *, seed: int = 0, documents_per_
   return KnowledgeCorpus(entities, [train_docs[i] for i in order], eval_docs, probes)
 
 
+def qa_pairs(corpus: KnowledgeCorpus) -> List[dict]:
+  """The training statements as {"prompt", "answer"} pairs: every entity's attributes stated with
+  every training template, cut before the value (the prompt) and ending at it (the answer), in the
+  format `patch.py create --qa` trains on with the loss on the answers only."""
+  pairs = []
+  for entity in corpus.entities:
+    for a in ATTRIBUTES:
+      for template in TEMPLATES[a][:-1]:
+        prompt = template[:template.index("{value}")].format(name=entity.name).rstrip()
+        pairs.append({"prompt": prompt, "answer": entity.attributes[a]})
+  return pairs
+
+
 def write_knowledge(corpus: KnowledgeCorpus, out_dir: str) -> Dict[str, str]:
-  """Writes train.txt / heldout.txt (form-feed separated, as `engram_jax.data` reads text) and
-  probes.jsonl; returns their paths."""
+  """Writes train.txt / heldout.txt (form-feed separated, as `engram_jax.data` reads text),
+  probes.jsonl and qa.jsonl (`qa_pairs`); returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = {k: os.path.join(out_dir, f) for k, f in
-           (("train", "train.txt"), ("eval", "heldout.txt"), ("probes", "probes.jsonl"))}
+           (("train", "train.txt"), ("eval", "heldout.txt"), ("probes", "probes.jsonl"), ("qa", "qa.jsonl"))}
   for key, docs in (("train", corpus.train_documents), ("eval", corpus.eval_documents)):
     with open(paths[key], "w", encoding="utf-8", newline="\n") as f:
       f.write("\n\f\n".join(docs) + "\n")
   with open(paths["probes"], "w", encoding="utf-8", newline="\n") as f:
     for probe in corpus.probes:
       f.write(json.dumps(probe) + "\n")
+  with open(paths["qa"], "w", encoding="utf-8", newline="\n") as f:
+    for pair in qa_pairs(corpus):
+      f.write(json.dumps(pair) + "\n")
   return paths
 
 

@@ -10,9 +10,12 @@ with the rows changed, never with the table.
 Training (`train_rows`): the rows the facts read are gathered once into a compact [U, d] array per
 table; each step reads rows from it (host-side remapped ids), takes the gradient with respect to
 that compact array only (the backbone's weight gradients are never formed, and blocks before the
-first Engram layer get no backward pass), and Adam updates it. Optionally, rows that a reference
-sample of ordinary text reads often (shared template n-grams such as "was born in") are frozen or
-pulled back towards their base values (`protect`).
+first Engram layer get no backward pass), and Adam updates it. By default the rows the base model's
+ordinary traffic reads (counted by hashing a sample of its text, `rows_read`: shared n-grams such as
+"was born in", and any row a hash collision gives to common text) are frozen, so a patch writes only
+rows that traffic never reads: the model's behaviour on that traffic is bit-identical after applying
+it, and patches of disjoint facts rarely share a row (`protect`; "l2" pulls the shared rows back
+towards their base values instead, "none" trains them like the others).
 
 The format (a directory, `FORMAT_VERSION` 1):
   manifest.json   format version; `fingerprint` (sha256 of everything that gives a row its meaning:
@@ -225,8 +228,17 @@ def describe(patch: Patch) -> str:
                  f"{c['heldout_loss_patched']:.4f} ({100 * c['heldout_loss_change']:+.2f}%)")
   share = training.get("rows_base_traffic_share")
   if share:
-    lines.append(f"rows the base traffic reads: {100 * share['all']:.1f}% of the patch's rows")
-  for key in sorted(k for k in training if k not in ("collateral", "rows_base_traffic_share")):
+    text = (training.get("traffic") or {}).get("text", "the reference text")
+    lines.append(f"rows the base traffic ({text}) reads: {100 * share['all']:.1f}% of the patch's rows")
+  share = training.get("rows_heldout_share")
+  if share:
+    lines.append(f"rows the held-out text reads: {100 * share['all']:.1f}% of the patch's rows")
+  for name, r in sorted((training.get("recall") or {}).items()):
+    lines.append(f"recall of {name.replace('_', ' ')} ({r['questions']} questions): multiple choice "
+                 f"{r['base']['mc']:.3f} -> {r['patched']['mc']:.3f}, greedy exact {r['base']['greedy_exact']:.3f} "
+                 f"-> {r['patched']['greedy_exact']:.3f}")
+  shown = ("collateral", "rows_base_traffic_share", "rows_heldout_share", "recall", "traffic")
+  for key in sorted(k for k in training if k not in shown):
     lines.append(f"training.{key}: {json.dumps(training[key])[:200]}")
   return "\n".join(lines)
 
@@ -362,20 +374,24 @@ def revert(params, undo: Undo) -> dict:
 # Tables-only training.
 
 
+PROTECT_MODES = ("none", "freeze", "l2", "traffic")
+
+
 @dataclasses.dataclass(frozen=True)
 class RowTraining:
   """How `train_rows` trains a patch (stored in the manifest's `training`)."""
 
-  steps: int = 200
-  learning_rate: float = 1e-2
+  steps: int = 300
+  learning_rate: float = 3e-2
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  # Protection of rows that ordinary text reads often: "none", "freeze" (their gradient is zeroed)
-  # or "l2" (a penalty protect_weight * ||row - base||^2 pulls them back).
-  protect: str = "none"
-  # A row is protected when the reference text reads it at least this many times.
-  protect_min_count: int = 2
+  # Protection of the rows the base model's ordinary traffic reads: "freeze" (their gradient is
+  # zeroed, so the patch never writes them: a patch owns only rows that traffic never reads), "l2"
+  # (a penalty protect_weight * ||row - base||^2 pulls them back) or "none".
+  protect: str = "freeze"
+  # A row is protected when the traffic reads it at least this many times.
+  protect_min_count: int = 1
   protect_weight: float = 1.0
   # Replayed ordinary text: kl_weight * mean KL(base || patched) per token on the reference batches
   # (cycled, one per step; the base model's distributions computed once) joins the facts loss, so
@@ -387,8 +403,10 @@ class RowTraining:
       raise ValueError(f"RowTraining.steps={self.steps}: expected a positive step count")
     if not self.learning_rate > 0:
       raise ValueError(f"RowTraining.learning_rate={self.learning_rate}: expected a positive float")
-    if self.protect not in ("none", "freeze", "l2"):
-      raise ValueError(f"RowTraining.protect={self.protect!r}: expected 'none', 'freeze' or 'l2'")
+    if self.protect not in PROTECT_MODES:
+      raise ValueError(f"RowTraining.protect={self.protect!r}: expected one of {', '.join(PROTECT_MODES)}")
+    if not self.protect_weight >= 0:
+      raise ValueError(f"RowTraining.protect_weight={self.protect_weight}: expected a float >= 0")
     if not self.kl_weight >= 0:
       raise ValueError(f"RowTraining.kl_weight={self.kl_weight}: expected a float >= 0")
 
@@ -408,6 +426,58 @@ def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_c
 
 # The batch fields a patch's forward passes read.
 _BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
+
+
+def read_qa_file(path: str) -> List[dict]:
+  """Question/answer pairs of a JSONL file: one {"prompt": str, "answer": str} object per line."""
+  from engram_jax import data as data_lib
+
+  if not os.path.isfile(path):
+    raise PatchError(f"question/answer file {path!r} does not exist (expected JSONL with prompt, answer)")
+  pairs = []
+  for lineno, p in data_lib.read_jsonl(path):
+    if not (isinstance(p, dict) and isinstance(p.get("prompt"), str) and p["prompt"].strip()
+            and isinstance(p.get("answer"), str) and p["answer"].strip()):
+      raise PatchError(f"{path}:{lineno}: expected {{\"prompt\": non-empty str, \"answer\": non-empty str}}, "
+                       f"got {json.dumps(p)[:200]}")
+    pairs.append(p)
+  if not pairs:
+    raise PatchError(f"question/answer file {path!r} holds no pair")
+  return pairs
+
+
+def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], hashing, *, batch_size: int,
+                   max_len: int, bos_id: Optional[int] = None, pad_id: int = 0) -> List[Dict[str, np.ndarray]]:
+  """Batches of question/answer rows for `train_rows`: each row is [bos] prompt " answer", one pair
+  per row, right-padded; the loss mask covers the answer's tokens only, so training teaches the
+  answer after the prompt and never the prompt's own words (names after a template, say), which
+  other text shares. The last batch is filled with empty rows (no loss)."""
+  rows = []
+  for i, p in enumerate(pairs):
+    prompt = ([] if bos_id is None else [bos_id]) + encode(p["prompt"])
+    answer = encode(" " + p["answer"].strip())
+    if len(prompt) + len(answer) > max_len:
+      raise PatchError(f"question/answer pair {i} has {len(prompt) + len(answer)} tokens: expected at most "
+                       f"{max_len} (model.max_seq_len)")
+    rows.append((prompt, answer))
+  length = min(max_len, -(-max(len(a) + len(b) for a, b in rows) // 8) * 8)
+  batches = []
+  for start in range(0, len(rows), batch_size):
+    chunk = rows[start:start + batch_size]
+    tokens = np.full((batch_size, length), pad_id, np.int32)
+    targets = np.full((batch_size, length), pad_id, np.int32)
+    segment_ids = np.zeros((batch_size, length), np.int32)
+    positions = np.zeros((batch_size, length), np.int32)
+    loss_mask = np.zeros((batch_size, length), np.float32)
+    for r, (prompt, answer) in enumerate(chunk):
+      row = np.asarray(prompt + answer, np.int32)
+      n = len(row)
+      tokens[r, :n], targets[r, :n - 1] = row, row[1:]
+      segment_ids[r, :n], positions[r, :n] = 1, np.arange(n)
+      loss_mask[r, len(prompt) - 1:n - 1] = 1.0  # the positions whose next token is an answer token
+    batches.append({"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions,
+                    "loss_mask": loss_mask, "engram_ids": hashing.hash_numpy(tokens)})
+  return batches
 
 
 def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
@@ -454,13 +524,16 @@ def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batc
 
 def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.ndarray]],
                training: RowTraining = RowTraining(), *, reference_batches: Sequence[Dict[str, np.ndarray]] = (),
+               traffic: Optional[Dict[str, Tuple[np.ndarray, np.ndarray]]] = None,
                log: Callable[[str], None] = print) -> Tuple[Dict[str, TableRows], dict]:
   """Trains only the Engram rows the facts batches read; returns ({table name: changed rows}, stats).
 
-  `batches` are train-pipeline batches of the facts corpus (cycled for `training.steps` steps);
-  `reference_batches`, of ordinary text, choose the protected rows and (with `training.kl_weight`)
-  are replayed, one per step, under a KL term to the base model. The backbone, every other Engram
-  parameter and the MoE balancing bias stay exactly as given.
+  `batches` are train-pipeline batches of the facts corpus (cycled for `training.steps` steps).
+  `traffic` ({table name: (row ids, read counts)}, `rows_read(..., with_counts=True)` of ordinary
+  text, as much of it as is at hand: counting is host hashing only) chooses the protected rows; without
+  it `reference_batches` do. `reference_batches`, of ordinary text, are also replayed (with
+  `training.kl_weight`), one per step, under a KL term to the base model. The backbone, every other
+  Engram parameter and the MoE balancing bias stay exactly as given.
   """
   if cfg.model.engram is None:
     raise PatchError("the model has no Engram layers (model.engram is None): there are no rows to train")
@@ -471,16 +544,29 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   compact0 = {name: jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0) for name, ids in uniq.items()}
   base_np = {name: np.asarray(jax.device_get(v)) for name, v in compact0.items()}
   protected = {name: np.zeros(len(ids), bool) for name, ids in uniq.items()}
-  if training.protect != "none" and reference_batches:
-    ref = rows_read(cfg.model, reference_batches, with_counts=True)
+  # Reads per traffic token of each trained row ("traffic" weighs its pull-back by them).
+  frequency = {name: np.zeros(len(ids), np.float32) for name, ids in uniq.items()}
+  if traffic is None and reference_batches:
+    traffic = rows_read(cfg.model, reference_batches, with_counts=True)
+  if training.protect != "none" and traffic is not None:
+    reads_per_token = cfg.model.engram.n_head_per_ngram * (cfg.model.engram.max_ngram_size - 1)
     for name, ids in uniq.items():
-      ref_ids, counts = ref[name]
-      common = ref_ids[counts >= training.protect_min_count]
-      protected[name] = np.isin(ids, common)
+      ref_ids, counts = traffic[name]
+      if training.protect == "traffic":
+        at = np.clip(np.searchsorted(ref_ids, ids), 0, max(len(ref_ids) - 1, 0))
+        hit = (ref_ids[at] == ids) if len(ref_ids) else np.zeros(len(ids), bool)
+        tokens = max(counts.sum() / reads_per_token, 1.0)
+        frequency[name] = np.where(hit, counts[at] if len(ref_ids) else 0, 0) / tokens
+      else:
+        protected[name] = np.isin(ids, ref_ids[counts >= training.protect_min_count])
   trainable = {name: jnp.asarray(~p, jnp.float32)[:, None] for name, p in protected.items()}
+  if training.protect == "traffic":
+    anchor = {name: jnp.asarray(f, jnp.float32)[:, None] for name, f in frequency.items()}
+  else:
+    anchor = {name: 1.0 - t for name, t in trainable.items()}
   tx = optax.adam(training.learning_rate, b1=training.b1, b2=training.b2, eps=training.eps)
   opt_state = tx.init(compact0)
-  weight = training.protect_weight if training.protect == "l2" else 0.0
+  weight = training.protect_weight if training.protect in ("l2", "traffic") else 0.0
   replay = training.kl_weight > 0 and bool(reference_batches)
 
   def loss_fn(compact, batch, cids, ref):
@@ -489,7 +575,7 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
     nll = token_nll(logits, batch["targets"])[0]
     mask = batch["loss_mask"]
     loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    penalty = sum(jnp.sum((1.0 - trainable[n]) * jnp.square(compact[n] - compact0[n])) for n in compact)
+    penalty = sum(jnp.sum(anchor[n] * jnp.square(compact[n] - compact0[n])) for n in compact)
     total = loss + weight * penalty
     if ref is not None:  # replayed text: its rows are the trained ones where it reads them, else the base rows
       ref_batch, (pos, inside, base_rows), base_log_p = ref

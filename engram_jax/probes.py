@@ -157,7 +157,8 @@ def score_multiple_choice(probes: Sequence[dict], encode: Callable[[str], List[i
                           bos_id: Optional[int] = None) -> Dict[str, float]:
   """accuracy: the answer's continuation " <choice>" after the question has the highest summed
   log-likelihood; accuracy_norm: the highest log-likelihood per UTF-8 byte of " <choice>" (longer
-  choices are not penalised for their length). Ties go to the earlier choice."""
+  choices are not penalised for their length); greedy_exact: greedy decoding after the question
+  produces the answer's continuation exactly. Ties go to the earlier choice."""
   contexts, continuations, owner, nbytes = [], [], [], []
   for q, p in enumerate(probes):
     context = ([] if bos_id is None else [bos_id]) + encode(p["question"])
@@ -166,11 +167,14 @@ def score_multiple_choice(probes: Sequence[dict], encode: Callable[[str], List[i
       continuations.append(encode(" " + choice))
       owner.append(q)
       nbytes.append(len((" " + choice).encode("utf-8")))
-  logprob, _ = score_fn(contexts, continuations)
+  logprob, greedy = score_fn(contexts, continuations)
   logprob, owner, nbytes = np.asarray(logprob, np.float64), np.asarray(owner), np.asarray(nbytes)
-  correct, correct_norm = [], []
+  greedy = np.asarray(greedy, bool)
+  correct, correct_norm, exact = [], [], []
   for q, p in enumerate(probes):
     idx = np.flatnonzero(owner == q)
     correct.append(int(np.argmax(logprob[idx])) == p["answer"])
     correct_norm.append(int(np.argmax(logprob[idx] / nbytes[idx])) == p["answer"])
-  return {"questions": len(probes), "accuracy": float(np.mean(correct)), "accuracy_norm": float(np.mean(correct_norm))}
+    exact.append(bool(greedy[idx[p["answer"]]]))
+  return {"questions": len(probes), "accuracy": float(np.mean(correct)), "accuracy_norm": float(np.mean(correct_norm)),
+          "greedy_exact": float(np.mean(exact))}

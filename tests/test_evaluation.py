@@ -157,13 +157,14 @@ def test_multiple_choice_scoring_hand_built():
   # Q2: y wins both (wrong).
   table = {
       (ord("1"), tuple(_char_encode(" a"))): (-1.0, False),
-      (ord("1"), tuple(_char_encode(" bbbbbbbbb"))): (-0.9, False),
+      (ord("1"), tuple(_char_encode(" bbbbbbbbb"))): (-0.9, True),
       (ord("2"), tuple(_char_encode(" x"))): (-2.0, False),
-      (ord("2"), tuple(_char_encode(" y"))): (-1.0, False),
+      (ord("2"), tuple(_char_encode(" y"))): (-1.0, True),
       (ord("2"), tuple(_char_encode(" z"))): (-3.0, False),
   }
   out = probes_lib.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)
-  assert out == {"questions": 2, "accuracy": 0.5, "accuracy_norm": 0.5}
+  # Greedy decoding emits Q1's answer and a wrong choice (y) after Q2: one exact answer of two.
+  assert out == {"questions": 2, "accuracy": 0.5, "accuracy_norm": 0.5, "greedy_exact": 0.5}
   # b at -1.5: a wins the sum (-1.0, wrong), b still wins per byte (-0.15 > -0.5, right).
   table[(ord("1"), tuple(_char_encode(" bbbbbbbbb")))] = (-1.5, False)
   out = probes_lib.score_multiple_choice(probes, _char_encode, _lookup_scorer(table), bos_id=1)

@@ -181,6 +181,91 @@ def test_protect_freeze_keeps_common_rows(setup):
   assert all(len(r.ids) == 0 for r in tables.values())
 
 
+def test_frozen_traffic_rows_stay_bit_identical_and_the_traffic_reads_the_same_model(setup):
+  """protect="freeze" with a traffic count: the patch holds no row the traffic reads, every such row
+  (and everything else the patch does not hold) is bit-identical after applying it, so the traffic
+  text's next-token distributions do not move at all; the rows only the facts read still learn."""
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 13)
+  facts = _batches(cfg, runner, [paths["train"]])
+  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
+  text = data_lib.eval_batches(cfg.data, **kwargs)[:2]
+  traffic = patches.rows_read(cfg.model, text, with_counts=True)
+  tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts,
+                                     patches.RowTraining(steps=8, learning_rate=0.05, protect="freeze",
+                                                         protect_min_count=1), traffic=traffic, log=lambda s: None)
+  assert stats["losses"][-1][1] < stats["losses"][0][1]
+  read = patches.rows_read(cfg.model, facts)
+  patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [_patch(cfg, runner, tables)])
+  base, new = _tables_np(runner.params), _tables_np(patched)
+  for n, rows in tables.items():
+    shared = np.isin(read[n], traffic[n][0])
+    assert stats["rows_protected"][n] == shared.sum() > 0 and len(rows.ids) > 0
+    assert not np.isin(rows.ids, traffic[n][0]).any()
+    np.testing.assert_array_equal(new[n][traffic[n][0]], base[n][traffic[n][0]])
+    np.testing.assert_array_equal(np.flatnonzero(np.any(new[n] != base[n], axis=1)), rows.ids)
+  assert patches.collateral(cfg.model, runner.params, patched, runner.model_state, text)["kl_per_token"] == 0.0
+
+
+def test_traffic_weighted_anchor_holds_back_the_rows_ordinary_text_reads(setup):
+  """protect="traffic" pulls each row back in proportion to how often the traffic reads it: the
+  traffic's read-weighted movement of the rows and its KL fall against unprotected training."""
+  cfg, runner, tmp = setup
+  _, paths = _facts(tmp, 14)
+  facts = _batches(cfg, runner, [paths["train"]])
+  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
+  text = data_lib.eval_batches(cfg.data, **kwargs)[:2]
+  traffic = patches.rows_read(cfg.model, text, with_counts=True)
+  moved, kl = {}, {}
+  for protect in ("none", "traffic"):
+    tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts,
+                                       patches.RowTraining(steps=12, learning_rate=0.05, protect=protect,
+                                                           protect_weight=1e5), traffic=traffic, log=lambda s: None)
+    assert stats["losses"][-1][1] < stats["losses"][0][1]
+    moved[protect] = 0.0
+    for n, rows in tables.items():
+      ids, counts = traffic[n]
+      at = np.searchsorted(ids, rows.ids).clip(0, len(ids) - 1)
+      reads = np.where(ids[at] == rows.ids, counts[at], 0)
+      moved[protect] += float(np.sum(reads * np.sum(np.square(rows.new - rows.base), axis=1)))
+    patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [_patch(cfg, runner, tables)])
+    kl[protect] = patches.collateral(cfg.model, runner.params, patched, runner.model_state, text)["kl_per_token"]
+  assert moved["traffic"] < 0.5 * moved["none"] and kl["traffic"] < kl["none"], (moved, kl)
+  with pytest.raises(ValueError, match="protect='weights'"):
+    patches.RowTraining(protect="weights")
+  with pytest.raises(ValueError, match="protect_weight=-1"):
+    patches.RowTraining(protect_weight=-1)
+
+
+def test_question_answer_batches_train_the_answers_only(setup):
+  """answer_batches: each row is [bos] prompt " answer" with the loss mask on exactly the answer's
+  tokens and the rows' hash ids; training on them lowers the answers' loss; bad files are errors."""
+  cfg, runner, tmp = setup
+  kc, paths = _facts(tmp, 15, n=3)
+  pairs = patches.read_qa_file(paths["qa"])
+  assert pairs == knowledge.qa_pairs(kc) and len(pairs) == 3 * 4 * 4
+  batches = patches.answer_batches(pairs, runner.encode, runner.hashing, batch_size=5, max_len=cfg.model.max_seq_len,
+                                   bos_id=runner.bos_id, pad_id=runner.pad_id)
+  assert len(batches) == -(-len(pairs) // 5)
+  for i, p in enumerate(pairs):
+    b, r = batches[i // 5], i % 5
+    mask = b["loss_mask"][r] > 0
+    assert list(b["targets"][r][mask]) == runner.encode(" " + p["answer"])
+    assert list(b["tokens"][r][:mask.argmax() + 1]) == [runner.bos_id] + runner.encode(p["prompt"])
+  assert not batches[-1]["loss_mask"][len(pairs) % 5:].any()  # the filler rows carry no loss
+  for b in batches:
+    np.testing.assert_array_equal(b["engram_ids"], runner.hashing.hash_numpy(b["tokens"]))
+  tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches,
+                                     patches.RowTraining(steps=10, learning_rate=0.05), log=lambda s: None)
+  assert stats["losses"][-1][1] < stats["losses"][0][1]
+  bad = tmp / "bad_qa.jsonl"
+  bad.write_text('{"prompt": "Who", "answer": "x"}\n{"prompt": "Who"}\n')
+  with pytest.raises(patches.PatchError, match="bad_qa.jsonl:2"):
+    patches.read_qa_file(str(bad))
+  with pytest.raises(patches.PatchError, match="expected at most 4"):
+    patches.answer_batches(pairs, runner.encode, runner.hashing, batch_size=5, max_len=4, bos_id=runner.bos_id)
+
+
 def test_replayed_text_kl_term_lowers_the_collateral_kl(setup):
   """kl_weight > 0 replays the reference text under KL(base || patched): the trained patch moves
   that text's distributions less than the same training without it, and still learns the facts."""
@@ -192,7 +277,7 @@ def test_replayed_text_kl_term_lowers_the_collateral_kl(setup):
   kl = {}
   for w in (0.0, 30.0):
     tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts,
-                                       patches.RowTraining(steps=8, learning_rate=0.05, kl_weight=w),
+                                       patches.RowTraining(steps=8, learning_rate=0.05, kl_weight=w, protect="none"),
                                        reference_batches=reference, log=lambda s: None)
     assert stats["losses"][-1][1] < stats["losses"][0][1]
     patched, _, _ = patches.apply_patches(runner.params, cfg.model, runner.hashing, [_patch(cfg, runner, tables)])
@@ -289,7 +374,8 @@ def test_patch_py_create_info_and_eval_py_patches(tmp_path):
   assert proc.returncode != 0 and "already exists" in proc.stderr
   proc = run("patch.py", "info", out)
   assert proc.returncode == 0 and "rows changed" in proc.stdout, proc.stderr[-2000:]
-  assert "rows the base traffic reads" in proc.stdout and "KL(base || patched)" in proc.stdout
+  assert "rows the base traffic (the checkpoint's training text) reads" in proc.stdout
+  assert "KL(base || patched)" in proc.stdout
   proc = run("eval.py", "--checkpoint", checkpoints, "--patches", out, "--max_eval_batches", "40",
              "--niah_lengths=", "--output_dir", str(tmp_path / "eval"))
   assert proc.returncode == 0, proc.stderr[-3000:]
