@@ -43,6 +43,9 @@ _PROTECT = flags.DEFINE_enum("protect", None, ["none", "freeze", "l2", "traffic"
 _PROTECT_MIN = flags.DEFINE_integer("protect_min_count", None, "create: reads in the traffic text that make a row "
                                     "protected.")
 _PROTECT_WEIGHT = flags.DEFINE_float("protect_weight", None, "create: weight of the l2 or traffic pull-back.")
+_MAX_ANSWERS = flags.DEFINE_integer("max_answers", None, "create, with --qa: freeze the rows that pairs of more than "
+                                    "this many distinct answers read (shared phrasing such as \"was born in\", not a "
+                                    "fact's own words; 0: off). Default: RowTraining's.")
 _KL_WEIGHT = flags.DEFINE_float("kl_weight", None, "create: weight of a KL(base || patched) term on replayed traffic "
                                 "text (0: off; with --protect freeze the replayed text reads only frozen rows, so "
                                 "the term matters with --protect none or l2).")
@@ -94,7 +97,7 @@ def create():
       raise app.UsageError(f"--{flag.name}={flag.value}: expected a positive batch count")
   given = {"steps": _STEPS.value, "learning_rate": _LR.value, "protect": _PROTECT.value,
            "protect_min_count": _PROTECT_MIN.value, "protect_weight": _PROTECT_WEIGHT.value,
-           "kl_weight": _KL_WEIGHT.value}
+           "kl_weight": _KL_WEIGHT.value, "max_answers": _MAX_ANSWERS.value}
   training = patches.RowTraining(**{k: v for k, v in given.items() if v is not None})
   checkpoint_dir = _CHECKPOINT.value or os.path.join(_WORKDIR.value, "checkpoints")
   cfg = (from_dict(Config, _CONFIG.value) if _CONFIG.value is not None
@@ -104,7 +107,7 @@ def create():
   # Patch training is small (the rows one facts corpus reads): one device holds it.
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, mesh=mesh)
-  data_cfg = dataclasses.replace(cfg.data, train_files=tuple(_FACTS.value or ()), eval_files=None, num_epochs=1,
+  data_cfg = dataclasses.replace(cfg.data, train_files=tuple(_FACTS.value or ()) or None, eval_files=None, num_epochs=1,
                                  remainder="pad", num_workers=0, batch_size=_BATCH.value or cfg.data.batch_size,
                                  seq_len=_SEQ.value or cfg.data.seq_len)
   kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)

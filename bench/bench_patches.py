@@ -124,6 +124,7 @@ def main():
                  help="the protected patches' mode (default: RowTraining's, as patch.py create)")
   p.add_argument("--protect_weight", type=float, default=default.protect_weight)
   p.add_argument("--protect_min_count", type=int, default=default.protect_min_count)
+  p.add_argument("--max_answers", type=int, default=default.max_answers, help="with --qa (see RowTraining)")
   p.add_argument("--traffic_batches", type=int, default=512, help="batches of the base's training mix counted")
   p.add_argument("--eval_batches", type=int, default=16)
   p.add_argument("--only", default=None, help="comma-separated conditions to (re)run, e.g. 'B_s0'; the others "
@@ -205,7 +206,8 @@ def main():
         only is None or label not in only):
       return path
     training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect,
-                                   protect_weight=args.protect_weight, protect_min_count=args.protect_min_count)
+                                   protect_weight=args.protect_weight, protect_min_count=args.protect_min_count,
+                                   max_answers=args.max_answers if protect != "none" else 0)
     tables, stats = patches.train_rows(cfg, base_params, runner.model_state, train_batches(name), training,
                                        traffic=traffic, log=lambda s: None)
     patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": name, "qa": args.qa,
@@ -218,6 +220,7 @@ def main():
         "bytes_on_disk": sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)),
         "train_seconds": stats["train_seconds"], "rows_read": sum(stats["rows_read"].values()),
         "rows_protected": sum(stats["rows_protected"].values()),
+        "rows_template": sum(stats["rows_template"].values()),
         "heldout_share": patches.traffic_share(cfg.model, tables, heldout)["all"],
         "first_last_loss": [stats["losses"][0], stats["losses"][-1]]}
     print(json.dumps({label: results["patches"][label]}), flush=True)

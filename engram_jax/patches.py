@@ -386,17 +386,27 @@ class RowTraining:
   b1: float = 0.9
   b2: float = 0.95
   eps: float = 1e-8
-  # Protection of the rows the base model's ordinary traffic reads: "freeze" (their gradient is
-  # zeroed, so the patch never writes them: a patch owns only rows that traffic never reads), "l2"
-  # (a penalty protect_weight * ||row - base||^2 pulls them back) or "none".
-  protect: str = "freeze"
-  # A row is protected when the traffic reads it at least this many times.
+  # Protection of the rows the base model's ordinary traffic reads (given as read counts):
+  #   "traffic"  every trained row is pulled back towards its base value by
+  #              protect_weight * (reads per traffic token) * ||row - base||^2, so a row ordinary text
+  #              reads often barely moves and a row only collisions read moves freely;
+  #   "freeze"   rows read at least protect_min_count times get no update at all (exact; with a large
+  #              traffic sample nearly every row of a hashed table is read, so this freezes most);
+  #   "l2"       those rows are pulled back by protect_weight * ||row - base||^2 instead;
+  #   "none"     every row the facts read trains alike.
+  protect: str = "traffic"
   protect_min_count: int = 1
-  protect_weight: float = 1.0
+  protect_weight: float = 10.0
   # Replayed ordinary text: kl_weight * mean KL(base || patched) per token on the reference batches
   # (cycled, one per step; the base model's distributions computed once) joins the facts loss, so
   # rows that ordinary text reads learn the facts only where that costs the text nothing.
   kl_weight: float = 0.0
+  # Shared phrasing of the facts themselves (question/answer batches only): a row that pairs with
+  # more than max_answers distinct answers read (a template such as "was born in", read before every
+  # person's birthplace, rather than one person's name, read before that person's few answers) is
+  # frozen, so it keeps the base model's meaning and patches of disjoint facts do not both rewrite
+  # it (0: off).
+  max_answers: int = 0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -407,6 +417,8 @@ class RowTraining:
       raise ValueError(f"RowTraining.protect={self.protect!r}: expected one of {', '.join(PROTECT_MODES)}")
     if not self.protect_weight >= 0:
       raise ValueError(f"RowTraining.protect_weight={self.protect_weight}: expected a float >= 0")
+    if self.max_answers < 0:
+      raise ValueError(f"RowTraining.max_answers={self.max_answers}: expected an integer >= 0 (0: off)")
     if not self.kl_weight >= 0:
       raise ValueError(f"RowTraining.kl_weight={self.kl_weight}: expected a float >= 0")
 
@@ -426,6 +438,27 @@ def rows_read(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]], with_c
 
 # The batch fields a patch's forward passes read.
 _BATCH_KEYS = ("tokens", "targets", "segment_ids", "positions", "loss_mask", "engram_ids")
+
+
+def answers_per_row(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]]):
+  """{table name: (row ids, how many distinct answers the question/answer rows reading it have)}
+  over `answer_batches` output (its `answer_ids`)."""
+  if any("answer_ids" not in b for b in batches):
+    raise PatchError("RowTraining.max_answers needs question/answer batches (answer_batches, patch.py create --qa): "
+                     "a batch has no answer_ids")
+  e = cfg.engram
+  out = {}
+  for i, layer in enumerate(e.layer_ids):
+    offsets = memory.table_layout(e, layer)[1]
+    pairs = []
+    for b in batches:
+      ids = np.asarray(b["engram_ids"])[..., i, :].astype(np.int64) + offsets  # [B, T, H]
+      answer = np.broadcast_to(np.asarray(b["answer_ids"])[:, None, None], ids.shape)
+      real = np.broadcast_to((np.asarray(b["segment_ids"]) > 0)[..., None], ids.shape)
+      pairs.append(np.stack([ids[real], answer[real]], axis=1))
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.zeros((0, 2), np.int64)
+    out[memory.table_name(layer)] = np.unique(pairs[:, 0], return_counts=True)
+  return out
 
 
 def read_qa_file(path: str) -> List[dict]:
@@ -451,9 +484,12 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
   """Batches of question/answer rows for `train_rows`: each row is [bos] prompt " answer", one pair
   per row, right-padded; the loss mask covers the answer's tokens only, so training teaches the
   answer after the prompt and never the prompt's own words (names after a template, say), which
-  other text shares. The last batch is filled with empty rows (no loss)."""
+  other text shares. `answer_ids` [B] numbers each row's distinct answer (-1: a filler row; the last
+  batch is filled with empty rows, no loss)."""
   rows = []
+  answer_index: Dict[str, int] = {}
   for i, p in enumerate(pairs):
+    answer_index.setdefault(p["answer"].strip(), len(answer_index))
     prompt = ([] if bos_id is None else [bos_id]) + encode(p["prompt"])
     answer = encode(" " + p["answer"].strip())
     if len(prompt) + len(answer) > max_len:
@@ -462,8 +498,11 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
     rows.append((prompt, answer))
   length = min(max_len, -(-max(len(a) + len(b) for a, b in rows) // 8) * 8)
   batches = []
+  answer_of = np.asarray([answer_index[p["answer"].strip()] for p in pairs], np.int32)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
+    answer_ids = np.full(batch_size, -1, np.int32)
+    answer_ids[:len(chunk)] = answer_of[start:start + batch_size]
     tokens = np.full((batch_size, length), pad_id, np.int32)
     targets = np.full((batch_size, length), pad_id, np.int32)
     segment_ids = np.zeros((batch_size, length), np.int32)
@@ -476,7 +515,7 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
       segment_ids[r, :n], positions[r, :n] = 1, np.arange(n)
       loss_mask[r, len(prompt) - 1:n - 1] = 1.0  # the positions whose next token is an answer token
     batches.append({"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions,
-                    "loss_mask": loss_mask, "engram_ids": hashing.hash_numpy(tokens)})
+                    "loss_mask": loss_mask, "engram_ids": hashing.hash_numpy(tokens), "answer_ids": answer_ids})
   return batches
 
 
@@ -540,7 +579,8 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   if not batches:
     raise PatchError("the facts corpus gave no batch: expected at least one document")
   backbone, tables = memory.split(params)
-  uniq = {name: ids for name, ids in rows_read(cfg.model, batches).items()}
+  read = rows_read(cfg.model, batches, with_counts=True)
+  uniq = {name: ids for name, (ids, _) in read.items()}
   compact0 = {name: jnp.take(tables[name], jnp.asarray(ids, jnp.int32), axis=0) for name, ids in uniq.items()}
   base_np = {name: np.asarray(jax.device_get(v)) for name, v in compact0.items()}
   protected = {name: np.zeros(len(ids), bool) for name, ids in uniq.items()}
@@ -559,6 +599,12 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
         frequency[name] = np.where(hit, counts[at] if len(ref_ids) else 0, 0) / tokens
       else:
         protected[name] = np.isin(ids, ref_ids[counts >= training.protect_min_count])
+  templates = {name: np.zeros(len(ids), bool) for name, ids in uniq.items()}
+  if training.max_answers > 0:
+    answers = answers_per_row(cfg.model, batches)
+    for name, ids in uniq.items():
+      templates[name] = np.isin(ids, answers[name][0][answers[name][1] > training.max_answers])
+      protected[name] = protected[name] | templates[name]
   trainable = {name: jnp.asarray(~p, jnp.float32)[:, None] for name, p in protected.items()}
   if training.protect == "traffic":
     anchor = {name: jnp.asarray(f, jnp.float32)[:, None] for name, f in frequency.items()}
@@ -590,7 +636,7 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   @jax.jit
   def step(compact, opt_state, batch, cids, ref=None):
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(compact, batch, cids, ref)
-    if training.protect == "freeze":
+    if training.protect == "freeze" or training.max_answers > 0:
       grads = {n: g * trainable[n] for n, g in grads.items()}
     updates, opt_state = tx.update(grads, opt_state, compact)
     return optax.apply_updates(compact, updates), opt_state, loss
@@ -643,5 +689,6 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
     out[name] = TableRows(ids[changed].astype(np.int64), new_np[name][changed], base_np[name][changed])
   stats = {"rows_read": {n: int(len(i)) for n, i in uniq.items()},
            "rows_protected": {n: int(p.sum()) for n, p in protected.items()},
+           "rows_template": {n: int(t.sum()) for n, t in templates.items()},
            "losses": losses, "train_seconds": seconds}
   return out, stats

@@ -258,6 +258,30 @@ def test_question_answer_batches_train_the_answers_only(setup):
   tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches,
                                      patches.RowTraining(steps=10, learning_rate=0.05), log=lambda s: None)
   assert stats["losses"][-1][1] < stats["losses"][0][1]
+  # max_answers: rows that pairs of more distinct answers read (the templates) are frozen.
+  answers = patches.answers_per_row(cfg.model, batches)
+  want = {}
+  for n, (ids, _) in answers.items():  # by hand: the distinct answers of the pairs reading each row
+    i = cfg.model.engram.layer_ids.index(int(n.split("_")[1]))
+    offsets = memory.table_layout(cfg.model.engram, int(n.split("_")[1]))[1]
+    seen = {}
+    for b in batches:
+      for r in range(len(b["answer_ids"])):
+        real = b["segment_ids"][r] > 0
+        for row in np.unique((b["engram_ids"][r, :, i, :].astype(np.int64) + offsets)[real]):
+          seen.setdefault(int(row), set()).add(int(b["answer_ids"][r]))
+    want[n] = {k: len(v) for k, v in seen.items()}
+    assert dict(zip(answers[n][0].tolist(), answers[n][1].tolist())) == want[n]
+  shared, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches,
+                                     patches.RowTraining(steps=10, learning_rate=0.05, max_answers=3),
+                                     log=lambda s: None)
+  for n, rows in shared.items():
+    templates = [k for k, v in want[n].items() if v > 3]
+    assert stats["rows_template"][n] == len(templates) > 0
+    assert not np.isin(rows.ids, templates).any() and len(rows.ids) > 0
+  with pytest.raises(patches.PatchError, match="needs question/answer batches"):
+    patches.train_rows(cfg, runner.params, runner.model_state, _batches(cfg, runner, [paths["train"]]),
+                       patches.RowTraining(steps=1, max_answers=3), log=lambda s: None)
   bad = tmp / "bad_qa.jsonl"
   bad.write_text('{"prompt": "Who", "answer": "x"}\n{"prompt": "Who"}\n')
   with pytest.raises(patches.PatchError, match="bad_qa.jsonl:2"):
@@ -362,14 +386,32 @@ def test_patch_py_create_info_and_eval_py_patches(tmp_path):
   run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
                                      timeout=600)
   proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out,
-             "--steps", "5", "--seq_len", "32", "--batch_size", "4")
+             "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--probes", paths["probes"])
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "recall of new facts" in proc.stdout
+  # The default protection costs the held-out text less than the same training unprotected.
+  bare = str(tmp_path / "facts_patch_unprotected")
+  proc2 = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", bare,
+              "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--protect", "none")
+  assert proc2.returncode == 0, proc2.stderr[-3000:]
+  with open(os.path.join(bare, "manifest.json")) as f:
+    unprotected = json.load(f)["training"]["collateral"]
+  qa_out = str(tmp_path / "qa_patch")  # question/answer pairs alone, the loss on the answers
+  proc2 = run("patch.py", "create", "--checkpoint", checkpoints, "--qa", paths["qa"], "--out", qa_out, "--steps", "3")
+  assert proc2.returncode == 0, proc2.stderr[-3000:]
+  with open(os.path.join(qa_out, "manifest.json")) as f:
+    assert json.load(f)["training"]["qa_pairs"] == 4 * 4 * 4
   assert "Patch written to" in proc.stdout and os.path.isfile(os.path.join(out, "manifest.json"))
   assert "collateral on held-out text" in proc.stdout and "KL(base || patched)" in proc.stdout
   with open(os.path.join(out, "manifest.json")) as f:
     training = json.load(f)["training"]
   assert training["collateral"]["tokens"] > 0 and training["collateral"]["kl_per_token"] >= 0
+  assert training["protect"] == patches.RowTraining().protect and training["steps"] == 20
+  assert abs(training["collateral"]["heldout_loss_change"]) < abs(unprotected["heldout_loss_change"]), (
+      training["collateral"], unprotected)
+  assert training["collateral"]["kl_per_token"] < unprotected["kl_per_token"]
   assert 0.0 <= training["rows_base_traffic_share"]["all"] <= 1.0
+  assert set(training["recall"]["new_facts"]) == {"base", "patched", "questions"}
   proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out)
   assert proc.returncode != 0 and "already exists" in proc.stderr
   proc = run("patch.py", "info", out)
