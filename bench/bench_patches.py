@@ -5,8 +5,10 @@ Setup (all on CPU, tiny preset with larger tables so a patch is a small share of
   base model  trained on the embedded corpus mixed with facts A (synthetic people, knowledge.py);
   per seed s  facts B_s and C_s (64 other people each, disjoint from A and from each other);
   patch B     rows trained on facts B from the base, everything else frozen, with the default
-              protection: the rows the base model's traffic (its training mix, hashed, no forward
-              pass) reads are frozen, so the patch owns only rows that traffic never reads;
+              protection of patch.py create (RowTraining's): the base model's traffic (its training
+              mix, hashed, no forward pass) is counted, and each trained row is pulled back towards
+              its base value in proportion to how often that traffic reads it (--protect etc. and
+              --qa, question/answer training, change it);
   patch B/none  the same without protection (the earlier default), seed 0 only unless --all_seeds;
   patch C     the same on facts C, trained apart, applied together with B;
   capacity    one patch of 24, 100 and 300 facts (6, 25, 75 people), seed 0.
@@ -163,7 +165,8 @@ def main():
   base_dir = args.base or os.path.join(args.out, "base")
   t0 = time.perf_counter()
   devices = jax.devices()[:1]
-  trainer.train(cfg, base_dir, progress=False, devices=devices, log=lambda s: print(s, flush=True))
+  if not (args.base and os.path.isdir(os.path.join(base_dir, "checkpoints"))):  # a given base is only read
+    trainer.train(cfg, base_dir, progress=False, devices=devices, log=lambda s: print(s, flush=True))
   base_seconds = time.perf_counter() - t0
   mesh = make_mesh(MeshConfig(), devices)
   runner = ModelRunner.from_checkpoint(cfg, os.path.join(base_dir, "checkpoints"), mesh=mesh)
@@ -242,7 +245,8 @@ def main():
     _write(results, results_path)
 
   old = {"old": kc_a.probes}
-  condition("base", [], {"new": facts["B_s0"].probes, **old})
+  first_new = facts["B_s0"] if args.seeds else facts[f"cap{capacity[0]}"]
+  condition("base", [], {"new": first_new.probes, **old})
   for s in range(args.seeds):
     b, c = f"B_s{s}", f"C_s{s}"
     sets = {"new": facts[b].probes, "new_paraphrase": knowledge.paraphrase_probes(facts[b].probes), **old,

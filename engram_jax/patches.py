@@ -401,7 +401,8 @@ class RowTraining:
   # (cycled, one per step; the base model's distributions computed once) joins the facts loss, so
   # rows that ordinary text reads learn the facts only where that costs the text nothing.
   kl_weight: float = 0.0
-  # Shared phrasing of the facts themselves (question/answer batches only): a row that pairs with
+  # Shared phrasing of the facts themselves (question/answer batches only; text batches ignore it,
+  # as they carry no answers): a row that pairs with
   # more than max_answers distinct answers read (a template such as "was born in", read before every
   # person's birthplace, rather than one person's name, read before that person's few answers) is
   # frozen, so it keeps the base model's meaning and patches of disjoint facts do not both rewrite
@@ -600,8 +601,9 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
       else:
         protected[name] = np.isin(ids, ref_ids[counts >= training.protect_min_count])
   templates = {name: np.zeros(len(ids), bool) for name, ids in uniq.items()}
-  if training.max_answers > 0:
-    answers = answers_per_row(cfg.model, batches)
+  qa = [b for b in batches if "answer_ids" in b]  # the rule needs question/answer batches; text has none
+  if training.max_answers > 0 and qa:
+    answers = answers_per_row(cfg.model, qa)
     for name, ids in uniq.items():
       templates[name] = np.isin(ids, answers[name][0][answers[name][1] > training.max_answers])
       protected[name] = protected[name] | templates[name]
@@ -636,7 +638,7 @@ def train_rows(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.
   @jax.jit
   def step(compact, opt_state, batch, cids, ref=None):
     (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(compact, batch, cids, ref)
-    if training.protect == "freeze" or training.max_answers > 0:
+    if training.protect == "freeze" or (training.max_answers > 0 and qa):
       grads = {n: g * trainable[n] for n, g in grads.items()}
     updates, opt_state = tx.update(grads, opt_state, compact)
     return optax.apply_updates(compact, updates), opt_state, loss

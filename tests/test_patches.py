@@ -279,9 +279,11 @@ def test_question_answer_batches_train_the_answers_only(setup):
     templates = [k for k, v in want[n].items() if v > 3]
     assert stats["rows_template"][n] == len(templates) > 0
     assert not np.isin(rows.ids, templates).any() and len(rows.ids) > 0
+  _, stats = patches.train_rows(cfg, runner.params, runner.model_state, _batches(cfg, runner, [paths["train"]]),
+                                patches.RowTraining(steps=1, max_answers=3), log=lambda s: None)
+  assert sum(stats["rows_template"].values()) == 0  # text batches carry no answers: the rule does not apply
   with pytest.raises(patches.PatchError, match="needs question/answer batches"):
-    patches.train_rows(cfg, runner.params, runner.model_state, _batches(cfg, runner, [paths["train"]]),
-                       patches.RowTraining(steps=1, max_answers=3), log=lambda s: None)
+    patches.answers_per_row(cfg.model, _batches(cfg, runner, [paths["train"]]))
   bad = tmp / "bad_qa.jsonl"
   bad.write_text('{"prompt": "Who", "answer": "x"}\n{"prompt": "Who"}\n')
   with pytest.raises(patches.PatchError, match="bad_qa.jsonl:2"):
