@@ -126,6 +126,8 @@ def main():
                  help="the protected patches' mode (default: RowTraining's, as patch.py create)")
   p.add_argument("--protect_weight", type=float, default=default.protect_weight)
   p.add_argument("--protect_min_count", type=int, default=default.protect_min_count)
+  p.add_argument("--kl_weight", type=float, default=default.kl_weight,
+                 help="KL(base || patched) on 16 replayed batches of the traffic (see RowTraining)")
   p.add_argument("--max_answers", type=int, default=default.max_answers, help="with --qa (see RowTraining)")
   p.add_argument("--traffic_batches", type=int, default=512, help="batches of the base's training mix counted")
   p.add_argument("--eval_batches", type=int, default=16)
@@ -210,9 +212,10 @@ def main():
       return path
     training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect,
                                    protect_weight=args.protect_weight, protect_min_count=args.protect_min_count,
-                                   max_answers=args.max_answers if protect != "none" else 0)
+                                   max_answers=args.max_answers if protect != "none" else 0,
+                                   kl_weight=args.kl_weight if protect != "none" else 0.0)
     tables, stats = patches.train_rows(cfg, base_params, runner.model_state, train_batches(name), training,
-                                       traffic=traffic, log=lambda s: None)
+                                       traffic=traffic, reference_batches=traffic_batches[:16], log=lambda s: None)
     patch = patches.make_patch(cfg.model, runner.hashing, tables, {"facts": name, "qa": args.qa,
                                                                    **dataclasses.asdict(training)})
     shutil.rmtree(path, ignore_errors=True)
@@ -295,6 +298,20 @@ def summary(results) -> str:
     m, se = mean_se([(conds[k]["heldout_loss"] - base_loss) / base_loss * 100 for k in keys])
     cells.append(f"{m:+.3f}%" + (f" ± {se:.3f}" if len(keys) > 1 else ""))
     lines.append(f"| {label} | {len(keys)} | " + " | ".join(cells) + " |")
+  for suffix, label in (("", "default"), ("_none", "unprotected")):
+    diffs, rows = [], []
+    for s in seeds:
+      b, c, bc = f"B_s{s}{suffix}", f"C_s{s}_alone" if not suffix else f"C_s{s}_none_alone", \
+          f"B_s{s}{suffix}+C_s{s}{suffix}"
+      if b in conds and bc in conds:
+        diffs.append(conds[bc]["new_mc"] - conds[b]["new_mc"])
+        rows.append(conds[bc]["rows_shared"])
+      if c in conds and bc in conds:
+        diffs.append(conds[bc]["other_mc"] - conds[c]["new_mc"])
+    if diffs:
+      m, se = mean_se(diffs)
+      lines.append(f"\nstacked - alone, each patch's own facts ({label}, {len(diffs)} patches): MC {m:+.4f}"
+                   + (f" ± {se:.4f}" if len(diffs) > 1 else "") + f"; rows both patches change: {np.mean(rows):.0f}")
   return "\n".join(lines)
 
 
