@@ -1,6 +1,6 @@
 """Knowledge patches: teach a trained model new facts by training only Engram table rows.
 
-  python patch.py create --workdir runs/tiny --facts facts.txt --out patches/facts1 [--steps 200]
+  python patch.py create --workdir runs/tiny --facts facts.txt --out patches/facts1 [--qa pairs.jsonl]
   python patch.py info patches/facts1
   python eval.py --workdir runs/tiny --patches patches/facts1[,patches/facts2]
 
