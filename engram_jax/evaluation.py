@@ -352,6 +352,7 @@ def run_evaluation(runner: ModelRunner, options: EvalOptions = EvalOptions(), *,
     log(f"multiple choice: {path}")
     probes = read_mc_file(path)[:options.mc_max_questions]
     full = score_multiple_choice(probes, runner.encode, runner.score_fn(), runner.bos_id)
+    full.pop("greedy_exact")  # results.json keeps its schema (knowledge patches report it)
     record = {"name": os.path.splitext(os.path.basename(path))[0], "file": os.path.basename(path), **full,
               "no_engram_accuracy": None, "no_engram_accuracy_norm": None, "retained_fraction": None}
     if runner.engram_layers and options.knockout:
