@@ -10,12 +10,14 @@ with the rows changed, never with the table.
 Training (`train_rows`): the rows the facts read are gathered once into a compact [U, d] array per
 table; each step reads rows from it (host-side remapped ids), takes the gradient with respect to
 that compact array only (the backbone's weight gradients are never formed, and blocks before the
-first Engram layer get no backward pass), and Adam updates it. By default the rows the base model's
-ordinary traffic reads (counted by hashing a sample of its text, `rows_read`: shared n-grams such as
-"was born in", and any row a hash collision gives to common text) are frozen, so a patch writes only
-rows that traffic never reads: the model's behaviour on that traffic is bit-identical after applying
-it, and patches of disjoint facts rarely share a row (`protect`; "l2" pulls the shared rows back
-towards their base values instead, "none" trains them like the others).
+first Engram layer get no backward pass), and Adam updates it. The base model's ordinary traffic is
+counted by hashing a sample of its text (`rows_read`): every row of a hashed table is read by some
+of it (shared n-grams such as "was born in", and collisions), so by default (`protect="traffic"`)
+each trained row is pulled back towards its base value in proportion to how often that traffic reads
+it; "freeze" leaves the rows read at least `protect_min_count` times exactly as they were (the
+traffic's outputs are then bit-identical), "l2" pulls them back uniformly, "none" trains every row
+alike. Question/answer batches (`answer_batches`) put the loss on the answers only, and
+`max_answers` freezes the rows that pairs of many distinct answers read (templates).
 
 The format (a directory, `FORMAT_VERSION` 1):
   manifest.json   format version; `fingerprint` (sha256 of everything that gives a row its meaning:
