@@ -139,7 +139,7 @@ def create():
   meta["recall"] = {name: {"base": before[name], "patched": _recall(runner, p), "questions": len(p)}
                     for name, p in probes.items()}
   runner.revert_patches()
-  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, traffic_batches)
+  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, read=traffic)
   meta["rows_heldout_share"] = patches.traffic_share(cfg.model, tables, collateral_batches)
   patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
   patches.save_patch(patch, _OUT.value)

@@ -36,7 +36,7 @@ import json
 import os
 import re
 import threading
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -162,6 +162,46 @@ def read_jsonl(path: str):
         yield lineno, json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{lineno}: not a JSON record ({e})") from e
+
+
+def document_rows(rows: Sequence[Sequence[int]], length: int, pad_id: int, hashing=None) -> Dict[str, np.ndarray]:
+  """A batch [len(rows), length] of single-document rows, right-padded with `pad_id`: tokens,
+  targets (the next token), segment_ids (1 on a row's tokens; an empty row is all padding),
+  positions, and with `hashing` the Engram hash ids of the tokens."""
+  R = len(rows)
+  tokens = np.full((R, length), pad_id, np.int32)
+  targets = np.full((R, length), pad_id, np.int32)
+  segment_ids = np.zeros((R, length), np.int32)
+  positions = np.zeros((R, length), np.int32)
+  for i, row in enumerate(rows):
+    row = np.asarray(row, np.int32)
+    n = len(row)
+    if n > length:
+      raise ValueError(f"row {i} has {n} tokens: expected at most {length}")
+    tokens[i, :n] = row
+    targets[i, :max(n - 1, 0)] = row[1:]
+    segment_ids[i, :n] = 1
+    positions[i, :n] = np.arange(n)
+  batch = {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions}
+  if hashing is not None:
+    # Padding after a row's end hashes as pad tokens; suffix n-grams never reach back into it.
+    batch["engram_ids"] = hashing.hash_numpy(tokens)
+  return batch
+
+
+def read_records(path: str, valid: Callable[[object], bool], expected: str, what: str, error=ValueError) -> list:
+  """The records of a JSONL file, each checked by `valid`: a missing file, a record that fails the
+  check (naming the file, line and `expected`) or a file with none is an `error`."""
+  if not os.path.isfile(path):
+    raise error(f"{what} file {path!r} does not exist (expected JSONL records {expected})")
+  records = []
+  for lineno, record in read_jsonl(path):
+    if not valid(record):
+      raise error(f"{path}:{lineno}: expected {expected}, got {json.dumps(record)[:200]}")
+    records.append(record)
+  if not records:
+    raise error(f"{what} file {path!r} holds no record")
+  return records
 
 
 def _read_file(path: str, fmt: str, text_field: str, text_split: str) -> List[str]:

@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from engram_jax import data as data_lib
 from engram_jax import memory
 from engram_jax.config import Config, ModelConfig, to_dict
 from engram_jax.hashing import EngramHashing
@@ -466,20 +467,10 @@ def answers_per_row(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]]):
 
 def read_qa_file(path: str) -> List[dict]:
   """Question/answer pairs of a JSONL file: one {"prompt": str, "answer": str} object per line."""
-  from engram_jax import data as data_lib
-
-  if not os.path.isfile(path):
-    raise PatchError(f"question/answer file {path!r} does not exist (expected JSONL with prompt, answer)")
-  pairs = []
-  for lineno, p in data_lib.read_jsonl(path):
-    if not (isinstance(p, dict) and isinstance(p.get("prompt"), str) and p["prompt"].strip()
-            and isinstance(p.get("answer"), str) and p["answer"].strip()):
-      raise PatchError(f"{path}:{lineno}: expected {{\"prompt\": non-empty str, \"answer\": non-empty str}}, "
-                       f"got {json.dumps(p)[:200]}")
-    pairs.append(p)
-  if not pairs:
-    raise PatchError(f"question/answer file {path!r} holds no pair")
-  return pairs
+  valid = lambda p: (isinstance(p, dict) and isinstance(p.get("prompt"), str) and p["prompt"].strip()  # noqa: E731
+                     and isinstance(p.get("answer"), str) and p["answer"].strip())
+  return data_lib.read_records(path, valid, '{"prompt": non-empty str, "answer": non-empty str}',
+                               "question/answer", error=PatchError)
 
 
 def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], hashing, *, batch_size: int,
@@ -504,21 +495,14 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
   answer_of = np.asarray([answer_index[p["answer"].strip()] for p in pairs], np.int32)
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
-    answer_ids = np.full(batch_size, -1, np.int32)
-    answer_ids[:len(chunk)] = answer_of[start:start + batch_size]
-    tokens = np.full((batch_size, length), pad_id, np.int32)
-    targets = np.full((batch_size, length), pad_id, np.int32)
-    segment_ids = np.zeros((batch_size, length), np.int32)
-    positions = np.zeros((batch_size, length), np.int32)
-    loss_mask = np.zeros((batch_size, length), np.float32)
+    batch = data_lib.document_rows([a + b for a, b in chunk] + [[]] * (batch_size - len(chunk)), length, pad_id,
+                                   hashing)
+    batch["loss_mask"] = np.zeros((batch_size, length), np.float32)
     for r, (prompt, answer) in enumerate(chunk):
-      row = np.asarray(prompt + answer, np.int32)
-      n = len(row)
-      tokens[r, :n], targets[r, :n - 1] = row, row[1:]
-      segment_ids[r, :n], positions[r, :n] = 1, np.arange(n)
-      loss_mask[r, len(prompt) - 1:n - 1] = 1.0  # the positions whose next token is an answer token
-    batches.append({"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions,
-                    "loss_mask": loss_mask, "engram_ids": hashing.hash_numpy(tokens), "answer_ids": answer_ids})
+      batch["loss_mask"][r, len(prompt) - 1:len(prompt) + len(answer) - 1] = 1.0  # next token: the answer's
+    batch["answer_ids"] = np.full(batch_size, -1, np.int32)
+    batch["answer_ids"][:len(chunk)] = answer_of[start:start + batch_size]
+    batches.append(batch)
   return batches
 
 
@@ -551,15 +535,17 @@ def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
           "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3])}
 
 
-def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batches) -> dict:
+def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batches=(), *, read=None) -> dict:
   """The share of a patch's rows that the reference text (the base model's ordinary traffic) reads:
-  {table name: share, "all": share over every table}."""
-  ref = rows_read(cfg, reference_batches)
+  {table name: share, "all": share over every table}. `read`: that text's `rows_read` output (with
+  or without counts), instead of reading `reference_batches` again."""
+  ref = rows_read(cfg, reference_batches) if read is None else {
+      n: v[0] if isinstance(v, tuple) else v for n, v in read.items()}
   out, hit, rows = {}, 0, 0
   for name, t in sorted(tables.items()):
-    read = int(np.isin(t.ids, ref[name]).sum()) if name in ref else 0
-    out[name] = read / len(t.ids) if len(t.ids) else 0.0
-    hit, rows = hit + read, rows + len(t.ids)
+    found = int(np.isin(t.ids, ref[name]).sum()) if name in ref else 0
+    out[name] = found / len(t.ids) if len(t.ids) else 0.0
+    hit, rows = hit + found, rows + len(t.ids)
   out["all"] = hit / rows if rows else 0.0
   return out
 

@@ -7,7 +7,6 @@ knocked out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -139,18 +138,12 @@ def read_mc_file(path: str) -> List[dict]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"multiple-choice file {path!r} does not exist (expected JSONL with question, "
                             "choices, answer)")
-  probes = []
-  for lineno, p in data_lib.read_jsonl(path):
-    ok = (isinstance(p, dict) and isinstance(p.get("question"), str) and isinstance(p.get("choices"), list)
-          and len(p["choices"]) >= 2 and all(isinstance(c, str) and c for c in p["choices"])
-          and isinstance(p.get("answer"), int) and 0 <= p["answer"] < len(p["choices"]))
-    if not ok:
-      raise ValueError(f"{path}:{lineno}: expected {{\"question\": str, \"choices\": [>= 2 non-empty str], "
-                       f"\"answer\": index into choices}}, got {json.dumps(p)[:200]}")
-    probes.append(p)
-  if not probes:
-    raise ValueError(f"multiple-choice file {path!r} holds no question")
-  return probes
+  valid = lambda p: (isinstance(p, dict) and isinstance(p.get("question"), str)  # noqa: E731
+                     and isinstance(p.get("choices"), list) and len(p["choices"]) >= 2
+                     and all(isinstance(c, str) and c for c in p["choices"])
+                     and isinstance(p.get("answer"), int) and 0 <= p["answer"] < len(p["choices"]))
+  return data_lib.read_records(path, valid, '{"question": str, "choices": [>= 2 non-empty str], "answer": index '
+                               'into choices}', "multiple-choice")
 
 
 def score_multiple_choice(probes: Sequence[dict], encode: Callable[[str], List[int]], score_fn: ScoreFn,

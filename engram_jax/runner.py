@@ -386,25 +386,7 @@ class ModelRunner:
 
   def make_batch(self, rows: Sequence[Sequence[int]], length: int) -> Dict[str, np.ndarray]:
     """Global batch [len(rows), length] of single-document rows, right-padded, with hash ids."""
-    R = len(rows)
-    tokens = np.full((R, length), self.pad_id, np.int32)
-    targets = np.full((R, length), self.pad_id, np.int32)
-    segment_ids = np.zeros((R, length), np.int32)
-    positions = np.zeros((R, length), np.int32)
-    for i, row in enumerate(rows):
-      row = np.asarray(row, np.int32)
-      n = len(row)
-      if n > length:
-        raise ValueError(f"row {i} has {n} tokens: expected at most {length}")
-      tokens[i, :n] = row
-      targets[i, :n - 1] = row[1:]
-      segment_ids[i, :n] = 1
-      positions[i, :n] = np.arange(n)
-    batch = {"tokens": tokens, "targets": targets, "segment_ids": segment_ids, "positions": positions}
-    if self.engram_layers:
-      # Padding after a row's end hashes as pad tokens; suffix n-grams never reach back into it.
-      batch["engram_ids"] = self.hashing.hash_numpy(tokens)
-    return batch
+    return data_lib.document_rows(rows, length, self.pad_id, self.hashing if self.engram_layers else None)
 
   def run_rows(self, rows: Sequence[Sequence[int]], engram_scale=None) -> List[Dict[str, np.ndarray]]:
     """Outputs for each row ({"nll", "argmax" [n], "gates" [n, L, M]} cut to the row's length)."""

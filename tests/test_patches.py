@@ -181,16 +181,20 @@ def test_protect_freeze_keeps_common_rows(setup):
   assert all(len(r.ids) == 0 for r in tables.values())
 
 
+def _facts_and_traffic(cfg, runner, tmp, seed):
+  """(facts batches, 2 batches of held-out text as the traffic, that text's row read counts)."""
+  _, paths = _facts(tmp, seed)
+  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
+  text = data_lib.eval_batches(cfg.data, **kwargs)[:2]
+  return _batches(cfg, runner, [paths["train"]]), text, patches.rows_read(cfg.model, text, with_counts=True)
+
+
 def test_frozen_traffic_rows_stay_bit_identical_and_the_traffic_reads_the_same_model(setup):
   """protect="freeze" with a traffic count: the patch holds no row the traffic reads, every such row
   (and everything else the patch does not hold) is bit-identical after applying it, so the traffic
   text's next-token distributions do not move at all; the rows only the facts read still learn."""
   cfg, runner, tmp = setup
-  _, paths = _facts(tmp, 13)
-  facts = _batches(cfg, runner, [paths["train"]])
-  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
-  text = data_lib.eval_batches(cfg.data, **kwargs)[:2]
-  traffic = patches.rows_read(cfg.model, text, with_counts=True)
+  facts, text, traffic = _facts_and_traffic(cfg, runner, tmp, 13)
   tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts,
                                      patches.RowTraining(steps=8, learning_rate=0.05, protect="freeze",
                                                          protect_min_count=1), traffic=traffic, log=lambda s: None)
@@ -211,11 +215,7 @@ def test_traffic_weighted_anchor_holds_back_the_rows_ordinary_text_reads(setup):
   """protect="traffic" pulls each row back in proportion to how often the traffic reads it: the
   traffic's read-weighted movement of the rows and its KL fall against unprotected training."""
   cfg, runner, tmp = setup
-  _, paths = _facts(tmp, 14)
-  facts = _batches(cfg, runner, [paths["train"]])
-  kwargs = dict(engram=cfg.model.engram, vocab_size=cfg.model.vocab_size, tokenizer=runner.tokenizer)
-  text = data_lib.eval_batches(cfg.data, **kwargs)[:2]
-  traffic = patches.rows_read(cfg.model, text, with_counts=True)
+  facts, text, traffic = _facts_and_traffic(cfg, runner, tmp, 14)
   moved, kl = {}, {}
   for protect in ("none", "traffic"):
     tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, facts,
@@ -374,6 +374,7 @@ def test_collateral_kl_and_loss_change_against_a_float64_reference(setup):
   assert patches.traffic_share(cfg.model, tables, _batches(cfg, runner, [paths["train"]]))["all"] == 1.0
   share = patches.traffic_share(cfg.model, tables, reference)
   assert 0.0 <= share["all"] <= 1.0 and set(share) == set(tables) | {"all"}
+  assert patches.traffic_share(cfg.model, tables, read=patches.rows_read(cfg.model, reference, True)) == share
   with pytest.raises(patches.PatchError, match="no batch of reference text"):
     patches.collateral(cfg.model, runner.params, patched, runner.model_state, [])
 
