@@ -10,7 +10,10 @@ of tokens on the embedded corpus mixed with the synthetic knowledge corpus, know
   capacity       the rho = 0.8 model with 1 row per head (every n-gram shares one row: only the gate,
                  value projection and conv remain), with a small table, and with the gate forced open;
   knock-out      every Engram model evaluated again with Engram off: retained fraction on factual
-                 probes against on ordinary held-out text and on in-context retrieval (NIAH).
+                 probes against on ordinary held-out text and on in-context retrieval (NIAH);
+  facts          (facts_repeats) the knowledge corpus split into groups of entities whose text is
+                 repeated a different number of times in the training files, each group's probes
+                 scored apart, so recall can be read against how often a fact was seen.
 
   python bench/reproduce.py                  # run (or resume) the whole study, then the report
   python bench/reproduce.py --jobs 2         # two runs at a time, one per core
@@ -23,6 +26,10 @@ of tokens on the embedded corpus mixed with the synthetic knowledge corpus, know
   python bench/reproduce.py --set steps=1200 --seeds 2 --results bench/reproduction_1200/runs \
       --work runs/reproduction_1200 --only rho1.0_s0,rho0.1_s0,rho0.3_s0,rho0.8_s0,rho0.55_s0,rho1.0_s1,rho0.3_s1
                                              # the curve at four times the tokens (~20-26 min a run)
+  python bench/reproduce.py --set 'facts_repeats=[1,4,16,64]' --set entities=32 --jobs 2 \
+      --results bench/facts_frequency/runs --work runs/facts_frequency \
+      --only rho0.8_s0,rho1.0_s0,cap1_s0,rho0.1_s0,dense_s0,rho0.3_s0,...
+                                             # facts at four training frequencies, scored per frequency
 
 Resumable at two levels: a finished run's results file (bench/reproduction/runs/<name>.json,
 committed) is never recomputed, and a run stopped mid-training resumes from its last checkpoint
@@ -59,7 +66,7 @@ STUDY = dict(
     sparse_budget=1_000_000,  # inactive parameters: routed experts a token skips + Engram rows
     expert_hidden=128, top_k=2, num_shared_experts=1, mlp_hidden=384,
     steps=300, batch_size=16, seq_len=128, learning_rate=3e-3, warmup_steps=20,
-    entities=64, facts_repeat=16, knowledge_seed=7, eval_batches=32, niah_lengths=(64, 128), niah_examples=16,
+    entities=64, facts_repeat=16, facts_repeats=(), knowledge_seed=7, eval_batches=32, niah_lengths=(64, 128), niah_examples=16,
 )
 
 
@@ -104,22 +111,38 @@ def model_for(condition: str, study=STUDY):
   raise ValueError(f"condition {condition!r}: expected dense, rho<r>, cap<rows> or gate_open")
 
 
-def knowledge_files(work: str, study=STUDY) -> Dict[str, str]:
-  """The knowledge corpus's files under `work` (written once, atomically: runs read them concurrently)."""
+def knowledge_files(work: str, study=STUDY) -> Dict[str, object]:
+  """The knowledge corpus's files under `work` (written once, atomically: runs read them concurrently):
+  {"eval": held-out biographies, "parts": [{"repeat", "train", "probes"}]}. One part (every entity,
+  repeated `facts_repeat` times) unless `facts_repeats` lists several frequencies: then one part of
+  `entities` entities per frequency, each repeated that many times, its probes scored apart."""
   from engram_jax import knowledge
 
-  out = os.path.join(work, f"knowledge_{study['entities']}_{study['knowledge_seed']}")
+  repeats = tuple(study.get("facts_repeats") or ())
+  if any(int(r) < 1 for r in repeats):
+    raise ValueError(f"facts_repeats={list(repeats)}: expected positive repeat counts")
+  parts = len(repeats) or 1
+  out = os.path.join(work, f"knowledge_{study['entities']}" + (f"x{parts}" if repeats else "") + f"_{study['knowledge_seed']}")
+  subdirs = [f"part{j}" for j in range(parts)] if repeats else [""]
   if not os.path.isdir(out):
-    corpus = knowledge.generate_knowledge(study["entities"], seed=study["knowledge_seed"])
+    corpus = knowledge.generate_knowledge(study["entities"] * parts, seed=study["knowledge_seed"])
     tmp = f"{out}.tmp{os.getpid()}"
-    knowledge.write_knowledge(corpus, tmp)
+    if repeats:
+      for sub, part in zip(subdirs, knowledge.split_entities(corpus, parts)):
+        knowledge.write_knowledge(part, os.path.join(tmp, sub))
+      knowledge.write_knowledge(corpus, tmp)  # the whole corpus's held-out text beside the parts
+    else:
+      knowledge.write_knowledge(corpus, tmp)
     try:
       os.rename(tmp, out)
     except OSError:  # another process got there first with the same (deterministic) files
       import shutil
 
       shutil.rmtree(tmp, ignore_errors=True)
-  return {k: os.path.join(out, f) for k, f in (("train", "train.txt"), ("eval", "heldout.txt"), ("probes", "probes.jsonl"))}
+  return {"eval": os.path.join(out, "heldout.txt"),
+          "parts": [{"repeat": int(r), "train": os.path.join(out, sub, "train.txt"),
+                     "probes": os.path.join(out, sub, "probes.jsonl")}
+                    for r, sub in zip(repeats or (study["facts_repeat"],), subdirs)]}
 
 
 def config_for(name: str, work: str, study=STUDY):
@@ -131,13 +154,21 @@ def config_for(name: str, work: str, study=STUDY):
   facts = knowledge_files(work, study)
   data = dataclasses.replace(
       tiny.data, seq_len=study["seq_len"], batch_size=study["batch_size"], seed=seed,
-      train_files=tuple(data_lib.split_files(tiny.data, "train")) + (facts["train"],) * study["facts_repeat"],
+      train_files=tuple(data_lib.split_files(tiny.data, "train")) + sum(((p["train"],) * p["repeat"]
+                                                                          for p in facts["parts"]), ()),
       eval_files=data_lib.split_files(tiny.data, "eval"))
   train = dataclasses.replace(
       tiny.train, steps=study["steps"], learning_rate=study["learning_rate"], warmup_steps=study["warmup_steps"],
       seed=seed, eval_every=0, log_every=50, checkpoint=CheckpointConfig(every_n_steps=100, keep_last_n=1))
   return dataclasses.replace(tiny, name=name, model=model_for(condition, study), data=data, train=train,
                              mesh=MeshConfig(data=1)), facts
+
+
+def pooled_choice(records: List[dict]) -> dict:
+  """Multiple-choice results of several probe files as one (accuracies weighted by questions)."""
+  n = sum(r["questions"] for r in records)
+  pool = lambda k: None if any(r[k] is None for r in records) else sum(r[k] * r["questions"] for r in records) / n
+  return {"accuracy": pool("accuracy"), "no_engram_accuracy": pool("no_engram_accuracy"), "questions": n}
 
 
 def run_one(name: str, work: str, results_dir: str, study=STUDY) -> dict:
@@ -161,11 +192,12 @@ def run_one(name: str, work: str, results_dir: str, study=STUDY) -> dict:
   runner = ModelRunner.from_checkpoint(cfg, summary["checkpoint_dir"], mesh=make_mesh(MeshConfig(), devices),
                                        log=lambda s: None)
   options = EvalOptions(max_batches=study["eval_batches"], knockout=True, niah_lengths=tuple(study["niah_lengths"]),
-                        niah_examples=study["niah_examples"], mc_files=(facts["probes"],), top_ngrams=1)
+                        niah_examples=study["niah_examples"], mc_files=tuple(p["probes"] for p in facts["parts"]),
+                        top_ngrams=1)
   t1 = time.perf_counter()
   ev = run_evaluation(runner, options, step=runner.step)
   heldout = ev["benchmarks"][0]
-  mc = ev["multiple_choice"][0]
+  mc = pooled_choice(ev["multiple_choice"])
   knocked = heldout["knockout"][0] if heldout["knockout"] else None
   condition, seed = parse_name(name)
   sparse = sparse_params(cfg.model)
@@ -183,6 +215,9 @@ def run_one(name: str, work: str, results_dir: str, study=STUDY) -> dict:
       "heldout": {"loss": heldout["loss"], "bits_per_byte": heldout["bits_per_byte"]},
       "facts_mc": {"accuracy": mc["accuracy"], "chance": FACT_CHANCE, "questions": mc["questions"]},
       "niah": [{k: r.get(k) for k in ("length", "accuracy", "no_engram_accuracy")} for r in (ev["niah"] or {}).get("lengths", [])],
+      "facts_by_repeat": None if len(facts["parts"]) < 2 else [
+          {"repeat": p["repeat"], "accuracy": m["accuracy"], "no_engram_accuracy": m["no_engram_accuracy"],
+           "questions": m["questions"]} for p, m in zip(facts["parts"], ev["multiple_choice"])],
       "knockout": None if knocked is None else {
           "heldout_loss": knocked["loss"], "heldout_bits_per_byte": knocked["bits_per_byte"],
           "facts_mc_accuracy": mc["no_engram_accuracy"]},
@@ -388,10 +423,37 @@ def summarize(results: List[dict]) -> dict:
           "heldout_loss": paired(results, a, b, lambda r: r["heldout"]["loss"]),
           "facts_mc": paired(results, a, b, lambda r: r["facts_mc"]["accuracy"])}
   curve = [(r["sparse"]["rho"], r["heldout"]["loss"]) for r in results if r["condition"].startswith("rho")]
+  by_repeat = facts_by_repeat(results)
   fit = quadratic_fit([x for x, _ in curve], [y for _, y in curve])
   return {"study": results[0]["study"], "conditions": table, "paired_differences": comparisons,
           "allocation_fit": None if fit is None else {"coefficients": fit[0], "std_errors": fit[1], "argmin_rho": fit[2]},
-          "allocation_minimum": locate_minimum(results), "runs": len(results)}
+          "allocation_minimum": locate_minimum(results), "facts_by_repeat": by_repeat, "runs": len(results)}
+
+
+FREQUENCY_PAIRS = ((f"rho{PAPER_RHO}", "rho1.0"), (f"rho{PAPER_RHO}", "cap1"), (f"rho{PAPER_RHO}", "dense"),
+                   ("rho0.1", "rho1.0"), ("rho0.3", "rho1.0"))
+
+
+def facts_by_repeat(results: List[dict]) -> Optional[dict]:
+  """Per condition and training frequency (times the facts' text is repeated in the training files):
+  multiple-choice accuracy with Engram on and off; and paired differences (same seed, same facts) of
+  FREQUENCY_PAIRS per frequency. None when no run has frequency-stratified facts."""
+  rs = [r for r in results if r.get("facts_by_repeat")]
+  if not rs:
+    return None
+  repeats = sorted({p["repeat"] for r in rs for p in r["facts_by_repeat"]})
+  acc = lambda r, k, key="accuracy": next((p[key] for p in r["facts_by_repeat"] if p["repeat"] == k), None)
+  conditions = {}
+  for c in sorted({r["condition"] for r in rs}):
+    runs = [r for r in rs if r["condition"] == c]
+    conditions[c] = {str(k): {"on": stats([acc(r, k) for r in runs]),
+                              "off": stats([acc(r, k, "no_engram_accuracy") for r in runs
+                                            if acc(r, k, "no_engram_accuracy") is not None])} for k in repeats}
+  present = {r["condition"] for r in rs}
+  pairs = {f"{a} - {b}": {str(k): paired(rs, a, b, lambda r, k=k: acc(r, k)) for k in repeats}
+           for a, b in FREQUENCY_PAIRS if a in present and b in present}
+  return {"repeats": repeats, "questions": {str(p["repeat"]): p["questions"] for p in rs[0]["facts_by_repeat"]},
+          "conditions": conditions, "paired": pairs}
 
 
 def plot(summary: dict, results: List[dict], results_dir: str):
@@ -444,6 +506,33 @@ def plot(summary: dict, results: List[dict], results_dir: str):
     plt.close(fig)
 
 
+def plot_frequency(by_repeat: dict, out_path: str):
+  """Facts multiple-choice accuracy against how often their text was repeated in training, one line
+  per condition (mean ± standard error over seeds), with chance."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 3.8))
+  ks = by_repeat["repeats"]
+  for i, (c, rec) in enumerate(sorted(by_repeat["conditions"].items())):
+    st = [rec[str(k)]["on"] for k in ks]
+    ax.errorbar([k * (1 + 0.03 * (i - 2)) for k in ks], [t["mean"] for t in st],
+                yerr=[t["sem"] if t["n"] > 1 else 0.0 for t in st], fmt="o-", capsize=3, label=LABELS.get(c, c))
+  ax.axhline(FACT_CHANCE, color="0.5", ls=":", label="chance")
+  ax.set_xscale("log")
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.set_xlabel("times the facts' text is repeated in the training files")
+  ax.set_ylabel("facts multiple-choice accuracy")
+  ax.set_title("Recall by training frequency (mean ± s.e. over seeds)", fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=120)
+  plt.close(fig)
+
+
 def plot_lengths(study_dirs: List[str], out_path: str):
   """The allocation curve of several studies (e.g. 300 and 1200 steps) on one plot: mean ± standard
   error over seeds per rho, each study labelled with its training tokens."""
@@ -456,7 +545,7 @@ def plot_lengths(study_dirs: List[str], out_path: str):
   drawn = 0
   for d in study_dirs:
     results = [r for r in load_results(os.path.join(d, "runs")) if r["condition"].startswith("rho")]
-    if not results:
+    if not results or results[0]["study"].get("facts_repeats"):  # a facts study, not a training length
       continue
     by = collections.defaultdict(list)
     for r in results:
@@ -537,6 +626,28 @@ def write_report(results_dir: str) -> dict:
     lines.append(f"| {summary['conditions'][c]['label']} | {_fmt(ko['facts_retained'], 3)} | "
                  f"{_fmt(ko['facts_retained_above_chance'], 3)} | {_fmt(ko['niah_retained'], 3)} | "
                  f"{_fmt(ko['heldout_retained'], 3)} |")
+  fr = summary["facts_by_repeat"]
+  if fr:
+    ks = fr["repeats"]
+    plot_frequency(fr, os.path.join(out_dir, "facts_by_frequency.png"))
+    lines += ["", "Facts by training frequency: multiple-choice accuracy (chance 0.25) per repeat count of the facts' "
+              "text in the training files (questions per count: " + ", ".join(f"{k}: {fr['questions'][str(k)]}" for k in ks)
+              + "); Engram on / off:", "",
+              "| model | " + " | ".join(f"x{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for c in [c for c in order if c in fr["conditions"]]:
+      cells = []
+      for k in ks:
+        on, off = fr["conditions"][c][str(k)]["on"], fr["conditions"][c][str(k)]["off"]
+        cells.append(f"{on['mean']:.3f} ± {on['sem'] if on['n'] > 1 else float('nan'):.3f}"
+                     + (f" / {off['mean']:.3f}" if off["n"] else ""))
+      lines.append(f"| {summary['conditions'][c]['label']} (n={fr['conditions'][c][str(ks[0])]['on']['n']}) | "
+                   + " | ".join(cells) + " |")
+    lines += ["", "Paired differences per repeat count (same seed, same facts), mean ± standard error:", "",
+              "| difference | " + " | ".join(f"x{k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name, per in fr["paired"].items():
+      lines.append(f"| {name} | " + " | ".join(f"{per[str(k)]['mean']:+.3f} ± {per[str(k)]['sem']:.3f} (n={per[str(k)]['n']})"
+                                             for k in ks) + " |")
+    lines += ["", "![facts by frequency](facts_by_frequency.png)"]
   lines += ["", "![allocation](allocation_curve.png)", "", "![knock-out](knockout_retained.png)", ""]
   with open(os.path.join(out_dir, "REPORT.md"), "w") as f:
     f.write("\n".join(lines))

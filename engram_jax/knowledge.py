@@ -90,6 +90,8 @@ class KnowledgeCorpus:
   # Multiple-choice probes: {"question", "choices", "answer" (index into choices), "entity",
   # "attribute"}; score each choice as the continuation `question + " " + choice`.
   probes: List[dict]
+  # The index into `entities` of each training document's entity.
+  train_entities: List[int] = dataclasses.field(default_factory=list)
 
 
 def _word(rng: np.random.Generator, syllables: int) -> str:
@@ -132,8 +134,8 @@ def generate_knowledge(num_entities: int = 256, *, seed: int = 0, documents_per_
   names = _unique(rng, lambda r: _word(r, 2) + " " + _word(r, int(r.integers(2, 4))), num_entities, taken)
   entities = [Entity(name, {a: pools[a][rng.integers(len(pools[a]))] for a in ATTRIBUTES}) for name in names]
 
-  train_docs, eval_docs, probes = [], [], []
-  for entity in entities:
+  train_docs, train_owner, eval_docs, probes = [], [], [], []
+  for index, entity in enumerate(entities):
     for d in range(documents_per_entity):
       order = rng.permutation(len(ATTRIBUTES)) if d else np.arange(len(ATTRIBUTES))
       sentences = []
@@ -142,6 +144,7 @@ def generate_knowledge(num_entities: int = 256, *, seed: int = 0, documents_per_
         template = choices[0] if d == 0 else choices[rng.integers(len(choices))]
         sentences.append(template.format(name=entity.name, value=entity.attributes[a]))
       train_docs.append(" ".join(sentences))
+      train_owner.append(index)
     eval_docs.append(" ".join(TEMPLATES[a][-1].format(name=entity.name, value=entity.attributes[a])
                               for a in ATTRIBUTES))
     for a in ATTRIBUTES:
@@ -153,7 +156,29 @@ def generate_knowledge(num_entities: int = 256, *, seed: int = 0, documents_per_
       probes.append(dict(question=probe_prompt(a, entity.name), choices=choices, answer=slot,
                          entity=entity.name, attribute=a))
   order = rng.permutation(len(train_docs))
-  return KnowledgeCorpus(entities, [train_docs[i] for i in order], eval_docs, probes)
+  return KnowledgeCorpus(entities, [train_docs[i] for i in order], eval_docs, probes,
+                         [train_owner[i] for i in order])
+
+
+def split_entities(corpus: KnowledgeCorpus, parts: int) -> List[KnowledgeCorpus]:
+  """The corpus as `parts` corpora of disjoint entities (entity i in part i % parts), each with its
+  own documents and probes, for training facts at different frequencies and scoring them apart. The
+  attribute pools stay shared, so every part's probes draw their wrong choices from the same values."""
+  if not 1 <= parts <= len(corpus.entities):
+    raise ValueError(f"parts={parts}: expected 1..{len(corpus.entities)} (the corpus's entities)")
+  if len(corpus.train_entities) != len(corpus.train_documents):
+    raise ValueError("the corpus has no document owners (train_entities); generate it with generate_knowledge")
+  index = {e.name: i for i, e in enumerate(corpus.entities)}
+  out = []
+  for part in range(parts):
+    keep = [i for i in range(len(corpus.entities)) if i % parts == part]
+    out.append(KnowledgeCorpus(
+        [corpus.entities[i] for i in keep],
+        [d for d, i in zip(corpus.train_documents, corpus.train_entities) if i % parts == part],
+        [corpus.eval_documents[i] for i in keep],
+        [p for p in corpus.probes if index[p["entity"]] % parts == part],
+        [keep.index(i) for i in corpus.train_entities if i % parts == part]))
+  return out
 
 
 def qa_pairs(corpus: KnowledgeCorpus) -> List[dict]:

@@ -391,6 +391,20 @@ def test_knowledge_generator_is_deterministic_and_consistent(tmp_path):
   paths = knowledge.write_knowledge(a, str(tmp_path))
   assert data.read_documents([paths["train"]]) == a.train_documents
   assert probes.read_mc_file(paths["probes"]) == a.probes
+  # Split by entity (facts trained at different frequencies): disjoint parts that together are the
+  # corpus, each document and probe in the part of the entity it names.
+  parts = knowledge.split_entities(a, 3)
+  assert sorted(d for p in parts for d in p.train_documents) == sorted(a.train_documents)
+  assert sorted(len(p.entities) for p in parts) == [6, 7, 7]
+  for part in parts:
+    names = {e.name for e in part.entities}
+    assert len(part.train_entities) == len(part.train_documents) == 3 * len(names)
+    for doc, owner in zip(part.train_documents, part.train_entities):
+      assert part.entities[owner].name in doc and not any(n in doc for n in by_name if n not in names)
+    assert {p["entity"] for p in part.probes} == names and len(part.probes) == 4 * len(names)
+    assert all(any(e.name in d for e in part.entities) for d in part.eval_documents)
+  with pytest.raises(ValueError, match="parts=21: expected 1..20"):
+    knowledge.split_entities(a, 21)
 
 
 def _templates_of(doc, by_name):

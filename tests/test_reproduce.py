@@ -77,9 +77,34 @@ def test_statistics_on_known_data():
   assert math.isclose(ko["heldout_retained"]["mean"], sum(4.0 + 0.1 * k for k in range(3)) / 3 / 5.0)
 
 
+def test_facts_by_training_frequency_on_known_data():
+  def rec(condition, seed, on, off):
+    r = _record(condition, seed, 4.0, rho=0.8 if condition == "rho0.8" else 1.0)
+    r["facts_by_repeat"] = [{"repeat": k, "accuracy": a, "no_engram_accuracy": b, "questions": 8}
+                            for k, a, b in zip((1, 16), on, off)]
+    return r
+
+  results = [rec("rho0.8", 0, (0.25, 0.75), (0.25, 0.5)), rec("rho0.8", 1, (0.375, 0.875), (0.25, 0.5)),
+             rec("rho1.0", 0, (0.25, 0.5), (None, None)), rec("rho1.0", 1, (0.25, 0.75), (None, None)),
+             _record("cap1", 0, 4.0)]  # a run without the stratified probe is left out
+  fr = reproduce.summarize(results)["facts_by_repeat"]
+  assert fr["repeats"] == [1, 16] and set(fr["conditions"]) == {"rho0.8", "rho1.0"}
+  assert math.isclose(fr["conditions"]["rho0.8"]["16"]["on"]["mean"], 0.8125)
+  assert math.isclose(fr["conditions"]["rho0.8"]["16"]["off"]["mean"], 0.5)
+  assert fr["conditions"]["rho1.0"]["1"]["off"]["n"] == 0
+  d = fr["paired"]["rho0.8 - rho1.0"]
+  assert math.isclose(d["1"]["mean"], 0.0625) and math.isclose(d["16"]["mean"], 0.1875) and d["16"]["n"] == 2
+  pooled = reproduce.pooled_choice([{"accuracy": 0.5, "no_engram_accuracy": 0.25, "questions": 8},
+                                    {"accuracy": 1.0, "no_engram_accuracy": 0.5, "questions": 24}])
+  assert pooled == {"accuracy": 0.875, "no_engram_accuracy": 0.4375, "questions": 32}
+  assert reproduce.summarize([_record("cap1", 0, 4.0)])["facts_by_repeat"] is None
+
+
 def test_smoke_run_trains_evaluates_and_reports(tmp_path):
   results = tmp_path / "reproduction" / "runs"
+  # With facts at two training frequencies (one part per frequency, scored apart and pooled).
   cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--smoke", "--only", "rho0.8_s0",
+         "--set", "facts_repeats=[1,2]",
          "--work", str(tmp_path / "work"), "--results", str(results)]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -87,8 +112,12 @@ def test_smoke_run_trains_evaluates_and_reports(tmp_path):
   record = json.loads((results / "rho0.8_s0.json").read_text())
   assert record["condition"] == "rho0.8" and record["step"] == 4 and record["knockout"] is not None
   assert 0 <= record["facts_mc"]["accuracy"] <= 1 and record["heldout"]["loss"] > 0
+  parts = record["facts_by_repeat"]
+  assert [p["repeat"] for p in parts] == [1, 2] and record["facts_mc"]["questions"] == sum(p["questions"] for p in parts)
+  assert record["facts_mc"]["accuracy"] == sum(p["accuracy"] * p["questions"] for p in parts) / record["facts_mc"]["questions"]
   report = (tmp_path / "reproduction" / "REPORT.md").read_text()
   assert "Engram-MoE (rho=0.8)" in report and (tmp_path / "reproduction" / "summary.json").exists()
+  assert "Facts by training frequency" in report and (tmp_path / "reproduction" / "facts_by_frequency.png").exists()
   # Resuming finds the finished run and runs nothing.
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
   assert proc.returncode == 0 and "1 of 1 runs done; 0 to run" in proc.stdout
