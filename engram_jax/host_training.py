@@ -59,9 +59,23 @@ def _layout(cfg: EngramConfig) -> Dict[str, Tuple[int, int]]:
   return {memory.table_name(l): (int(memory.table_layout(cfg, l)[2]), int(cfg.head_dim)) for l in cfg.layer_ids}
 
 
-def bytes_needed(cfg: EngramConfig) -> int:
-  """Bytes of the tables plus their lazy Adam state (float32 rows, m and v, an int32 count per row)."""
-  return sum(rows * (3 * dim * 4 + 4) for rows, dim in _layout(cfg).values())
+def _ranges(cfg: EngramConfig, process_index: int, process_count: int) -> Dict[str, Tuple[int, int]]:
+  """Per table the rows [lo, hi) this process holds and updates (`offload.process_rows`, the row
+  ownership serving uses): every row with one process's count."""
+  return {n: offload.process_rows(rows, process_index, process_count) for n, (rows, _) in _layout(cfg).items()}
+
+
+def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def bytes_needed(cfg: EngramConfig, process_index: Optional[int] = None, process_count: Optional[int] = None) -> int:
+  """Bytes of this process's rows of the tables plus their lazy Adam state (float32 rows, m and v,
+  an int32 count per row)."""
+  pi, pc = _processes(process_index, process_count)
+  dims = {n: d for n, (_, d) in _layout(cfg).items()}
+  return sum((hi - lo) * (3 * dims[n] * 4 + 4) for n, (lo, hi) in _ranges(cfg, pi, pc).items())
 
 
 def mesh_chunks(mesh) -> int:
@@ -78,12 +92,18 @@ def mesh_chunks(mesh) -> int:
 # The host lazy Adam step.
 
 
+def _host_cpu():
+  """(this process's first CPU device, a one-device mesh of it): where host-side programs run, under
+  their own mesh rather than the training mesh the loop runs under."""
+  cpu = jax.local_devices(backend="cpu")[0]
+  return cpu, jax.sharding.Mesh(np.array([cpu]), ("host",))
+
+
 @functools.lru_cache(maxsize=None)
 def _adam_program(b1: float, b2: float, eps: float):
   """(rows, m, v, count, grads, lr) numpy -> numpy: `memory.adam_rows_math` compiled by XLA for the
   host CPU (the same float32 operations as the device update; numpy's pow could round differently)."""
-  cpu = jax.devices("cpu")[0]
-  host_mesh = jax.sharding.Mesh(np.array([cpu]), ("host",))  # not the training mesh the loop runs under
+  cpu, host_mesh = _host_cpu()
   fn = jax.jit(lambda r, m, v, c, g, lr: memory.adam_rows_math(r, m, v, c, g, lr=lr, b1=b1, b2=b2, eps=eps))
 
   def run(*arrays):
@@ -133,6 +153,7 @@ class HostTrainTables:
   count: Dict[str, np.ndarray]
   directory: Optional[str] = None
   fresh: bool = True  # every array newly allocated, so all zeros
+  row_range: Optional[Dict[str, Tuple[int, int]]] = None  # several processes: the rows this one holds
   version: int = 0
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -145,21 +166,32 @@ class HostTrainTables:
     return memory.table_names(self.cfg)
 
   @classmethod
-  def allocate(cls, cfg: EngramConfig, placement: str, workdir: str) -> "HostTrainTables":
+  def allocate(cls, cfg: EngramConfig, placement: str, workdir: str, *, process_index: Optional[int] = None,
+               process_count: Optional[int] = None) -> "HostTrainTables":
     """Zeroed tables and moments for `placement` ("host": RAM, checked against what is available;
-    "disk": files under `<workdir>/engram_tables`, which must be absent, empty or this format)."""
-    check_placement(cfg, placement, workdir)
+    "disk": files under `<workdir>/engram_tables` (with several processes, one subdirectory per
+    process), which must be absent, empty or this format). Each process allocates its own rows."""
+    pi, pc = _processes(process_index, process_count)
+    check_placement(cfg, placement, workdir, process_index=pi, process_count=pc)
+    ranges = _ranges(cfg, pi, pc)
     directory = None
     if placement == "host":
-      arrays = {kind: {n: np.zeros((r, d) if kind != "count" else (r,), np.float32 if kind != "count" else np.int32)
-                       for n, (r, d) in _layout(cfg).items()} for kind in ("rows", "m", "v", "count")}
+      dims = {n: d for n, (_, d) in _layout(cfg).items()}
+      arrays = {kind: {n: np.zeros((hi - lo, dims[n]) if kind != "count" else (hi - lo,),
+                                   np.float32 if kind != "count" else np.int32)
+                       for n, (lo, hi) in ranges.items()} for kind in ("rows", "m", "v", "count")}
+      fresh = True
     else:
-      directory = os.path.join(workdir, TABLES_DIR)
-      arrays, fresh = _open_disk(cfg, directory)
+      directory = disk_directory(workdir, pi, pc)
+      arrays, fresh = _open_disk(cfg, directory, ranges)
+    row_range = ranges if pc > 1 else None
     tables = offload.HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
-                                directory=directory)
-    return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory,
-               fresh=placement == "host" or fresh)
+                                directory=directory, row_range=row_range)
+    return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory, fresh=fresh,
+               row_range=row_range)
+
+  def _lo(self, name: str) -> int:
+    return 0 if self.row_range is None else self.row_range[name][0]
 
   def initialize(self, cfg: Config):
     """A fresh run's values: the device init's tables (`init_values`), zero moments (left as
@@ -168,14 +200,16 @@ class HostTrainTables:
 
   def fill(self, read: Callable[[str, str, int, int], np.ndarray], kinds: Tuple[str, ...] = ("rows", "m", "v", "count")):
     """Fill tables and moments chunk by chunk from `read(kind, table, start, stop)` (kind: rows, m, v,
-    count), e.g. a checkpoint's saved arrays; `kinds` limits it to some of them."""
+    count; global row ids [start, stop), only this process's rows are asked for), e.g. a checkpoint's
+    saved arrays; `kinds` limits it to some of them."""
     with self.lock:
       for kind in kinds:
         for name in self.names:
           target = self._array(kind, name)
+          lo = self._lo(name)
           for start in range(0, target.shape[0], _CHUNK_ROWS):
             stop = min(target.shape[0], start + _CHUNK_ROWS)
-            chunk = np.asarray(read(kind, name, start, stop))
+            chunk = np.asarray(read(kind, name, lo + start, lo + stop))
             if chunk.shape != target[start:stop].shape:
               raise TableStoreError(f"{kind} of table {name}: rows [{start}, {stop}) came back with shape {chunk.shape}; "
                                     f"expected {target[start:stop].shape}")
@@ -196,9 +230,11 @@ class HostTrainTables:
 
   def update(self, engram_ids: np.ndarray, row_grads: Dict[str, np.ndarray], lr, *, chunks: int, b1: float,
              b2: float, eps: float) -> Dict[str, np.ndarray]:
-    """One lazy Adam step at the rows a step read: engram_ids [..., L, H] (the step's hash ids, any
-    leading axes), row_grads {table: [..., H, d]} in the same order, `lr` the step's table learning
-    rate (float32). `chunks`: `mesh_chunks` of the step's mesh. Returns {table: ids written}."""
+    """One lazy Adam step at the rows a step read: engram_ids [..., L, H] (the step's hash ids of the
+    global batch, any leading axes), row_grads {table: [..., H, d]} in the same order, `lr` the step's
+    table learning rate (float32). `chunks`: `mesh_chunks` of the step's mesh. Duplicates are summed
+    over the whole step as on the devices, then this process updates the rows it owns. Returns
+    {table: global ids written}."""
     ids = memory.row_ids(self.cfg, np.asarray(engram_ids))
     program = _adam_program(float(b1), float(b2), float(eps))
     lr = np.asarray(lr, np.float32)
@@ -206,15 +242,19 @@ class HostTrainTables:
     with self.lock:
       for name in self.names:
         table = self.tables.rows[name]
-        flat = np.clip(np.asarray(ids[name]).reshape(-1), 0, table.shape[0] - 1)
+        flat = np.clip(np.asarray(ids[name]).reshape(-1), 0, _layout(self.cfg)[name][0] - 1)  # global ids
         uniq, grads = sum_duplicates(flat, np.asarray(row_grads[name]).reshape(len(flat), -1), chunks)
+        written[name] = uniq
+        if self.row_range is not None:
+          lo, hi = self.row_range[name]
+          own = (uniq >= lo) & (uniq < hi)
+          written[name], uniq, grads = uniq[own], uniq[own] - lo, grads[own]
         bucket = offload.row_bucket(len(uniq))  # few shapes compile
         pad = lambda a: np.concatenate([a, np.zeros((bucket - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
         new = program(pad(table[uniq]), pad(self.m[name][uniq]), pad(self.v[name][uniq]),
                       pad(self.count[name][uniq]), pad(grads), lr)
         rows, m, v, count = (x[:len(uniq)] for x in new)
         table[uniq], self.m[name][uniq], self.v[name][uniq], self.count[name][uniq] = rows, m, v, count
-        written[name] = uniq
       self.version += 1
     return written
 
@@ -232,14 +272,23 @@ class HostTrainTables:
           a.flush()
 
 
-def check_placement(cfg: EngramConfig, placement: str, workdir: str):
+def disk_directory(workdir: str, process_index: int = 0, process_count: int = 1) -> str:
+  """The disk placement's directory of one process: `<workdir>/engram_tables`, with several processes
+  its subdirectory `process<i>of<n>` (processes sharing a filesystem keep apart)."""
+  base = os.path.join(workdir, TABLES_DIR)
+  return base if process_count == 1 else os.path.join(base, f"process{process_index}of{process_count}")
+
+
+def check_placement(cfg: EngramConfig, placement: str, workdir: str, *, process_index: Optional[int] = None,
+                    process_count: Optional[int] = None):
   """Raises before anything is written when `placement` cannot hold this run's tables: "host" needs
   more RAM than is available (MemoryError naming the bytes and the disk alternative); "disk" finds
   `<workdir>/engram_tables` not empty and not a training table directory of this layout, or a disk
   with too little free space (TableStoreError)."""
   if placement not in ("host", "disk"):
     raise ValueError(f"placement={placement!r}: host training tables live in 'host' or 'disk'")
-  need = bytes_needed(cfg)
+  pi, pc = _processes(process_index, process_count)
+  need = bytes_needed(cfg, pi, pc)
   if placement == "host":
     free = offload.available_memory()
     if free is not None and need > free:
@@ -248,9 +297,9 @@ def check_placement(cfg: EngramConfig, placement: str, workdir: str):
           f"moments but only {free / 2**30:.2f} GiB is available: use train.engram_tables='disk' (memory-mapped "
           f"files under the workdir, the page cache as the RAM tier) or smaller tables. Nothing was written.")
     return
-  directory = os.path.join(workdir, TABLES_DIR)
+  directory = disk_directory(workdir, pi, pc)
   if os.path.isdir(directory) and os.listdir(directory):
-    _check_ours(cfg, directory)
+    _check_ours(cfg, directory, _ranges(cfg, pi, pc))
     return
   probe = workdir if os.path.isdir(workdir) else os.path.dirname(os.path.abspath(workdir))
   while not os.path.isdir(probe):
@@ -262,11 +311,15 @@ def check_placement(cfg: EngramConfig, placement: str, workdir: str):
                           f"written.")
 
 
-def _manifest(cfg: EngramConfig) -> dict:
-  return {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in _layout(cfg).items()}}
+def _manifest(cfg: EngramConfig, ranges: Dict[str, Tuple[int, int]]) -> dict:
+  out = {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in _layout(cfg).items()}}
+  if any(hi - lo != _layout(cfg)[n][0] for n, (lo, hi) in ranges.items()):  # one process's rows
+    for n, (lo, hi) in ranges.items():
+      out["tables"][n]["range"] = [lo, hi]
+  return out
 
 
-def _check_ours(cfg: EngramConfig, directory: str):
+def _check_ours(cfg: EngramConfig, directory: str, ranges: Dict[str, Tuple[int, int]]):
   try:
     with open(os.path.join(directory, _MANIFEST), encoding="utf-8") as f:
       have = json.load(f)
@@ -277,26 +330,28 @@ def _check_ours(cfg: EngramConfig, directory: str):
         f"train.engram_tables='disk' keeps its tables in {directory!r}, which is not empty and not an engram_jax "
         f"training table directory (no {_MANIFEST} of that kind): move it away or use another workdir. Nothing "
         f"was written.")
-  want = _manifest(cfg)["tables"]
+  want = _manifest(cfg, ranges)["tables"]
   if have.get("tables") != want:
     raise TableStoreError(
         f"{directory!r} holds training tables of another layout ({have.get('tables')}); this run's Engram layers "
         f"need {want}: use another workdir, or the config that wrote them. Nothing was written.")
 
 
-def _open_disk(cfg: EngramConfig, directory: str) -> Tuple[Dict[str, Dict[str, np.ndarray]], bool]:
+def _open_disk(cfg: EngramConfig, directory: str,
+               ranges: Dict[str, Tuple[int, int]]) -> Tuple[Dict[str, Dict[str, np.ndarray]], bool]:
   """(memory maps of the disk placement's files, whether every file was new): created, or reopened
-  when the directory is ours."""
+  when the directory is ours. `ranges`: the rows of each table this process holds."""
   layout = _layout(cfg)
-  manifest = _manifest(cfg)
+  manifest = _manifest(cfg, ranges)
   path = os.path.join(directory, _MANIFEST)
   reopen = os.path.isdir(directory) and bool(os.listdir(directory))
   if reopen:
-    _check_ours(cfg, directory)
+    _check_ours(cfg, directory, ranges)
   os.makedirs(directory, exist_ok=True)
   arrays = {kind: {} for kind in ("rows", "m", "v", "count")}
   fresh = True
-  for name, (rows, dim) in layout.items():
+  for name, (_, dim) in layout.items():
+    rows = ranges[name][1] - ranges[name][0]
     for kind in arrays:
       shape, dtype = ((rows,), np.int32) if kind == "count" else ((rows, dim), np.float32)
       file = os.path.join(directory, f"{name}.{kind}")
@@ -325,8 +380,7 @@ def init_values(cfg: Config, memory_budget: Optional[int] = None) -> Callable[[s
   e = cfg.model.engram
   dtype = jnp.dtype(cfg.model.param_dtype)
   budget = offload.available_memory() if memory_budget is None else memory_budget
-  cpu = jax.devices("cpu")[0]
-  host_mesh = jax.sharding.Mesh(np.array([cpu]), ("host",))
+  cpu, host_mesh = _host_cpu()
   cache: Dict[str, np.ndarray] = {}
 
   def layer_of(name: str) -> int:

@@ -200,6 +200,20 @@ def make_grads(cfg: Config):
   return grads_of
 
 
+def _table_rows(cfg, name: str) -> int:
+  """The rows of the Engram table `name` (memory.table_name of a layer)."""
+  layer = next(l for l in cfg.layer_ids if memory.table_name(l) == name)
+  return int(memory.table_layout(cfg, layer)[2])
+
+
+def _owned_rows(feed):
+  """RowFeed rows placed by several processes ([devices, S, A, U, d], each row on one device of its
+  owner, zeros elsewhere) summed to [S, A, U, d]; exact, every value is added to zeros only. One
+  process's rows ([S, A, U, d]) pass through."""
+  return {n: {**e, "rows": jnp.sum(e["rows"].astype(jnp.float32), 0).astype(e["rows"].dtype)
+              if e["rows"].ndim == 5 else e["rows"]} for n, e in feed.items()}
+
+
 def make_train_step(cfg: Config, tx):
   """The pure step: grads (accumulated over `grad_accum_steps` micro-batches), one optimizer update,
   the MoE bias update, and metrics. A step whose loss or gradients are not finite changes nothing
@@ -225,7 +239,7 @@ def make_train_step(cfg: Config, tx):
   grads_of = make_grads(cfg)
 
   def step_fn(state: TrainState, batch):
-    feed = batch.get("engram_rows") if host else None  # {table: {"index" [B,T,H], "rows" [S, A, U, d]}}
+    feed = _owned_rows(batch["engram_rows"]) if host else None  # {table: {"index" [B,T,H], "rows" [S, A, U, d]}}
     batch = {k: v for k, v in batch.items() if k != "engram_rows"}
     if accum == 1:
       if feed is not None:
@@ -305,7 +319,7 @@ def make_eval_step(cfg: Config):
   def eval_step(params, model_state, batch, engram_scale=None):
     rows = None
     if host:
-      feed = {n: {"index": e["index"], "rows": e["rows"][:, 0]} for n, e in batch["engram_rows"].items()}
+      feed = {n: {"index": e["index"], "rows": e["rows"][:, 0]} for n, e in _owned_rows(batch["engram_rows"]).items()}
       rows = offload.assemble_rows(feed, None, jnp.dtype(cfg.model.param_dtype))
     (logits, _) = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows)
     return token_nll(logits, batch["targets"])[0] * batch["loss_mask"]  # [B, T] per-token loss, 0 where masked
@@ -450,16 +464,15 @@ class _StepInputs:
 
   def __init__(self, cfg: Config, mesh, data_iter, store, tx):
     self.cfg, self.mesh, self.data_iter, self.store = cfg, mesh, data_iter, store
-    self._pending = None  # (local batch or _END, future of its prepared rows)
+    self._pending = None  # (local batch or _END, its global hash ids, future of its prepared rows)
     self._current = None
     self._position = None
     if store is not None:
       import concurrent.futures
 
-      if jax.process_count() > 1:
-        raise ValueError(f"train.engram_tables={cfg.train.engram_tables!r} trains with one process; this run has "
-                         f"{jax.process_count()} (use train.engram_tables='device' for multi-host training)")
-      shards = batch_devices(mesh)
+      shards = batch_devices(mesh)  # the global batch's shards: with several processes every one
+      # gathers the ids of the whole batch and contributes the rows it owns (`_place`)
+      self._processes = jax.process_count()
       self.feed = host_training.RowFeed(store, shards, cfg.train.grad_accum_steps)
       self.eval_feed = host_training.RowFeed(store, shards, 1)
       self.chunks = host_training.mesh_chunks(mesh)
@@ -469,20 +482,25 @@ class _StepInputs:
       # are saved in that structure (same leaves, same order) so either placement restores them.
       backbone = memory.split(nn.meta.unbox(abstract_variables(cfg.model))["params"])[0]
       self._opt_structure = jax.tree.structure(jax.eval_shape(tx.init, backbone))
+      if self._processes > 1:  # device training's layout of the tables, for checkpoints (`_process_arrays`)
+        device_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, engram_tables="device"))
+        self._device_shardings = state_shardings(device_cfg, mesh)[1]
 
   def next(self):
     if self.store is None:
       return place_batch(next(self.data_iter), self.mesh)
     if self._pending is None:
       local = next(self.data_iter)
-      prepared = self._prepare(local)
+      ids = self._global_ids(local)
+      prepared = self._prepare(ids)
     else:
-      local, future = self._pending
+      local, ids, future = self._pending
       self._pending = None
       if local is self._END:
         raise StopIteration
       prepared = future.result()
     self._current = local
+    self._current_ids = ids
     t0 = time.perf_counter()
     rows = self.feed.ready(prepared)
     t1 = time.perf_counter()
@@ -492,14 +510,44 @@ class _StepInputs:
     self.times["rows_place"] += time.perf_counter() - t1
     return batch
 
-  def _prepare(self, local):
+  def _global_ids(self, local) -> np.ndarray:
+    """The hash ids of the global batch (every process's rows, in process order): one process's own;
+    with several, a small int32 all-gather on the main thread (the same order on every process)."""
+    if self._processes == 1:
+      return np.asarray(local["engram_ids"])
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local["engram_ids"]), tiled=True))
+
+  def _prepare(self, ids):
     t0 = time.perf_counter()
-    prepared = self.feed.prepare(local)
+    prepared = self.feed.prepare({"engram_ids": ids})
     self.times["rows_gather"] += time.perf_counter() - t0
     return prepared
 
   def _place(self, rows):
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
+    """RowFeed.ready's arrays on the mesh. One process: index and rows split over the batch shards.
+    Several: each process's slice of the index; the rows as [devices, S, A, U, d], each process's
+    contribution (the rows it owns, zeros elsewhere) on one of its devices and zeros on the others,
+    which the step sums (`_own_rows`): every row comes from its one owner."""
+    if self._processes == 1:
+      return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
+    pi, b = jax.process_index(), self.cfg.data.batch_size // self._processes
+    devices = self.mesh.devices.size
+    spec = jax.sharding.PartitionSpec(tuple(self.mesh.axis_names))
+    out = {}
+    for name, entry in rows.items():
+      part = entry["rows"]
+      shape = (devices,) + part.shape
+      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * part.ndim)))
+      index_map = sharding.addressable_devices_indices_map(shape)
+      first = min(index_map, key=lambda d: index_map[d][0].start or 0)
+      zeros = np.zeros((1,) + part.shape, part.dtype)
+      shards = [jax.device_put(part[None] if d == first else zeros, d) for d in index_map]
+      out[name] = {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
+                                                                   entry["index"][pi * b:(pi + 1) * b]),
+                   "rows": jax.make_array_from_single_device_arrays(shape, sharding, shards)}
+    return out
 
   def look_ahead(self):
     if self.store is None:
@@ -508,9 +556,10 @@ class _StepInputs:
     try:
       local = next(self.data_iter)
     except StopIteration:
-      self._pending = (self._END, None)
+      self._pending = (self._END, None, None)
       return
-    self._pending = (local, self._pool.submit(self._prepare, local))
+    ids = self._global_ids(local)
+    self._pending = (local, ids, self._pool.submit(self._prepare, ids))
 
   def after_step(self, table_out, finite: bool):
     if self.store is None or not finite:  # a skipped step changes no row, as on the devices
@@ -519,7 +568,7 @@ class _StepInputs:
     out = jax.device_get(table_out[0])
     t1 = time.perf_counter()
     t = self.cfg.train
-    written = self.store.update(self._current["engram_ids"], out["row_grads"], out["lr"], chunks=self.chunks,
+    written = self.store.update(self._current_ids, out["row_grads"], out["lr"], chunks=self.chunks,
                                 b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps)
     self.feed.record(written)
     self.times["grads_fetch"] += t1 - t0
@@ -537,7 +586,9 @@ class _StepInputs:
     return out
 
   def rows_for_eval(self, local):
-    return None if self.store is None else self._place(self.eval_feed.ready(self.eval_feed.prepare(local)))
+    if self.store is None:
+      return None
+    return self._place(self.eval_feed.ready(self.eval_feed.prepare({"engram_ids": self._global_ids(local)})))
 
   def data_position(self):
     if self.store is None or self._position is None:
@@ -548,8 +599,40 @@ class _StepInputs:
     if self.store is None:
       return state
     tables, opt = self.store.state_tree()
+    if self._processes > 1:
+      tables, opt = self._process_arrays(tables, opt)
     opt_state = jax.tree.unflatten(self._opt_structure, jax.tree.leaves(state.opt_state))
     return state.replace(params=memory.merge(state.params, tables), opt_state=opt_state, engram_opt=opt)
+
+  def _process_arrays(self, tables, opt):
+    """Several processes: each table and moment as one global array laid out as device training
+    lays it out (its rows split over the mesh), each process supplying the shards of its own rows,
+    so orbax writes every row once from its owner. A process's rows must cover its devices' shards
+    (the row ranges and the mesh's device order agree; they do when the process-major device order
+    splits the padded rows evenly), else a ValueError says so."""
+    shardings = self._device_shardings
+    table_shard = memory.split(shardings.params)[1]
+    store = self.store
+
+    def global_array(name, local, sharding):
+      lo, hi = store.row_range[name]
+      full = (_table_rows(store.cfg, name),) + local.shape[1:]
+
+      def shard(index):
+        start, stop, _ = index[0].indices(full[0])
+        if start < lo or stop > hi:
+          raise ValueError(f"table {name}: this process holds rows [{lo}, {hi}) but its devices' shard of the "
+                           f"checkpoint layout is rows [{start}, {stop}); tables off the devices checkpoint with "
+                           f"several processes only where the two agree (process-major device order, rows "
+                           f"divisible by the devices)")
+        return np.asarray(local[start - lo:stop - lo])
+
+      return jax.make_array_from_callback(full, sharding, shard)
+
+    out_tables = {n: global_array(n, a, table_shard[n]) for n, a in tables.items()}
+    out_opt = {n: memory.SparseAdamState(*(global_array(n, getattr(o, k), getattr(shardings.engram_opt[n], k))
+                                           for k in ("m", "v", "count"))) for n, o in opt.items()}
+    return out_tables, out_opt
 
   def close(self):
     if self.store is not None:
@@ -795,7 +878,9 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
       step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, data_shardings),
                         out_shardings=(shardings, None), donate_argnums=(0,))
     else:  # the rows' shapes vary with the step's distinct rows: their placement gives their shardings
-      step_fn = jax.jit(make_train_step(cfg, tx), out_shardings=(shardings, None, None), donate_argnums=(0,))
+      # (several processes: the row gradients come back whole to every process, which updates its rows)
+      grads_out = None if jax.process_count() == 1 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      step_fn = jax.jit(make_train_step(cfg, tx), out_shardings=(shardings, None, grads_out), donate_argnums=(0,))
     eval_fn = jax.jit(make_eval_step(cfg))
 
   writer = MetricsWriter(workdir, replay_from=start)

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 5
 
 
-def config():
+def config(engram_tables: str = "device"):
   """The run every side trains: tests/test_train.py's tiny() (seq_len 32, batch 8, a 6-step
   schedule), of which the worker runs 5 steps.
 
@@ -47,6 +47,7 @@ def config():
       checkpoint=CheckpointConfig(every_n_steps=3, keep_last_n=5, async_save=True))
   data = dataclasses.replace(cfg.data, seq_len=32, batch_size=8, train_files=(data_lib.default_corpus_paths()[1],),
                              eval_files=(data_lib.default_corpus_paths()[1],))
+  train = dataclasses.replace(train, engram_tables=engram_tables)
   return dataclasses.replace(cfg, train=train, data=data, mesh=MeshConfig(data=-1))
 
 
@@ -194,7 +195,7 @@ def run_train(args):
     return started
 
   ckpt_lib.CheckpointManager.save = save_and_dump
-  summary = trainer.train(config(), args.workdir, progress=False, log=lambda *_: None, max_steps=STEPS)
+  summary = trainer.train(config(args.engram_tables), args.workdir, progress=False, log=lambda *_: None, max_steps=STEPS)
   return {"step": summary["step"], "stopped_by": summary["stopped_by"]}
 
 
@@ -208,6 +209,7 @@ def main():
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--local_devices", type=int, default=8)
+  parser.add_argument("--engram_tables", default="device", help="--mode train: train.engram_tables")
   parser.add_argument("--cache_dir", default=None, help="persistent compilation cache (the test suite's)")
   args = parser.parse_args()
 

@@ -166,6 +166,44 @@ def test_host_update_is_the_device_lazy_adam_on_a_mesh():
     np.testing.assert_array_equal(store.count[name], np.asarray(device_state[name].count))
 
 
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_each_process_holds_and_updates_its_own_rows(tmp_path, placement):
+  """Several processes (tests/test_multihost.py trains with two): each store holds its row range of
+  every table (`disk`: in its own subdirectory), is filled and updated with global row ids, and
+  together they are the one-process store row for row; the row feeds' contributions add up to the
+  one-process rows."""
+  cfg = tiny(placement)
+  e = cfg.model.engram
+  whole = host_training.HostTrainTables.allocate(e, "host", "unused", process_index=0, process_count=1)
+  parts = [host_training.HostTrainTables.allocate(e, placement, str(tmp_path), process_index=i, process_count=2)
+           for i in range(2)]
+  init = host_training.init_values(cfg)
+  for store in [whole] + parts:
+    store.fill(init)
+  rng = np.random.default_rng(2)
+  for _ in range(3):
+    ids = rng.integers(0, 20000, size=(8, 16, len(e.layer_ids), e.num_heads)).astype(np.int64)
+    grads = {n: rng.standard_normal((8, 16, e.num_heads, e.head_dim)).astype(np.float32) for n in whole.names}
+    done = [s.update(ids, grads, np.float32(0.01), chunks=8, b1=0.9, b2=0.95, eps=1e-8) for s in [whole] + parts]
+    for name in whole.names:  # each process writes the rows it owns, together every row written once
+      np.testing.assert_array_equal(np.sort(np.concatenate([d[name] for d in done[1:]])), done[0][name])
+      assert all(len(d[name]) for d in done[1:])
+  for name in whole.names:
+    rows = whole.tables.rows[name].shape[0]
+    ranges = [p.row_range[name] for p in parts]
+    assert ranges[0][0] == 0 and ranges[0][1] == ranges[1][0] and ranges[1][1] == rows and 0 < ranges[0][1] < rows
+    for part, (lo, hi) in zip(parts, ranges):
+      for kind in ("rows", "m", "v", "count"):
+        assert part._array(kind, name).shape[0] == hi - lo
+        np.testing.assert_array_equal(part._array(kind, name), whole._array(kind, name)[lo:hi], err_msg=kind)
+    feeds = [host_training.RowFeed(s, shards=4).prepare({"engram_ids": ids}) for s in [whole] + parts]
+    got = [host_training.RowFeed(s, shards=4).ready(f)[name]["rows"] for s, f in zip([whole] + parts, feeds)]
+    np.testing.assert_array_equal(got[1] + got[2], got[0])
+  if placement == "disk":
+    assert sorted(os.listdir(tmp_path / host_training.TABLES_DIR)) == ["process0of2", "process1of2"]
+  assert host_training.bytes_needed(e, 0, 2) + host_training.bytes_needed(e, 1, 2) == host_training.bytes_needed(e, 0, 1)
+
+
 def test_fill_from_a_checkpoint_and_its_errors(tmp_path):
   from engram_jax.runner import load_config_from_checkpoint
 

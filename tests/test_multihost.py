@@ -10,9 +10,9 @@ Subprocesses join through `jax.distributed.initialize` on a loopback coordinator
 - test_one_lock_per_run (seconds): in a two-process run process 0 alone takes the workdir's lock,
   and when another run holds it both processes refuse.
 - test_two_processes_train_like_one_and_restore_onto_four_devices (slow: compiles the train step
-  in three processes): the tiny preset's training loop over two processes gives the same
+  in five processes): the tiny preset's training loop over two processes gives the same
   per-step losses as one 8-device process, and its checkpoint restores onto 4 devices with the
-  tables exactly as saved.
+  tables exactly as saved; the same with the tables in host RAM, each process holding its rows.
 
 Why the training losses agree to ~1e-5 relative (in practice to the last bit or within ~1e-7),
 with no promise of bit equality: both runs compile the same SPMD program, read the same global
@@ -238,9 +238,10 @@ def test_one_lock_per_run(tmp_path):
 def test_two_processes_train_like_one_and_restore_onto_four_devices(tmp_path):
   worker = _worker_module()
   cfg = worker.config()
-  multi, single = tmp_path / "multi", tmp_path / "single"
+  multi, single, host = tmp_path / "multi", tmp_path / "single", tmp_path / "host"
   multi.mkdir()
   single.mkdir()
+  host.mkdir()
   coordinator = f"127.0.0.1:{_free_loopback_port()}"
   # The two processes compile without the persistent cache: only process 0 writes it, and process
   # 1 does not find those entries (it compiles again: seen here), so after one cached run process
@@ -298,5 +299,32 @@ def test_two_processes_train_like_one_and_restore_onto_four_devices(tmp_path):
   most_lr = cfg.train.learning_rate * cfg.train.engram_lr_multiplier
   for key, table in saved.items():
     diff = np.abs(table - reference[key])
+    assert np.mean(diff > 1e-5) < 1e-4, (key, int(np.sum(diff > 1e-5)), diff.size)
+    assert diff.max() <= 2 * worker.STEPS * most_lr, (key, float(diff.max()))
+
+  # Tables in host RAM (train.engram_tables='host') over the same two processes: each holds and
+  # updates only its rows (the step's row gradients come back whole, each process applies the ones it
+  # owns), and the losses are the single process's as closely as device tables' are.
+  coordinator = f"127.0.0.1:{_free_loopback_port()}"
+  with _Processes() as procs:
+    for i in range(2):
+      procs.start(["--workdir", host / "work", "--dump", host, "--coordinator", coordinator, "--num_processes", 2,
+                   "--process_id", i, "--local_devices", 4, "--engram_tables", "host"], tmp_path / f"host_{i}.log")
+    procs.wait(TRAIN_TIMEOUT_S)
+  losses_host = _losses(host / "work")
+  assert sorted(losses_host) == [1, 2, 3, 4, 5]
+  for step in range(1, 6):
+    a, b = losses_host[step], losses_single[step]
+    assert np.isfinite(a) and abs(a - b) <= 1e-5 * abs(b), (step, a, b)
+  # Its checkpoint holds the tables in device training's layout, every row written once by its owner:
+  # it restores onto 4 devices of one process exactly as the two processes handed it over, and those
+  # tables are the single process's up to the same float32 accumulation differences.
+  saved_host = _saved_tables(host, 2)
+  assert sorted(saved_host) == sorted(saved)
+  params, _, step = trainer.restore_for_eval(cfg, str(host / "work" / "checkpoints"), mesh=mesh4)
+  assert step == 5
+  for key, table in worker.table_paths(params).items():
+    np.testing.assert_array_equal(np.asarray(table), saved_host[key], err_msg=key)
+    diff = np.abs(saved_host[key] - reference[key])
     assert np.mean(diff > 1e-5) < 1e-4, (key, int(np.sum(diff > 1e-5)), diff.size)
     assert diff.max() <= 2 * worker.STEPS * most_lr, (key, float(diff.max()))
