@@ -17,6 +17,15 @@ them before the step runs. The trainer then works like this (trainer.py, `engram
      duplicate rows summed in the same order as the device update on the step's mesh, so host,
      disk and device training give bitwise-equal float32 tables on CPU.
 
+Several processes (multi-host): each process holds and updates only its rows of each table
+(`offload.process_rows`, the row ownership serving uses). The trainer all-gathers each batch's hash
+ids (small int32 arrays), every process gathers the rows it owns for the whole global batch and puts
+them on one of its devices (zeros on the others; the step adds the contributions, exactly, since
+each row has one owner), the step returns the row gradients whole to every process, and each
+applies the update to its own rows, with duplicates summed over the whole step as one process does.
+A checkpoint hands orbax each table in device training's layout, each process supplying the shards
+of its rows.
+
 The tables are `offload.HostTables` (the serving class: float32 rows, here writable), so one
 placement concept covers training and serving. Checkpoints hold the tables and moments under the
 same names as device training (`params/<layer>/engram/memory/table`, `engram_opt/<layer>/{m,v,count}`),

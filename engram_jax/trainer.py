@@ -606,15 +606,20 @@ class _StepInputs:
 
   def _process_arrays(self, tables, opt):
     """Several processes: each table and moment as one global array laid out as device training
-    lays it out (its rows split over the mesh), each process supplying the shards of its own rows,
-    so orbax writes every row once from its owner. A process's rows must cover its devices' shards
+    lays it out (its rows split over the mesh), in the devices' pinned host memory where they have
+    it, each process supplying the shards of its own rows, so orbax writes every row once from its
+    owner. A process's rows must cover its devices' shards
     (the row ranges and the mesh's device order agree; they do when the process-major device order
     splits the padded rows evenly), else a ValueError says so."""
     shardings = self._device_shardings
     table_shard = memory.split(shardings.params)[1]
     store = self.store
 
+    host_memory = "pinned_host" in {m.kind for m in self.mesh.devices.flat[0].addressable_memories()}
+
     def global_array(name, local, sharding):
+      if host_memory:  # the shards stay in host RAM: no table ever lands in accelerator memory
+        sharding = sharding.with_memory_kind("pinned_host")
       lo, hi = store.row_range[name]
       full = (_table_rows(store.cfg, name),) + local.shape[1:]
 
