@@ -154,9 +154,10 @@ def test_engram_27b_train_step_lowers_on_64_devices_without_allocating():
   assert proc.returncode == 0, proc.stderr[-4000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices"] == 64 and out["mesh"]["fsdp"] == 64
-  # The state alone would need hundreds of GB; the process stays within a few.
+  # The state alone would need hundreds of GB; the process stays within a few (the compiler's own
+  # memory for 64 devices: 3.9-4.3 GB measured on a 2-core machine, more while other tests compile).
   assert out["state_bytes"] > 200e9
-  assert out["max_rss_bytes"] < 4e9, out["max_rss_bytes"]
+  assert out["max_rss_bytes"] < 6e9, out["max_rss_bytes"]
   rows = out["table_rows_total_and_per_device"]
   assert out["tables"] == len(preset("engram_27b").model.engram.layer_ids)
   assert len(rows) >= 3 * out["tables"], rows  # each table and at least Adam's two moments
