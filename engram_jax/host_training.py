@@ -64,14 +64,15 @@ class TableStoreError(ValueError):
   """A host or disk table store that cannot be used for this run; nothing was written."""
 
 
-def _layout(cfg: EngramConfig) -> Dict[str, Tuple[int, int]]:
+def table_shapes(cfg: EngramConfig) -> Dict[str, Tuple[int, int]]:
+  """{table name: (rows, head_dim)} of every Engram table (all rows, whatever a process holds)."""
   return {memory.table_name(l): (int(memory.table_layout(cfg, l)[2]), int(cfg.head_dim)) for l in cfg.layer_ids}
 
 
 def _ranges(cfg: EngramConfig, process_index: int, process_count: int) -> Dict[str, Tuple[int, int]]:
   """Per table the rows [lo, hi) this process holds and updates (`offload.process_rows`, the row
   ownership serving uses): every row with one process's count."""
-  return {n: offload.process_rows(rows, process_index, process_count) for n, (rows, _) in _layout(cfg).items()}
+  return {n: offload.process_rows(rows, process_index, process_count) for n, (rows, _) in table_shapes(cfg).items()}
 
 
 def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
@@ -83,7 +84,7 @@ def bytes_needed(cfg: EngramConfig, process_index: Optional[int] = None, process
   """Bytes of this process's rows of the tables plus their lazy Adam state (float32 rows, m and v,
   an int32 count per row)."""
   pi, pc = _processes(process_index, process_count)
-  dims = {n: d for n, (_, d) in _layout(cfg).items()}
+  dims = {n: d for n, (_, d) in table_shapes(cfg).items()}
   return sum((hi - lo) * (3 * dims[n] * 4 + 4) for n, (lo, hi) in _ranges(cfg, pi, pc).items())
 
 
@@ -185,7 +186,7 @@ class HostTrainTables:
     ranges = _ranges(cfg, pi, pc)
     directory = None
     if placement == "host":
-      dims = {n: d for n, (_, d) in _layout(cfg).items()}
+      dims = {n: d for n, (_, d) in table_shapes(cfg).items()}
       arrays = {kind: {n: np.zeros((hi - lo, dims[n]) if kind != "count" else (hi - lo,),
                                    np.float32 if kind != "count" else np.int32)
                        for n, (lo, hi) in ranges.items()} for kind in ("rows", "m", "v", "count")}
@@ -251,7 +252,7 @@ class HostTrainTables:
     with self.lock:
       for name in self.names:
         table = self.tables.rows[name]
-        flat = np.clip(np.asarray(ids[name]).reshape(-1), 0, _layout(self.cfg)[name][0] - 1)  # global ids
+        flat = np.clip(np.asarray(ids[name]).reshape(-1), 0, table_shapes(self.cfg)[name][0] - 1)  # global ids
         uniq, grads = sum_duplicates(flat, np.asarray(row_grads[name]).reshape(len(flat), -1), chunks)
         written[name] = uniq
         if self.row_range is not None:
@@ -321,8 +322,8 @@ def check_placement(cfg: EngramConfig, placement: str, workdir: str, *, process_
 
 
 def _manifest(cfg: EngramConfig, ranges: Dict[str, Tuple[int, int]]) -> dict:
-  out = {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in _layout(cfg).items()}}
-  if any(hi - lo != _layout(cfg)[n][0] for n, (lo, hi) in ranges.items()):  # one process's rows
+  out = {"kind": _KIND, "tables": {n: {"rows": r, "dim": d} for n, (r, d) in table_shapes(cfg).items()}}
+  if any(hi - lo != table_shapes(cfg)[n][0] for n, (lo, hi) in ranges.items()):  # one process's rows
     for n, (lo, hi) in ranges.items():
       out["tables"][n]["range"] = [lo, hi]
   return out
@@ -350,7 +351,7 @@ def _open_disk(cfg: EngramConfig, directory: str,
                ranges: Dict[str, Tuple[int, int]]) -> Tuple[Dict[str, Dict[str, np.ndarray]], bool]:
   """(memory maps of the disk placement's files, whether every file was new): created, or reopened
   when the directory is ours. `ranges`: the rows of each table this process holds."""
-  layout = _layout(cfg)
+  layout = table_shapes(cfg)
   manifest = _manifest(cfg, ranges)
   path = os.path.join(directory, _MANIFEST)
   reopen = os.path.isdir(directory) and bool(os.listdir(directory))

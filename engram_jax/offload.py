@@ -676,6 +676,20 @@ def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: n
   return out
 
 
+def place_contribution(mesh, part: np.ndarray, owner: bool = True) -> jax.Array:
+  """This process's contribution to rows that several processes fill (each the rows it owns, zeros
+  elsewhere) as one global [devices, ...] array: `part` on the first of its devices, zeros on its
+  others (and everywhere when not `owner`). `assemble_rows` (and the train step) sum over devices."""
+  shape = (mesh.devices.size,) + part.shape
+  spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names), *([None] * part.ndim))
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  index_map = sharding.addressable_devices_indices_map(shape)
+  first = min(index_map, key=lambda d: index_map[d][0].start or 0)
+  zeros = np.zeros((1,) + part.shape, part.dtype)
+  arrays = [jax.device_put(part[None] if (d == first and owner) else zeros, d) for d in index_map]
+  return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
 def assemble_rows(host: Dict[str, dict], cache: Optional[Dict[str, Tuple[jax.Array, Optional[jax.Array]]]],
                   dtype) -> Dict[str, jax.Array]:
   """In-graph: {table name: rows [B, T, H, d] in `dtype`} from `prepare_rows`'s arrays (placed on the

@@ -323,23 +323,13 @@ class ModelRunner:
     host_np = offload.prepare_rows(self.tables, None, glob, self.row_multiple)
     pi = jax.process_index()
     owner = self.tables.row_range is not None or pi == 0  # whole tables on every process: process 0 gives them
-    devices = self.mesh.devices.size
-    spec = jax.sharding.PartitionSpec(tuple(self.mesh.axis_names))
     out = {}
     for name, entry in host_np.items():
       placed = {"index": jax.make_array_from_process_local_data(
           batch_sharding(self.mesh, 3), entry["index"][pi * padded_rows:(pi + 1) * padded_rows])}
       for key in ("rows", "scale"):
-        if key not in entry:
-          continue
-        part = entry[key]
-        shape = (devices,) + part.shape
-        sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * part.ndim)))
-        index_map = sharding.addressable_devices_indices_map(shape)
-        first = min(index_map, key=lambda d: index_map[d][0].start or 0)
-        zeros = np.zeros((1,) + part.shape, part.dtype)
-        arrays = [jax.device_put(part[None] if (d == first and owner) else zeros, d) for d in index_map]
-        placed[key] = jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+        if key in entry:
+          placed[key] = offload.place_contribution(self.mesh, entry[key], owner)
       out[name] = placed
     return out
 

@@ -200,12 +200,6 @@ def make_grads(cfg: Config):
   return grads_of
 
 
-def _table_rows(cfg, name: str) -> int:
-  """The rows of the Engram table `name` (memory.table_name of a layer)."""
-  layer = next(l for l in cfg.layer_ids if memory.table_name(l) == name)
-  return int(memory.table_layout(cfg, layer)[2])
-
-
 def _owned_rows(feed):
   """RowFeed rows placed by several processes ([devices, S, A, U, d], each row on one device of its
   owner, zeros elsewhere) summed to [S, A, U, d]; exact, every value is added to zeros only. One
@@ -529,25 +523,13 @@ class _StepInputs:
     """RowFeed.ready's arrays on the mesh. One process: index and rows split over the batch shards.
     Several: each process's slice of the index; the rows as [devices, S, A, U, d], each process's
     contribution (the rows it owns, zeros elsewhere) on one of its devices and zeros on the others,
-    which the step sums (`_own_rows`): every row comes from its one owner."""
+    which the step sums (`_owned_rows`): every row comes from its one owner."""
     if self._processes == 1:
       return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
     pi, b = jax.process_index(), self.cfg.data.batch_size // self._processes
-    devices = self.mesh.devices.size
-    spec = jax.sharding.PartitionSpec(tuple(self.mesh.axis_names))
-    out = {}
-    for name, entry in rows.items():
-      part = entry["rows"]
-      shape = (devices,) + part.shape
-      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*spec, *([None] * part.ndim)))
-      index_map = sharding.addressable_devices_indices_map(shape)
-      first = min(index_map, key=lambda d: index_map[d][0].start or 0)
-      zeros = np.zeros((1,) + part.shape, part.dtype)
-      shards = [jax.device_put(part[None] if d == first else zeros, d) for d in index_map]
-      out[name] = {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
+    return {name: {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
                                                                    entry["index"][pi * b:(pi + 1) * b]),
-                   "rows": jax.make_array_from_single_device_arrays(shape, sharding, shards)}
-    return out
+                   "rows": offload.place_contribution(self.mesh, entry["rows"])} for name, entry in rows.items()}
 
   def look_ahead(self):
     if self.store is None:
@@ -621,7 +603,7 @@ class _StepInputs:
       if host_memory:  # the shards stay in host RAM: no table ever lands in accelerator memory
         sharding = sharding.with_memory_kind("pinned_host")
       lo, hi = store.row_range[name]
-      full = (_table_rows(store.cfg, name),) + local.shape[1:]
+      full = (host_training.table_shapes(store.cfg)[name][0],) + local.shape[1:]
 
       def shard(index):
         start, stop, _ = index[0].indices(full[0])
