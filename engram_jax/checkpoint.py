@@ -11,7 +11,8 @@ One step directory holds three items written together and committed atomically b
 Saves are asynchronous: `save` returns once arrays are copied to host memory and tensorstore writes
 them in background threads while training goes on. The data item is captured synchronously inside
 `save` (grain's handler is not asynchronous), so it matches the saved step even though the
-iterator keeps advancing.
+iterator keeps advancing. Host arrays too big to copy (the Engram tables of host and disk training)
+are handed over as `ChunkedArray`s instead, read and written chunk by chunk by the writer thread.
 
 Restore targets an abstract tree (`jax.ShapeDtypeStruct` leaves with shardings, e.g. from
 `jax.eval_shape` plus the trainer's shardings), and orbax reads each shard straight into its new
@@ -59,6 +60,80 @@ from etils import epath
 from engram_jax.config import CheckpointConfig
 
 _STATE, _DATA, _META = "state", "data", "meta"
+# The bytes of one saved chunk of a `ChunkedArray` (rows per chunk: the power of two that fits).
+CHUNK_BYTES = 32 << 20
+
+
+class ChunkedArray:
+  """A host array saved chunk by chunk, never whole in memory: `read(start, stop)` gives rows
+  [start, stop) (numpy, shape `(stop - start,) + shape[1:]`), called once per chunk in increasing
+  order from orbax's writer thread. The Engram tables of host and disk training are saved this way
+  (`host_training.HostTrainTables.snapshot`: a table bigger than RAM, and no second copy of one in
+  RAM); each is stored as a numpy array is, in chunks of `chunk_rows` rows, so every reader
+  (orbax restores, tensorstore row ranges) reads it like any other saved array."""
+
+  def __init__(self, shape: Tuple[int, ...], dtype, read: Callable[[int, int], np.ndarray]):
+    self.shape = tuple(int(s) for s in shape)
+    self.dtype = np.dtype(dtype)
+    self.read = read
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def chunk_rows(self) -> int:
+    row_bytes = max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize)
+    rows = 1 << max(0, (CHUNK_BYTES // row_bytes).bit_length() - 1)
+    return max(1, min(self.shape[0], rows))
+
+
+class _ChunkedArrayHandler(ocp.type_handlers.NumpyHandler):
+  """Writes a `ChunkedArray` as the numpy handler writes an array (same tensorstore layout and
+  metadata, so the stock handler restores it), but in chunks of `chunk_rows` rows, each read from
+  the source just before it is written: no copy of the whole array is ever made."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def _background_serialize(self, values, infos, args=None):
+    import asyncio
+
+    import tensorstore as ts
+    from orbax.checkpoint._src.serialization import ocdbt_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    if jax.process_count() > 1:
+      raise ValueError("ChunkedArray leaves are saved by one process (several processes save global jax arrays)")
+    args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+
+    async def write(value: ChunkedArray, info, arg):
+      await info.await_path_creation()
+      rows = value.chunk_rows
+      spec = ts_utils.build_array_write_spec(
+          info=info, arg=arg, global_shape=value.shape, local_shape=(rows,) + value.shape[1:], dtype=value.dtype,
+          use_ocdbt=info.is_ocdbt_checkpoint,
+          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+          metadata_key=self._metadata_key)
+      store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+      for start in range(0, value.shape[0], rows):
+        stop = min(value.shape[0], start + rows)
+        await store[start:stop].write(np.asarray(value.read(start, stop), value.dtype))
+
+    await asyncio.gather(*(write(v, i, a) for v, i, a in zip(values, infos, args)))
+
+
+def _type_handlers():
+  """orbax's standard handlers plus the `ChunkedArray` one (registered first, so the saved type
+  string "np.ndarray" still restores through the stock numpy handler)."""
+  standard = (int, float, bytes, np.number, np.ndarray, jax.Array, str, type(ocp.PLACEHOLDER))
+  return ocp.type_handlers.create_type_handler_registry(
+      (ChunkedArray, _ChunkedArrayHandler()),
+      *((t, ocp.type_handlers.get_type_handler(t)) for t in standard))
 
 
 class CheckpointRestoreError(RuntimeError):
@@ -164,7 +239,7 @@ class CheckpointManager:
     self._manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={
-            _STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True),
+            _STATE: ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, type_handler_registry=_type_handlers()),
             _DATA: grain.checkpoint.CheckpointHandler(),
             _META: ocp.JsonCheckpointHandler(),
         },

@@ -29,8 +29,10 @@ of its rows.
 The tables are `offload.HostTables` (the serving class: float32 rows, here writable), so one
 placement concept covers training and serving. Checkpoints hold the tables and moments under the
 same names as device training (`params/<layer>/engram/memory/table`, `engram_opt/<layer>/{m,v,count}`),
-written by orbax from the host arrays and read back with tensorstore chunk by chunk, so a run can
-resume with another placement and eval.py / generate.py / patch.py read its checkpoints unchanged.
+written by orbax chunk by chunk from a copy-on-write snapshot of the host arrays (`snapshot`:
+asynchronous, no second copy of a table in RAM, so a table bigger than RAM checkpoints) and read
+back with tensorstore chunk by chunk, so a run can resume with another placement and eval.py /
+generate.py / patch.py read its checkpoints unchanged.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ class HostTrainTables:
   row_range: Optional[Dict[str, Tuple[int, int]]] = None  # several processes: the rows this one holds
   version: int = 0
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+  _snapshots: List["_Snapshot"] = dataclasses.field(default_factory=list, repr=False)  # saves in progress
 
   @property
   def placement(self) -> str:
@@ -213,6 +216,8 @@ class HostTrainTables:
     count; global row ids [start, stop), only this process's rows are asked for), e.g. a checkpoint's
     saved arrays; `kinds` limits it to some of them."""
     with self.lock:
+      if self._snapshots:
+        raise RuntimeError("HostTrainTables.fill while a checkpoint of the tables is being written: wait for it")
       for kind in kinds:
         for name in self.names:
           target = self._array(kind, name)
@@ -264,14 +269,30 @@ class HostTrainTables:
         new = program(pad(table[uniq]), pad(self.m[name][uniq]), pad(self.v[name][uniq]),
                       pad(self.count[name][uniq]), pad(grads), lr)
         rows, m, v, count = (x[:len(uniq)] for x in new)
+        for snap in self._snapshots:
+          snap.keep(name, uniq)
         table[uniq], self.m[name][uniq], self.v[name][uniq], self.count[name][uniq] = rows, m, v, count
       self.version += 1
     return written
 
-  def state_tree(self):
-    """({table: rows}, {table: memory.SparseAdamState}) of the host arrays, for a checkpoint."""
-    opt = {n: memory.SparseAdamState(m=self.m[n], v=self.v[n], count=self.count[n]) for n in self.names}
-    return dict(self.tables.rows), opt
+  def snapshot(self):
+    """({table: rows}, {table: memory.SparseAdamState}) as they are now, for a checkpoint: each leaf
+    a `checkpoint.ChunkedArray` that orbax's writer reads chunk by chunk, in the background, while
+    training goes on. Copy-on-write keeps it exact without copying a table: until the writer has
+    passed a row, an update first keeps the row's current values (`_Snapshot.keep`), so the
+    snapshot holds only the rows updated during the save (a table bigger than RAM saves in bounded
+    memory). The snapshot releases itself once every array is written (or `release_snapshots`)."""
+    snap = _Snapshot(self)
+    with self.lock:
+      self._snapshots.append(snap)
+    leaf = lambda kind, name: snap.leaf(kind, name)  # noqa: E731
+    opt = {n: memory.SparseAdamState(m=leaf("m", n), v=leaf("v", n), count=leaf("count", n)) for n in self.names}
+    return {n: leaf("rows", n) for n in self.names}, opt
+
+  def release_snapshots(self):
+    """Drops unfinished snapshots (a save that failed or was abandoned), so updates stop keeping rows."""
+    with self.lock:
+      self._snapshots.clear()
 
   def flush(self):
     """Writes memory-mapped tables and moments through to their files (disk placement)."""
@@ -280,6 +301,58 @@ class HostTrainTables:
         a = self._array(kind, name)
         if isinstance(a, np.memmap):
           a.flush()
+
+
+_KINDS = ("rows", "m", "v", "count")
+
+
+class _Snapshot:
+  """The tables and moments of a `HostTrainTables` at one moment, read back chunk by chunk.
+
+  `done[(kind, name)]`: rows [0, done) of that array have been handed to the writer; `kept[name]`:
+  (sorted local row ids, {kind: their values at the snapshot}) of the rows updated since, before
+  the writer passed them. Called with the store's lock held (`keep` from `update`, `read` takes it).
+  """
+
+  def __init__(self, store: HostTrainTables):
+    self.store = store
+    self.done = {(k, n): 0 for k in _KINDS for n in store.names}
+    self.kept: Dict[str, Tuple[np.ndarray, Dict[str, np.ndarray]]] = {}
+
+  def leaf(self, kind: str, name: str):
+    from engram_jax.checkpoint import ChunkedArray
+
+    array = self.store._array(kind, name)
+    return ChunkedArray(array.shape, array.dtype, functools.partial(self.read, kind, name))
+
+  def keep(self, name: str, local_ids: np.ndarray):
+    """Before rows `local_ids` (distinct) are written: keep the current values of those the writer
+    has not passed in every array and that are not kept already."""
+    low = min(self.done[(k, name)] for k in _KINDS)
+    ids = np.asarray(local_ids, np.int64)
+    ids = ids[ids >= low]
+    old_ids, old = self.kept.get(name, (np.zeros(0, np.int64), None))
+    ids = ids[~np.isin(ids, old_ids)]
+    if not len(ids):
+      return
+    values = {k: self.store._array(k, name)[ids] for k in _KINDS}
+    all_ids = np.concatenate([old_ids, ids])
+    order = np.argsort(all_ids, kind="stable")
+    merged = {k: (np.concatenate([old[k], values[k]]) if old is not None else values[k])[order] for k in _KINDS}
+    self.kept[name] = (all_ids[order], merged)
+
+  def read(self, kind: str, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of one array as they were at the snapshot (called in increasing order)."""
+    with self.store.lock:
+      out = np.array(self.store._array(kind, name)[start:stop])
+      if name in self.kept:
+        ids, values = self.kept[name]
+        a, b = np.searchsorted(ids, [start, stop])
+        out[ids[a:b] - start] = values[kind][a:b]
+      self.done[(kind, name)] = stop
+      if all(self.done[key] == self.store._array(*key).shape[0] for key in self.done) and self in self.store._snapshots:
+        self.store._snapshots.remove(self)
+      return out
 
 
 def disk_directory(workdir: str, process_index: int = 0, process_count: int = 1) -> str:

@@ -580,13 +580,14 @@ class _StepInputs:
   def saved_state(self, state: TrainState) -> TrainState:
     if self.store is None:
       return state
-    tables, opt = self.store.state_tree()
     if self._processes > 1:
-      tables, opt = self._process_arrays(tables, opt)
+      tables, opt = self._process_arrays()
+    else:
+      tables, opt = self.store.snapshot()
     opt_state = jax.tree.unflatten(self._opt_structure, jax.tree.leaves(state.opt_state))
     return state.replace(params=memory.merge(state.params, tables), opt_state=opt_state, engram_opt=opt)
 
-  def _process_arrays(self, tables, opt):
+  def _process_arrays(self):
     """Several processes: each table and moment as one global array laid out as device training
     lays it out (its rows split over the mesh), in the devices' pinned host memory where they have
     it, each process supplying the shards of its own rows, so orbax writes every row once from its
@@ -616,9 +617,9 @@ class _StepInputs:
 
       return jax.make_array_from_callback(full, sharding, shard)
 
-    out_tables = {n: global_array(n, a, table_shard[n]) for n, a in tables.items()}
-    out_opt = {n: memory.SparseAdamState(*(global_array(n, getattr(o, k), getattr(shardings.engram_opt[n], k))
-                                           for k in ("m", "v", "count"))) for n, o in opt.items()}
+    out_tables = {n: global_array(n, store.tables.rows[n], table_shard[n]) for n in store.names}
+    out_opt = {n: memory.SparseAdamState(*(global_array(n, getattr(store, k)[n], getattr(shardings.engram_opt[n], k))
+                                           for k in ("m", "v", "count"))) for n in store.names}
     return out_tables, out_opt
 
   def close(self):

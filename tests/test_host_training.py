@@ -204,6 +204,51 @@ def test_each_process_holds_and_updates_its_own_rows(tmp_path, placement):
   assert host_training.bytes_needed(e, 0, 2) + host_training.bytes_needed(e, 1, 2) == host_training.bytes_needed(e, 0, 1)
 
 
+@pytest.mark.parametrize("placement", ["host", "disk"])
+def test_checkpoint_is_the_tables_at_the_save_while_updates_go_on(tmp_path, monkeypatch, placement):
+  """An asynchronous save of host or disk tables writes them chunk by chunk while training goes on:
+  updates applied during the write (here from inside the writer, between two chunks) do not reach
+  the checkpoint, which holds the tables and moments as they were at the save, in chunks of
+  CHUNK_BYTES; the snapshot keeps only the rows updated during the write and releases itself."""
+  monkeypatch.setattr(ckpt_lib, "CHUNK_BYTES", 1 << 16)  # 1024 rows of 16 floats: many chunks
+  e = tiny(placement).model.engram
+  store = host_training.HostTrainTables.allocate(e, placement, str(tmp_path / "work"))
+  rng = np.random.default_rng(3)
+  update = lambda hi: store.update(  # noqa: E731
+      rng.integers(0, hi, size=(4, 16, len(e.layer_ids), e.num_heads)), {n: rng.standard_normal(
+          (4, 16, e.num_heads, e.head_dim)).astype(np.float32) for n in store.names}, np.float32(0.01), chunks=1,
+      b1=0.9, b2=0.95, eps=1e-8)
+  update(50000)
+  expected = {(k, n): np.array(store._array(k, n)) for k in ("rows", "m", "v", "count") for n in store.names}
+  tables, opt = store.snapshot()
+  leaf = tables[store.names[0]]
+  assert isinstance(leaf, ckpt_lib.ChunkedArray) and leaf.chunk_rows == 1024 and leaf.shape[0] > 20 * 1024
+  reads, kept = [], []
+  real = leaf.read
+
+  def read_and_update(start, stop):
+    reads.append(start)
+    if len(reads) in (2, 10):  # rows before and after the writer's position change
+      update(leaf.shape[0])
+      kept.append(len(store._snapshots[0].kept[store.names[0]][0]))
+    return real(start, stop)
+
+  leaf.read = read_and_update
+  state = {"params": {n: {"engram": {"memory": {"table": t}}} for n, t in tables.items()}, "engram_opt": opt}
+  with ckpt_lib.CheckpointManager(str(tmp_path / "ckpt"), CheckpointConfig(async_save=True)) as manager:
+    assert manager.save(1, state, force=True)
+  assert reads == list(range(0, leaf.shape[0], 1024)) and store._snapshots == []
+  assert 0 < kept[0] <= kept[1] <= 2 * 4 * 16 * e.num_heads  # only rows updated during the save were kept
+  read = ckpt_lib.saved_array_reader(str(tmp_path / "ckpt"), 1)
+  paths = {"rows": lambda n: ("params", n, "engram", "memory", "table"), "m": lambda n: ("engram_opt", n, "m"),
+           "v": lambda n: ("engram_opt", n, "v"), "count": lambda n: ("engram_opt", n, "count")}
+  changed = False
+  for (kind, name), want in expected.items():
+    np.testing.assert_array_equal(read(paths[kind](name)), want, err_msg=f"{kind} {name}")
+    changed |= not np.array_equal(store._array(kind, name), want)
+  assert changed  # the updates during the save did land in the store
+
+
 def test_fill_from_a_checkpoint_and_its_errors(tmp_path):
   from engram_jax.runner import load_config_from_checkpoint
 
