@@ -15,7 +15,10 @@ On CPU the host and device share memory, so the ratio is the cost of the orchest
 `--beyond_ram F`: one run instead, with disk tables whose rows plus Adam moments take F times this
 machine's RAM (tiny's table with more rows per head), checkpoints off: init time, seconds per step
 and tokens/s per window, and the process's peak resident memory (VmHWM; file pages of the memory
-maps count in it while resident) and its anonymous memory at the end (RssAnon).
+maps count in it while resident) and its anonymous memory at the end (RssAnon). With `--checkpoint`
+the run ends with a checkpoint of the tables and moments (orbax, asynchronous, chunk by chunk from
+the store's copy-on-write snapshot): how long the save took, its bytes on disk, and the largest
+anonymous memory sampled during the run (RssAnon, every 0.2 s; a copy of a table would show there).
 
   taskset -c 0 python bench/bench_host_training.py --rounds 3
   taskset -c 0 python bench/bench_host_training.py --beyond_ram 1.1 --steps 200
@@ -84,6 +87,7 @@ def main():
   parser.add_argument("--beyond_ram", type=float, default=None,
                       help="one disk run whose tables and moments take this many times the RAM")
   parser.add_argument("--workdir", default=None, help="--beyond_ram: where the table files go (default: a temp dir)")
+  parser.add_argument("--checkpoint", action="store_true", help="--beyond_ram: end with a checkpoint")
   parser.add_argument("--json", default=None, help="also write the results as JSON here")
   args = parser.parse_args()
   import jax
@@ -142,16 +146,41 @@ def _proc_status(*keys):
 
 def beyond_ram(args):
   import math
+  import threading
 
   import jax
 
+  from engram_jax import checkpoint as ckpt_lib
   from engram_jax import host_training, trainer
-  from engram_jax.config import load_preset
+  from engram_jax.config import CheckpointConfig, load_preset
 
   ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
   base = load_preset(os.path.join(ROOT, "configs", "tiny.py")).model.engram
   factor = args.beyond_ram * ram / host_training.bytes_needed(base)
   cfg = config("tiny", "disk", factor=math.ceil(factor), steps=args.steps, window=args.window)
+  if args.checkpoint:  # one save, at the end
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint=CheckpointConfig(
+        every_n_steps=args.steps, keep_last_n=1, async_save=True)))
+  peak_anon, saves = [0], []
+  stop = threading.Event()
+
+  def sample():
+    while not stop.wait(0.2):
+      peak_anon[0] = max(peak_anon[0], _proc_status("RssAnon")["RssAnon"])
+
+  real_save, real_wait = ckpt_lib.CheckpointManager.save, ckpt_lib.CheckpointManager.wait
+
+  def timed_save(self, *a, **kw):
+    saves.append([time.perf_counter(), None])
+    return real_save(self, *a, **kw)
+
+  def timed_wait(self):
+    real_wait(self)
+    if saves and saves[-1][1] is None:
+      saves[-1][1] = time.perf_counter()
+
+  ckpt_lib.CheckpointManager.save, ckpt_lib.CheckpointManager.wait = timed_save, timed_wait
+  threading.Thread(target=sample, daemon=True).start()
   need = host_training.bytes_needed(cfg.model.engram)
   workdir = args.workdir or tempfile.mkdtemp(prefix="bench-beyond-ram-")
   print(json.dumps({"ram_bytes": ram, "tables_and_moments_bytes": need, "over_ram": need / ram,
@@ -162,7 +191,12 @@ def beyond_ram(args):
     wall = time.perf_counter() - t0
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       rows = [json.loads(line) for line in f]
+    stop.set()
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ckpt_dir) for f in fs) \
+        if os.path.isdir(ckpt_dir) else 0
   finally:
+    ckpt_lib.CheckpointManager.save, ckpt_lib.CheckpointManager.wait = real_save, real_wait
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
   windows = [r for r in rows if "tokens_per_sec" in r]
@@ -174,7 +208,11 @@ def beyond_ram(args):
             "tokens_per_sec_median": float(np.median([r["tokens_per_sec"] for r in steady])),
             "stages_s": {k: float(np.median([r[k] for r in steady])) for k in steady[0] if k.startswith("time/")},
             "loss_first_last": [windows[0]["loss"], windows[-1]["loss"]],
-            **{k.lower() + "_gib": v / 2**30 for k, v in _proc_status("VmHWM", "RssAnon", "RssFile").items()}}
+            **{k.lower() + "_gib": v / 2**30 for k, v in _proc_status("VmHWM", "RssAnon", "RssFile").items()},
+            "peak_rss_anon_sampled_gib": peak_anon[0] / 2**30}
+  if args.checkpoint:
+    result.update({"checkpoint_gib": ckpt_bytes / 2**30,
+                   "checkpoint_s": [None if b is None else b - a for a, b in saves]})
   print(json.dumps(result), flush=True)
   if args.json:
     with open(args.json, "w") as f:
