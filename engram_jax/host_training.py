@@ -583,11 +583,10 @@ class RowFeed:
       version = self.store.version
       micro, shard_ids = [], []
       for j in range(self.accum):
-        part = ids[j * per:(j + 1) * per]
-        row_ids = memory.row_ids(self.store.cfg, part)
-        micro.append(offload.prepare_rows(self.store.tables, None, part, self.shards))
-        shard_ids.append({n: [np.unique(s) for s in np.asarray(row_ids[n]).reshape(self.shards, -1)]
-                          for n in self.store.names})
+        distinct: Dict[str, list] = {}
+        micro.append(offload.prepare_rows(self.store.tables, None, ids[j * per:(j + 1) * per], self.shards,
+                                          distinct=distinct))
+        shard_ids.append(distinct)
     return Prepared(micro, shard_ids, version)
 
   def record(self, written: Dict[str, np.ndarray]):

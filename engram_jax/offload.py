@@ -628,12 +628,13 @@ class HitCounter:
 
 def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: np.ndarray, shards: int,
                  mask: Optional[np.ndarray] = None, counter: Optional[HitCounter] = None,
-                 pad_to: int = 0) -> Dict[str, dict]:
+                 pad_to: int = 0, distinct: Optional[Dict[str, list]] = None) -> Dict[str, dict]:
   """Host side of a batch's rows, per table: {"index" int32 [B, T, H], "rows" [S, U, d] stored dtype,
   "scale" float32 [S, U] or absent}. `engram_ids` [B, T, L, H] is this process's batch, split into
   `shards` equal batch shards (the mesh's batch devices on this process); index values < K address
   the cache, K + j row j of the shard's distinct missed rows. U is one bucket for every shard, at
-  least `row_bucket(pad_to)`.
+  least `row_bucket(pad_to)`. `distinct`, if given, receives {table: [each shard's sorted distinct
+  missed row ids]} (the rows' ids, for a caller that re-reads some of them later).
   """
   ids = memory.row_ids(tables.cfg, np.asarray(engram_ids))
   K = cache.size if cache is not None else 0
@@ -670,6 +671,8 @@ def prepare_rows(tables: HostTables, cache: Optional[HotRowCache], engram_ids: n
     if scale is not None:
       entry["scale"] = scale
     out[name] = entry
+    if distinct is not None:
+      distinct[name] = uniqs
     if counter is not None and cache is not None:
       m = np.ones(table_ids.shape[:-1], bool) if mask is None else np.asarray(mask) > 0
       counter.add(name, hit_all.reshape(table_ids.shape), m)
