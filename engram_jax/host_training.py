@@ -542,7 +542,7 @@ def fill_from_checkpoint(store: HostTrainTables, checkpoint_dir: str, step: int)
             f"(train.engram_sparse_updates=False); tables off the devices resume only from row-sparse training",
             directory=checkpoint_dir, step=step)
       saved = read.shape(kind, name)
-      want = store._array(kind, name).shape
+      want = (table_shapes(store.cfg)[name][0],) + store._array(kind, name).shape[1:]  # global rows
       if saved != want:
         raise CheckpointRestoreError(f"checkpoint {checkpoint_dir} step {step}: {kind} of table {name} is {saved}; "
                                      f"this run's layout needs {want}", directory=checkpoint_dir, step=step)

@@ -753,7 +753,8 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
   else:
     cause = None
   if cause is not None or problem is not None:
-    intact = manager.find_intact(abstract_state, below=step, partial=partial, accept=lambda s: bool(state_is_finite(s)))
+    intact = manager.find_intact(abstract_state, below=step, partial=partial,
+                                 accept=lambda s: bool(state_is_finite(s.replace(engram_opt={}) if partial else s)))
     if intact is None:
       hint = ("No older step restores intact into this config either" if any(s < step for s in manager.all_steps())
               else "There is no older step")

@@ -195,7 +195,8 @@ def run_train(args):
     return started
 
   ckpt_lib.CheckpointManager.save = save_and_dump
-  summary = trainer.train(config(args.engram_tables), args.workdir, progress=False, log=lambda *_: None, max_steps=STEPS)
+  summary = trainer.train(config(args.engram_tables), args.workdir, progress=False, log=lambda *_: None,
+                          max_steps=args.max_steps)
   return {"step": summary["step"], "stopped_by": summary["stopped_by"]}
 
 
@@ -210,6 +211,7 @@ def main():
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--local_devices", type=int, default=8)
   parser.add_argument("--engram_tables", default="device", help="--mode train: train.engram_tables")
+  parser.add_argument("--max_steps", type=int, default=STEPS, help="--mode train: train (or resume) up to this step")
   parser.add_argument("--cache_dir", default=None, help="persistent compilation cache (the test suite's)")
   args = parser.parse_args()
 

@@ -260,6 +260,15 @@ def test_fill_from_a_checkpoint_and_its_errors(tmp_path):
   np.testing.assert_array_equal(store.tables.rows["layer_1"], table)
   assert store.count["layer_1"].max() >= 1
 
+  # Several processes: each reads its row range of the saved global arrays.
+  parts = [host_training.HostTrainTables.allocate(cfg.model.engram, "host", str(tmp_path), process_index=i,
+                                                  process_count=2) for i in range(2)]
+  for part in parts:
+    host_training.fill_from_checkpoint(part, os.path.join(fixture, "checkpoints"), 3)
+  for name in store.names:
+    for kind in ("rows", "m", "v", "count"):
+      np.testing.assert_array_equal(np.concatenate([p._array(kind, name) for p in parts]), store._array(kind, name))
+
   other = dataclasses.replace(cfg.model.engram, layer_ids=(1, 2))
   wrong = host_training.HostTrainTables.allocate(other, "host", str(tmp_path))
   with pytest.raises(ckpt_lib.CheckpointRestoreError, match="layer_2"):

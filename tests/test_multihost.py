@@ -12,7 +12,9 @@ Subprocesses join through `jax.distributed.initialize` on a loopback coordinator
 - test_two_processes_train_like_one_and_restore_onto_four_devices (slow: compiles the train step
   in five processes): the tiny preset's training loop over two processes gives the same
   per-step losses as one 8-device process, and its checkpoint restores onto 4 devices with the
-  tables exactly as saved; the same with the tables in host RAM, each process holding its rows.
+  tables exactly as saved; the same with the tables in host RAM, each process holding its rows,
+  and that checkpoint resumed by two processes with host tables and with device tables gives the
+  same next loss.
 
 Why the training losses agree to ~1e-5 relative (in practice to the last bit or within ~1e-7),
 with no promise of bit equality: both runs compile the same SPMD program, read the same global
@@ -28,6 +30,7 @@ shard or a double-counted one does to a loss.
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -328,3 +331,23 @@ def test_two_processes_train_like_one_and_restore_onto_four_devices(tmp_path):
     diff = np.abs(saved_host[key] - reference[key])
     assert np.mean(diff > 1e-5) < 1e-4, (key, int(np.sum(diff > 1e-5)), diff.size)
     assert diff.max() <= 2 * worker.STEPS * most_lr, (key, float(diff.max()))
+
+  # Resume onto several processes: the two processes continue that checkpoint by one step, each
+  # reading its rows of the saved global tables and moments, and so do two processes with the tables
+  # on the devices from a copy of it (a placement switch): the same step-6 loss (a process that read
+  # another's rows, or none, would not). (One process cannot stand in: the data iterator's position is
+  # saved per process.)
+  one = tmp_path / "host_to_device"
+  shutil.copytree(host / "work", one / "work")
+  for name, placement, workdir in (("resume", "host", host), ("switch", "device", one)):
+    coordinator = f"127.0.0.1:{_free_loopback_port()}"
+    with _Processes() as procs:
+      for i in range(2):
+        procs.start(["--workdir", workdir / "work", "--dump", workdir, "--coordinator", coordinator,
+                     "--num_processes", 2, "--process_id", i, "--local_devices", 4, "--engram_tables", placement,
+                     "--max_steps", 6], tmp_path / f"{name}_{i}.log")
+      procs.wait(TRAIN_TIMEOUT_S)
+    assert [_summary(tmp_path / f"{name}_{i}.log")["step"] for i in range(2)] == [6, 6]
+  resumed_multi, resumed_one = _losses(host / "work"), _losses(one / "work")
+  assert 6 in resumed_multi and 6 in resumed_one
+  assert abs(resumed_multi[6] - resumed_one[6]) <= 1e-5 * abs(resumed_one[6]), (resumed_multi[6], resumed_one[6])
