@@ -60,6 +60,8 @@ _MANIFEST = "manifest.json"
 _KIND = "engram_jax training tables"
 # Rows copied per chunk when tables are filled from a checkpoint or checked for non-finite values.
 _CHUNK_ROWS = 1 << 16
+# The arrays kept per table: the rows and their lazy Adam state.
+_KINDS = ("rows", "m", "v", "count")
 
 
 class TableStoreError(ValueError):
@@ -192,7 +194,7 @@ class HostTrainTables:
       dims = {n: d for n, (_, d) in table_shapes(cfg).items()}
       arrays = {kind: {n: np.zeros((hi - lo, dims[n]) if kind != "count" else (hi - lo,),
                                    np.float32 if kind != "count" else np.int32)
-                       for n, (lo, hi) in ranges.items()} for kind in ("rows", "m", "v", "count")}
+                       for n, (lo, hi) in ranges.items()} for kind in _KINDS}
       fresh = True
     else:
       directory = disk_directory(workdir, pi, pc)
@@ -209,9 +211,9 @@ class HostTrainTables:
   def initialize(self, cfg: Config):
     """A fresh run's values: the device init's tables (`init_values`), zero moments (left as
     allocated when the arrays are new, so a new disk store writes its tables only)."""
-    self.fill(init_values(cfg), ("rows",) if self.fresh else ("rows", "m", "v", "count"))
+    self.fill(init_values(cfg), ("rows",) if self.fresh else _KINDS)
 
-  def fill(self, read: Callable[[str, str, int, int], np.ndarray], kinds: Tuple[str, ...] = ("rows", "m", "v", "count")):
+  def fill(self, read: Callable[[str, str, int, int], np.ndarray], kinds: Tuple[str, ...] = _KINDS):
     """Fill tables and moments chunk by chunk from `read(kind, table, start, stop)` (kind: rows, m, v,
     count; global row ids [start, stop), only this process's rows are asked for), e.g. a checkpoint's
     saved arrays; `kinds` limits it to some of them."""
@@ -281,29 +283,21 @@ class HostTrainTables:
     training goes on. Copy-on-write keeps it exact without copying a table: until the writer has
     passed a row, an update first keeps the row's current values (`_Snapshot.keep`), so the
     snapshot holds only the rows updated during the save (a table bigger than RAM saves in bounded
-    memory). The snapshot releases itself once every array is written (or `release_snapshots`)."""
+    memory). The snapshot releases itself once every array is written."""
     snap = _Snapshot(self)
     with self.lock:
       self._snapshots.append(snap)
-    leaf = lambda kind, name: snap.leaf(kind, name)  # noqa: E731
+    leaf = snap.leaf
     opt = {n: memory.SparseAdamState(m=leaf("m", n), v=leaf("v", n), count=leaf("count", n)) for n in self.names}
     return {n: leaf("rows", n) for n in self.names}, opt
-
-  def release_snapshots(self):
-    """Drops unfinished snapshots (a save that failed or was abandoned), so updates stop keeping rows."""
-    with self.lock:
-      self._snapshots.clear()
 
   def flush(self):
     """Writes memory-mapped tables and moments through to their files (disk placement)."""
     for name in self.names:
-      for kind in ("rows", "m", "v", "count"):
+      for kind in _KINDS:
         a = self._array(kind, name)
         if isinstance(a, np.memmap):
           a.flush()
-
-
-_KINDS = ("rows", "m", "v", "count")
 
 
 class _Snapshot:
@@ -431,7 +425,7 @@ def _open_disk(cfg: EngramConfig, directory: str,
   if reopen:
     _check_ours(cfg, directory, ranges)
   os.makedirs(directory, exist_ok=True)
-  arrays = {kind: {} for kind in ("rows", "m", "v", "count")}
+  arrays = {kind: {} for kind in _KINDS}
   fresh = True
   for name, (_, dim) in layout.items():
     rows = ranges[name][1] - ranges[name][0]
@@ -534,7 +528,7 @@ def fill_from_checkpoint(store: HostTrainTables, checkpoint_dir: str, step: int)
 
   read = checkpoint_values(checkpoint_dir, step)
   for name in store.names:
-    for kind in ("rows", "m", "v", "count"):
+    for kind in _KINDS:
       if not read.has(kind, name):
         raise CheckpointRestoreError(
             f"checkpoint {checkpoint_dir} step {step} has no {'table' if kind == 'rows' else 'lazy Adam ' + kind} for "
