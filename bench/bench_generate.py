@@ -93,9 +93,9 @@ def _sync(state):
 def measure_batch(gen, batch: int, prompt_len: int, new_tokens: int, repeats: int, blocks=(4, 16, 64)
                   ) -> Dict[str, Any]:
   prompts = corpus_prompts(gen, batch, prompt_len)
-  rows = gen.row_bucket(batch)
+  rows = gen.batch_bucket(batch)
   padded = prompts + [[gen.runner.pad_id]] * (rows - batch)
-  cache_length = gen.cache_bucket(prompt_len + new_tokens)
+  cache_length = gen.length_bucket(prompt_len + new_tokens)
   sampling = generation.sampling_arrays(rows)  # greedy
 
   t0 = time.perf_counter()

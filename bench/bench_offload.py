@@ -227,7 +227,7 @@ def decode_pass(gen, prompts, new_tokens: int, cold_dir=None):
 
   if cold_dir:
     drop_page_cache(cold_dir)
-  cache_length = gen.cache_bucket(max(len(p) for p in prompts) + new_tokens)
+  cache_length = gen.length_bucket(max(len(p) for p in prompts) + new_tokens)
   sampling = generation.sampling_arrays(len(prompts))
   t0 = time.perf_counter()
   state = gen.prefill(prompts, cache_length)
@@ -310,7 +310,7 @@ def part_decode(args, cfg, mesh, work):
   # One split step's phases with host tables, each waited for (its programs run serially).
   gen = modes["host_split_step"][0]
   prompts = [[int(t) for t in corpus[:args.min_prompt]]] * max(args.decode_batches)
-  state_ = gen.prefill(prompts, gen.cache_bucket(args.min_prompt + args.new_tokens))
+  state_ = gen.prefill(prompts, gen.length_bucket(args.min_prompt + args.new_tokens))
   step = gen._programs_for(state_)[0]
   sampling = generation.sampling_arrays(len(prompts))
   sampling = generation.Sampling(*gen._place(dict(zip(generation.Sampling._fields, sampling))).values())

@@ -27,7 +27,7 @@ def expected_errors() -> tuple:
   from engram_jax.runlock import WorkdirBusyError
   from engram_jax.trainer import NonFiniteError
 
-  # MemoryError: the host-table placement's refusal when the tables do not fit in RAM (offload.py).
+  # MemoryError: the host-table placement's refusal when the tables do not fit in RAM (tables/host.py).
   return (ValueError, OSError, MemoryError, CheckpointRestoreError, NonFiniteError, WorkdirBusyError)
 
 

@@ -34,9 +34,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import queue
 import re
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import grain
 import numpy as np
@@ -642,3 +643,68 @@ def document_byte_counts(cfg: DataConfig, split: str = "eval") -> np.ndarray:
   """int64 [D]: UTF-8 bytes of each document of a split, in the order `document_ids` index them."""
   docs = read_documents(split_files(cfg, split), cfg.format, cfg.text_field, cfg.text_split)
   return np.array([len(d.encode("utf-8")) for d in docs], np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefetch.
+
+
+class Prefetcher:
+  """Runs `prepare(item)` for upcoming items on a background thread, `depth` items ahead, and yields
+  (item, prepared) in the input order.
+
+  The thread releases the GIL in numpy's gathers and in `jax.device_put`, so the host gather and the
+  transfer of batch i+1 overlap the device step of batch i (dispatched asynchronously by the main
+  thread). An exception in `prepare` is re-raised by the iterator at the item that failed; closing
+  the iterator early stops the thread.
+  """
+
+  _DONE = object()
+
+  def __init__(self, items: Iterable, prepare: Callable, depth: int = 2):
+    if not isinstance(depth, int) or depth < 1:
+      raise ValueError(f"depth={depth!r}: expected a positive integer")
+    self._items = iter(items)
+    self._prepare = prepare
+    self._queue: "queue.Queue" = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="engram-prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, value) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(value, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self):
+    try:
+      for item in self._items:
+        if self._stop.is_set():
+          return
+        if not self._put((item, self._prepare(item), None)):
+          return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer
+      self._put((None, None, e))
+      return
+    self._put(self._DONE)
+
+  def __iter__(self) -> Iterator:
+    try:
+      while True:
+        got = self._queue.get()
+        if got is self._DONE:
+          return
+        item, prepared, error = got
+        if error is not None:
+          raise error
+        yield item, prepared
+    finally:
+      self.close()
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=10)

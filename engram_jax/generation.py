@@ -14,17 +14,18 @@ function:
           the latent and rotary key (MLA, decoded in the absorbed form), each Engram layer's conv
           state. mHC and MoE are per token and keep nothing.
 
-Where the rows come from is the step's row source (`_RowSource`, chosen once per generator from
-the runner's placement; `decode=` names one):
+Prefill reads its rows through the runner's row source (`tables/source.py`), as evaluation does.
+Where a decode step's rows come from is the step's own row source (`_RowSource`, chosen once per
+generator from the runner's placement; `decode=` names one):
 
-  device       the tables are params on the devices (`memory.gather`);
+  device       the tables are params on the devices: the runner's source (`memory.gather`);
   pinned_host  host tables as `pinned_host` arrays: the step moves its row ids to host memory,
                gathers there (`compute_on("device_host")`) and brings the rows back, all in the
                step's own program, so the transfer overlaps the blocks before the first Engram layer;
   callback     any host or disk tables (memory maps, quantized rows, patches, a hot-row cache): the
-               program calls back into the host gather (`io_callback` into `offload.prepare_rows`)
-               and assembles the rows in-graph, as `assemble_rows` does for prefill;
-  split        today's alternative for host tables (`_HostStep`): the host gathers between two
+               program calls back into the runner's source's host gather (`io_callback` into
+               `HostRows.gather`) and reads the rows in-graph as prefill does;
+  split        the alternative for host tables (`_HostStep`): the runner's source gathers between two
                programs, the blocks before the first Engram layer dispatched first.
 
 With the first three a decode step is one program, and `advance(state, sampling, budget)` runs up to
@@ -60,10 +61,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import data as data_lib
-from engram_jax import memory, offload
+from engram_jax import memory
+from engram_jax.tables.quant import dequantize
 from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
-from engram_jax.model import forward
+from engram_jax.model import engram_gates, forward
 from engram_jax.runner import ModelRunner, gather_global
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
 
@@ -194,10 +196,12 @@ class _RowSource:
 
 
 class _DeviceRows(_RowSource):
+  """The runner's row source read in the step (device tables: `memory.gather`)."""
+
   name = "device"
 
   def rows(self, params, operand, engram_ids):
-    return memory.gather(memory.split(params)[1], self.engram, engram_ids)
+    return self.runner.source.rows(params, None, operand, engram_ids)
 
 
 def _host_compute(fn):
@@ -268,19 +272,19 @@ class _PinnedHostRows(_RowSource):
       got = jax.device_put(_host_compute(take)(table, host_ids), jax.memory.Space.Device)
       got_scale = None if scale is None else jax.device_put(_host_compute(take)(scale, host_ids),
                                                             jax.memory.Space.Device)
-      out[name] = offload.dequantize(got, got_scale, self.dtype)
+      out[name] = dequantize(got, got_scale, self.dtype)
     return out
 
 
 class _CallbackRows(_RowSource):
-  """Any host or disk tables: the step program calls the host gather (`offload.prepare_rows`: the
-  distinct rows per batch shard minus the hot-row cache, counted by the runner's hit counter) and
-  assembles the rows in-graph from them and the cache (`offload.assemble_rows`)."""
+  """Any host or disk tables: the step program calls the runner's row source's host gather
+  (`HostRows.gather`: the distinct rows per batch shard minus the hot-row cache, counted by its hit
+  counter) and reads the rows in-graph from them and the cache (`HostRows.rows`)."""
 
   name = "callback"
 
   def operand(self):
-    return self.runner.cache_arrays
+    return self.runner.source.operand()
 
   def abstract_operand(self):
     return None if self.operand() is None else super().abstract_operand()
@@ -288,25 +292,12 @@ class _CallbackRows(_RowSource):
   def rows(self, params, operand, engram_ids):
     from jax.experimental import io_callback
 
-    runner, tables = self.runner, self.runner.tables
+    source = self.runner.source
     B, T, _, H = engram_ids.shape
-    shards = runner.row_multiple
-    pad_to = B // shards * T * H  # every lookup of a shard: one fixed shape whatever the ids
-    U = offload.row_bucket(pad_to)
-    shapes = {}
-    for name in tables.names:
-      entry = {"index": jax.ShapeDtypeStruct((B, T, H), jnp.int32),
-               "rows": jax.ShapeDtypeStruct((shards, U, self.engram.head_dim), tables.rows[name].dtype)}
-      if tables.scales[name] is not None:
-        entry["scale"] = jax.ShapeDtypeStruct((shards, U), jnp.float32)
-      shapes[name] = entry
-
-    def gather(ids):
-      return offload.prepare_rows(tables, runner.cache, np.asarray(ids), shards, counter=runner.hit_counter,
-                                  pad_to=pad_to)
-
-    host = io_callback(gather, shapes, engram_ids)
-    return offload.assemble_rows(host, operand, self.dtype)
+    pad_to = B // self.runner.row_multiple * T * H  # every lookup of a shard: one fixed shape whatever the ids
+    host = io_callback(lambda ids: source.gather(np.asarray(ids), pad_to=pad_to),
+                       source.gather_shapes(B, T, pad_to), engram_ids)
+    return source.rows(params, host, operand, engram_ids)
 
 
 def _row_source(generator: "Generator", path: str) -> _RowSource:
@@ -420,7 +411,7 @@ class Generator:
     self.placement = runner.placement
     check_tables(self.cfg, runner.params, None if runner.tables is None else runner.tables.rows)
     path = default_decode_path(self.placement, self.mesh) if decode == "auto" else decode
-    if (path == "device") != (runner.tables is None):
+    if (path == "device") != (self.placement == "device"):
       raise ValueError(f"decode={decode!r} reads {'device' if path == 'device' else 'host'} tables, but this runner's "
                        f"tables are on {self.placement}: expected "
                        f"{'device' if runner.tables is None else 'pinned_host, callback or split'} (or auto)")
@@ -466,8 +457,9 @@ class Generator:
 
   # -- the jitted parts -------------------------------------------------------------------------
 
-  def _prefill_fn(self, params, model_state, batch, history, engram_scale, host=None, hot=None, *, cache_length: int):
-    rows = None if host is None else offload.assemble_rows(host, hot, jnp.dtype(self.cfg.model.dtype))
+  def _prefill_fn(self, params, model_state, batch, history, engram_scale, feed=None, operand=None, *,
+                  cache_length: int):
+    rows = None if self.engram is None else self.runner.source.rows(params, feed, operand, batch.get("engram_ids"))
     (logits, _), mutated = forward(self.cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                    mutable=[CACHE_COLLECTION], cache_mode="prefill", cache_length=cache_length)
     lengths = jnp.sum(batch["segment_ids"] != 0, axis=1).astype(jnp.int32)
@@ -495,10 +487,7 @@ class Generator:
                                    cache_mode="decode", **split)
     B = tokens.shape[0]
     if self.engram is not None:
-      inter = mutated["intermediates"]
-      gates = jnp.stack([inter[memory.table_name(l)]["engram"]["gates"][0][:, 0] for l in self.engram.layer_ids],
-                        axis=1)  # [B, L, M]
-      gates = jnp.mean(gates.astype(jnp.float32), axis=-1)
+      gates = jnp.mean(engram_gates(cfg, mutated["intermediates"], (B, 1))[:, 0], axis=-1)  # [B, L]
     else:
       gates = jnp.zeros((B, 0), jnp.float32)
     new_state = DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
@@ -549,10 +538,10 @@ class Generator:
                                     split_layer=self.split_layer)
     return streams, mutated[CACHE_COLLECTION]
 
-  def _host_blocks_fn(self, params, model_state, state, tokens, logprobs, history, host, hot, engram_scale,
+  def _host_blocks_fn(self, params, model_state, state, tokens, logprobs, history, feed, operand, engram_scale,
                       sampling, lookup, streams=None):
     """Host tables: the blocks (or their tail) on the gathered rows, then the next step's sample."""
-    rows = offload.assemble_rows(host, hot, jnp.dtype(self.cfg.model.dtype))
+    rows = self.runner.source.rows(params, feed, operand, None)
     new_state, out = self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams)
     return new_state._replace(pending=self._sample_fn(nn.meta.unbox(new_state), sampling, lookup)), out
 
@@ -619,10 +608,10 @@ class Generator:
     history = sharded((rows, engram.max_ngram_size - 1 if engram is not None else 0), jnp.int32)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     scale = jax.ShapeDtypeStruct((len(self.runner.engram_layers),), jnp.float32, sharding=replicated)
-    host = None
-    if self.runner.tables is not None:  # prefill's host rows: one batch's distinct rows per shard, as host_rows gives
-      host = jax.tree.map(abstract, self.runner.host_rows(np.zeros(batch["engram_ids"].shape, np.int32)))
-    example = (params, model_state, batch, history, scale, host, None)
+    feed = None
+    if self.engram is not None:  # prefill's rows: for host tables one batch's distinct rows per shard
+      feed = jax.tree.map(abstract, self.runner.source.rows_for(np.zeros(batch["engram_ids"].shape, np.int32)))
+    example = (params, model_state, batch, history, scale, feed, None)
     p = self._compile(rows, prompt_length, cache_length, example)
     lookup = None if self.lookup is None else abstract(self.lookup)
     tables = self.source.abstract_operand()
@@ -633,13 +622,13 @@ class Generator:
 
   # -- buckets and checks ------------------------------------------------------------------------
 
-  def prompt_bucket(self, longest: int) -> int:
-    return min(max(MIN_PROMPT_BUCKET, _power_of_two_at_least(longest)), self.cfg.model.max_seq_len)
+  def length_bucket(self, length: int) -> int:
+    """The padded length of prompts (or caches) of up to `length` tokens: a power of two, at least
+    MIN_PROMPT_BUCKET, at most model.max_seq_len."""
+    return min(max(MIN_PROMPT_BUCKET, _power_of_two_at_least(length)), self.cfg.model.max_seq_len)
 
-  def cache_bucket(self, longest_total: int) -> int:
-    return min(max(MIN_PROMPT_BUCKET, _power_of_two_at_least(longest_total)), self.cfg.model.max_seq_len)
-
-  def row_bucket(self, rows: int) -> int:
+  def batch_bucket(self, rows: int) -> int:
+    """The padded rows of a batch of `rows` prompts: a power of two and a multiple of the batch shards."""
     multiple = self.runner.row_multiple
     return -(-_power_of_two_at_least(rows) // multiple) * multiple
 
@@ -661,19 +650,20 @@ class Generator:
     if cache_length < longest or cache_length > self.cfg.model.max_seq_len:
       raise ValueError(f"cache_length={cache_length}: expected between the longest prompt ({longest}) and "
                        f"model.max_seq_len={self.cfg.model.max_seq_len}")
-    length = min(self.prompt_bucket(longest), cache_length)
+    length = min(self.length_bucket(longest), cache_length)
     batch = self.runner.make_batch(prompts, length)
     del batch["targets"]
     lengths = np.array([len(p) for p in prompts], np.int32)
     history = (self.hashing.history_numpy(batch["tokens"], lengths) if self.engram is not None
                else np.zeros((rows, 0), np.int32))
-    host = None
-    if self.runner.tables is not None:  # the prompts' rows from the host tables
-      host = self.runner.host_rows(batch.pop("engram_ids"), mask=batch["segment_ids"] > 0)
+    feed, source = None, self.runner.source
+    if self.engram is not None:  # the prompts' rows
+      ids = batch["engram_ids"] if source.ids_in_graph else batch.pop("engram_ids")
+      feed = source.rows_for(ids, mask=batch["segment_ids"] > 0)
     placed = self._place({**batch, "history": history})
     history = placed.pop("history")
     scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
-    example = (self.runner.params, self.runner.model_state, placed, history, scale, host, self.runner.cache_arrays)
+    example = (self.runner.params, self.runner.model_state, placed, history, scale, feed, source.operand())
     prefill_jit = self._compile(rows, length, cache_length, example).prefill
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       return prefill_jit(*example)
@@ -761,11 +751,11 @@ class Generator:
 
   def _generate_batch(self, prompts, index, max_new_tokens, sampling: Sampling, scale, on_token, on_done):
     real = len(prompts)
-    rows = self.row_bucket(real)
+    rows = self.batch_bucket(real)
     padded = prompts + [[self.runner.pad_id]] * (rows - real)
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - real)])  # noqa: E731
     sampling = Sampling(*(pad(np.asarray(v)) for v in sampling))
-    cache_length = self.cache_bucket(max(len(p) for p in prompts) + max_new_tokens)
+    cache_length = self.length_bucket(max(len(p) for p in prompts) + max_new_tokens)
     state = self.prefill(padded, cache_length, scale)
     placed = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
     completions = [Completion(list(map(int, p)), [], [], [], "length") for p in prompts]
@@ -853,11 +843,11 @@ class _HostStep:
       state = state._replace(cache=cache)
     try:
       ids = gather_global(engram_ids)
-      host = runner.host_rows(ids, pad_to=ids.shape[0] // runner.row_multiple * ids.shape[1] * ids.shape[3])
+      feed = runner.source.rows_for(ids, pad_to=ids.shape[0] // runner.row_multiple * ids.shape[1] * ids.shape[3])
     except Exception as e:
       raise RuntimeError("reading this decode step's Engram rows from the host tables failed; the decode state "
                          "given to the step was consumed (its cache was donated): start again from prefill") from e
-    new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, host, runner.cache_arrays,
+    new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, feed, runner.source.operand(),
                                engram_scale, sampling, lookup, streams)
     self._drawn_from = self._origin(new_state, sampling)
     return new_state, out
@@ -921,7 +911,7 @@ def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int
     if step is None:
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
     meta = manager.read_metadata(step) or {}
-    saved_tables = sorted(path.split("/")[1] for path in manager.saved_shapes(step) if _is_table(path))
+    saved_tables = sorted(filter(None, map(memory.saved_table_name, manager.saved_shapes(step))))
   finally:
     manager.close()
   engram = cfg.model.engram
@@ -935,10 +925,6 @@ def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int
     raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) holds Engram tables {saved_tables or 'none'}, but "
                      f"model.engram={engram} expects {want or 'none'}: generate with the Engram config the "
                      "checkpoint was trained with (--config)")
-
-
-def _is_table(path: str) -> bool:
-  return path.startswith("params/") and path.endswith("/engram/memory/table")
 
 
 # ----------------------------------------------------------------------------------------------

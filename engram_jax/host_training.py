@@ -5,12 +5,12 @@ A step's rows are addressed by hash ids the data pipeline computed on the host, 
 them before the step runs. The trainer then works like this (trainer.py, `engram_tables != "device"`):
 
   1. `RowFeed.prepare` (on the prefetch thread, while the previous step runs) gathers the distinct
-     rows of every batch shard from the host tables (`offload.prepare_rows`, the serving path's
+     rows of every batch shard from the host tables (`tables.batch.prepare_rows`, the serving path's
      host gather) and remembers which rows it read and at which table version;
   2. `RowFeed.ready` (on the main thread, once the previous step's update is applied) re-reads the
      rows that updates made after the gather wrote (read-after-write stays exact), and places the
      rows on the batch's devices;
-  3. the jitted step assembles them (`offload.assemble_rows`), differentiates with respect to them
+  3. the jitted step assembles them (`tables.batch.assemble_rows`), differentiates with respect to them
      and returns the row gradients instead of updating a table;
   4. `HostTrainTables.update` applies the row-sparse (lazy) Adam step on the host: the same
      arithmetic as the device update (`memory.adam_rows_math`, run by XLA on the host CPU), with
@@ -18,7 +18,7 @@ them before the step runs. The trainer then works like this (trainer.py, `engram
      disk and device training give bitwise-equal float32 tables on CPU.
 
 Several processes (multi-host): each process holds and updates only its rows of each table
-(`offload.process_rows`, the row ownership serving uses). The trainer all-gathers each batch's hash
+(`process_rows`, the row ownership serving uses). The trainer all-gathers each batch's hash
 ids (small int32 arrays), every process gathers the rows it owns for the whole global batch and puts
 them on one of its devices (zeros on the others; the step adds the contributions, exactly, since
 each row has one owner), the step returns the row gradients whole to every process, and each
@@ -26,7 +26,7 @@ applies the update to its own rows, with duplicates summed over the whole step a
 A checkpoint hands orbax each table in device training's layout, each process supplying the shards
 of its rows.
 
-The tables are `offload.HostTables` (the serving class: float32 rows, here writable), so one
+The tables are `tables.host.HostTables` (the serving class: float32 rows, here writable), so one
 placement concept covers training and serving. Checkpoints hold the tables and moments under the
 same names as device training (`params/<layer>/engram/memory/table`, `engram_opt/<layer>/{m,v,count}`),
 written by orbax chunk by chunk from a copy-on-write snapshot of the host arrays (`snapshot`:
@@ -51,7 +51,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from engram_jax import memory, offload
+from engram_jax import memory
+from engram_jax.tables import batch as batch_rows
+from engram_jax.tables import host as table_host
+from engram_jax.tables.host import HostTables, process_rows, random_access
 from engram_jax.config import Config, EngramConfig
 
 # The disk placement's directory under the workdir, and its manifest.
@@ -74,9 +77,9 @@ def table_shapes(cfg: EngramConfig) -> Dict[str, Tuple[int, int]]:
 
 
 def _ranges(cfg: EngramConfig, process_index: int, process_count: int) -> Dict[str, Tuple[int, int]]:
-  """Per table the rows [lo, hi) this process holds and updates (`offload.process_rows`, the row
+  """Per table the rows [lo, hi) this process holds and updates (`process_rows`, the row
   ownership serving uses): every row with one process's count."""
-  return {n: offload.process_rows(rows, process_index, process_count) for n, (rows, _) in table_shapes(cfg).items()}
+  return {n: process_rows(rows, process_index, process_count) for n, (rows, _) in table_shapes(cfg).items()}
 
 
 def _processes(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
@@ -155,13 +158,13 @@ def sum_duplicates(flat_ids: np.ndarray, flat_grads: np.ndarray, chunks: int) ->
 
 @dataclasses.dataclass
 class HostTrainTables:
-  """The Engram tables being trained, on the host: `tables` (offload.HostTables, float32 rows) and
+  """The Engram tables being trained, on the host: `tables` (HostTables, float32 rows) and
   per table the lazy Adam moments `m`, `v` [R, d] and step counts `count` [R] (numpy arrays for
   `host`, memory maps of files under `directory` for `disk`). `version` counts applied updates;
   `lock` serializes the prefetch thread's reads with the updates."""
 
   cfg: EngramConfig
-  tables: offload.HostTables
+  tables: HostTables
   m: Dict[str, np.ndarray]
   v: Dict[str, np.ndarray]
   count: Dict[str, np.ndarray]
@@ -200,7 +203,7 @@ class HostTrainTables:
       directory = disk_directory(workdir, pi, pc)
       arrays, fresh = _open_disk(cfg, directory, ranges)
     row_range = ranges if pc > 1 else None
-    tables = offload.HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
+    tables = HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
                                 directory=directory, row_range=row_range)
     return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory, fresh=fresh,
                row_range=row_range)
@@ -266,7 +269,7 @@ class HostTrainTables:
           lo, hi = self.row_range[name]
           own = (uniq >= lo) & (uniq < hi)
           written[name], uniq, grads = uniq[own], uniq[own] - lo, grads[own]
-        bucket = offload.row_bucket(len(uniq))  # few shapes compile
+        bucket = batch_rows.row_bucket(len(uniq))  # few shapes compile
         pad = lambda a: np.concatenate([a, np.zeros((bucket - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
         new = program(pad(table[uniq]), pad(self.m[name][uniq]), pad(self.v[name][uniq]),
                       pad(self.count[name][uniq]), pad(grads), lr)
@@ -367,7 +370,7 @@ def check_placement(cfg: EngramConfig, placement: str, workdir: str, *, process_
   pi, pc = _processes(process_index, process_count)
   need = bytes_needed(cfg, pi, pc)
   if placement == "host":
-    free = offload.available_memory()
+    free = table_host.available_memory()
     if free is not None and need > free:
       raise MemoryError(
           f"train.engram_tables='host' needs {need / 2**30:.2f} GiB of RAM for the Engram tables and their Adam "
@@ -435,7 +438,7 @@ def _open_disk(cfg: EngramConfig, directory: str,
       exists = os.path.exists(file) and os.path.getsize(file) == math.prod(shape) * np.dtype(dtype).itemsize
       arrays[kind][name] = np.memmap(file, dtype=dtype, mode="r+" if exists else "w+", shape=shape)
       fresh &= not exists
-      offload._random_access(arrays[kind][name])
+      random_access(arrays[kind][name])
   if not reopen:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
@@ -456,7 +459,7 @@ def init_values(cfg: Config, memory_budget: Optional[int] = None) -> Callable[[s
 
   e = cfg.model.engram
   dtype = jnp.dtype(cfg.model.param_dtype)
-  budget = offload.available_memory() if memory_budget is None else memory_budget
+  budget = table_host.available_memory() if memory_budget is None else memory_budget
   cpu, host_mesh = _host_cpu()
   cache: Dict[str, np.ndarray] = {}
 
@@ -509,7 +512,7 @@ def checkpoint_values(checkpoint_dir: str, step: int) -> Callable[[str, str, int
   from engram_jax import checkpoint as ckpt_lib
 
   reader = ckpt_lib.saved_array_reader(checkpoint_dir, step)
-  paths = {"rows": lambda n: ("params", n, "engram", "memory", "table"), "m": lambda n: ("engram_opt", n, "m"),
+  paths = {"rows": memory.saved_table_path, "m": lambda n: ("engram_opt", n, "m"),
            "v": lambda n: ("engram_opt", n, "v"), "count": lambda n: ("engram_opt", n, "count")}
 
   def read(kind: str, name: str, start: int, stop: int) -> np.ndarray:
@@ -578,7 +581,7 @@ class RowFeed:
       micro, shard_ids = [], []
       for j in range(self.accum):
         distinct: Dict[str, list] = {}
-        micro.append(offload.prepare_rows(self.store.tables, None, ids[j * per:(j + 1) * per], self.shards,
+        micro.append(batch_rows.prepare_rows(self.store.tables, None, ids[j * per:(j + 1) * per], self.shards,
                                           distinct=distinct))
         shard_ids.append(distinct)
     return Prepared(micro, shard_ids, version)

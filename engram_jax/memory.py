@@ -10,7 +10,8 @@ This module is the one answer to "where do table rows come from, and where do th
 - Place in the parameters. The model (model.py, engram.py) never touches a table: it consumes rows.
   The tables are created here (`init_tables`) and stored in the parameter tree at
   `params[table_name(layer)]["engram"]["memory"]["table"]` (the checkpoint layout); `split` takes
-  them out ({table name: table}) and `merge` puts them back. Nothing else names that path.
+  them out ({table name: table}) and `merge` puts them back; `saved_table_path` / `saved_table_name`
+  translate it for saved checkpoints. Nothing else names that path.
 - Reading rows. `gather(tables, engram_ids)` turns per-head hash ids into rows for every Engram
   layer. For tables on the devices it is `sharded_lookup`: an all-to-all to the rows' owners whose
   forward and backward move only the distinct rows each device reads.
@@ -86,6 +87,19 @@ def is_table_path(path) -> bool:
   one (an optimizer moment, a sharding tree)."""
   keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
   return keys[-len(_IN_BLOCK):] == _IN_BLOCK
+
+
+def saved_table_path(name: str) -> Tuple[str, ...]:
+  """The key path of table `name` in a saved train state (checkpoint.py's array paths)."""
+  return ("params", name) + _IN_BLOCK
+
+
+def saved_table_name(path) -> Optional[str]:
+  """The table a saved train state's key path (a tuple of str, or "/"-joined) leads to; None if none."""
+  keys = tuple(path.split("/")) if isinstance(path, str) else tuple(path)
+  if len(keys) == 2 + len(_IN_BLOCK) and keys[0] == "params" and keys[2:] == _IN_BLOCK:
+    return keys[1]
+  return None
 
 
 def split(params) -> Tuple[dict, Dict[str, object]]:

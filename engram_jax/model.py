@@ -247,6 +247,16 @@ def init_variables(cfg: ModelConfig, key: jax.Array, batch: int = 1, seq: int = 
   return variables
 
 
+def engram_gates(cfg: ModelConfig, intermediates, batch_shape) -> jax.Array:
+  """Every Engram layer's gates [B, T, L, M] float32 from a forward's "intermediates" collection
+  (each Engram block sows its gates [B, T, M] once under its own name; zeros [B, T, 0, M] without
+  Engram)."""
+  if cfg.engram is None:
+    return jnp.zeros(tuple(batch_shape) + (0, cfg.mhc.expansion), jnp.float32)
+  return jnp.stack([intermediates[memory.table_name(l)]["engram"]["gates"][0] for l in cfg.engram.layer_ids],
+                   axis=2).astype(jnp.float32)
+
+
 def forward(cfg: ModelConfig, params, model_state, batch, *, engram_scale=None, rows=None, mutable=False,
             cache_mode: Optional[str] = None, cache_length: int = 0, part: str = "all", split_layer: int = 0,
             streams=None):

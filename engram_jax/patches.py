@@ -35,7 +35,7 @@ several patches change are reported and resolved by a stated policy: "sum" (base
 patch's delta, the default: disjoint facts that share template rows add up), "last" (the last patch
 listed wins) or "refuse". It returns the patched params and an `Undo`; `revert` restores the base rows
 bit for bit. `resolve_patches` is the same logic for any holder of the tables: the runner uses it for
-host and disk tables (offload.py), whose patched rows become an overlay the host gather reads.
+host and disk tables (tables/host.py), whose patched rows become an overlay the host gather reads.
 """
 
 from __future__ import annotations

@@ -11,16 +11,14 @@ Right-padding cannot change a causal model's outputs at earlier positions: atten
 hash ids are suffix n-grams, and the Engram conv is causal. (Left-padding would: the hasher's pad id
 is a real token.)
 
-Where the Engram tables live is the runner's choice, made once (`engram_tables`): "device" (in the
-params, read in-graph by `memory.gather`), or "host" / "disk" (`offload.HostTables`: the params hold
-the backbone only, the host gathers each batch's rows, optionally minus a hot-row cache on the
-devices, and the forward assembles them). `prepare(batch)` does the host side of a batch (padding,
-hashing done by the caller, host rows, placement); `prepared(batches)` runs it on a background
-thread one or two batches ahead (`offload.Prefetcher`), so batch i+1's rows are gathered and
-transferred while batch i computes. Evaluation and scoring go through `prepared`.
-
-Decoding (generation.py) with host tables takes each step's rows from `host_rows` (the sampled
-tokens' hash ids, fetched from the devices) and assembles them in the step (`offload.assemble_rows`).
+Where the Engram tables live is chosen once (`engram_tables`) and kept in the runner's row source
+(`tables/source.py`): "device" (in the params, read in-graph by `memory.gather`), or "host" / "disk"
+(`HostTables`: the params hold the backbone only, the host gathers each batch's rows,
+optionally minus a hot-row cache on the devices, and the forward assembles them). The runner never
+asks which: `prepare(batch)` does the host side of a batch (padding, placement, and the row source's
+`rows_for`); `prepared(batches)` runs it on a background thread one or two batches ahead
+(`data_lib.Prefetcher`), so batch i+1's rows are gathered and transferred while batch i computes.
+Evaluation and scoring go through `prepared`; generation.py reads rows through the same source.
 """
 
 from __future__ import annotations
@@ -35,10 +33,14 @@ import numpy as np
 
 from engram_jax import data as data_lib
 from engram_jax import memory
-from engram_jax import offload
+from engram_jax.tables.files import checkpoint_table_reader
+from engram_jax.tables import host as table_host
+from engram_jax.tables.host import PLACEMENTS, HitCounter, HostTables, HotRowCache
+from engram_jax.tables.quant import bytes_per_row, check_quantize
 from engram_jax.config import Config
-from engram_jax.model import forward, token_nll
-from engram_jax.sharding import LOGICAL_RULES, batch_devices, batch_sharding, make_mesh, place_batch
+from engram_jax.model import engram_gates, forward, token_nll
+from engram_jax.tables.source import RowSource, build_row_source
+from engram_jax.sharding import LOGICAL_RULES, batch_devices, make_mesh, place_batch
 
 # (contexts, continuations) -> (log-likelihood of each continuation [N], greedy match [N] bool).
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tuple[np.ndarray, np.ndarray]]
@@ -53,34 +55,29 @@ def gather_global(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def make_forward(cfg: Config):
-  """forward(params, model_state, batch, engram_scale, host=None, cache=None) -> {"nll", "argmax" [B,T],
-  "gates" [B,T,L,M]}. With `host` (offload.prepare_rows's arrays, placed) the Engram rows come from
-  the host and the hot-row `cache` ({name: (rows, scales)}), not from tables in `params`."""
-  layers = cfg.model.engram.layer_ids if cfg.model.engram is not None else ()
+def make_forward(cfg: Config, source: RowSource):
+  """forward(params, model_state, batch, engram_scale, feed=None, operand=None) -> {"nll", "argmax"
+  [B,T], "gates" [B,T,L,M]}, the Engram rows read through `source` (`feed`: its `rows_for` of the
+  batch; `operand`: its `operand()`)."""
+  engram = cfg.model.engram is not None
 
-  def run(params, model_state, batch, engram_scale, host=None, cache=None):
-    rows = None if host is None else offload.assemble_rows(host, cache, jnp.dtype(cfg.model.dtype))
+  def run(params, model_state, batch, engram_scale, feed=None, operand=None):
+    rows = source.rows(params, feed, operand, batch.get("engram_ids")) if engram else None
     (logits, _), inter = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                  mutable=["intermediates"])
     nll = token_nll(logits, batch["targets"])[0]  # [B,T]
     argmax = jnp.argmax(logits, -1).astype(jnp.int32)  # [B,T]
-    B, T = batch["tokens"].shape
-    if layers:
-      # Engram blocks are never scanned, so each sows its gates [B,T,M] once under its own name.
-      gates = jnp.stack([inter["intermediates"][f"layer_{l}"]["engram"]["gates"][0] for l in layers], axis=2)
-    else:
-      gates = jnp.zeros((B, T, 0, cfg.model.mhc.expansion), jnp.float32)
-    return {"nll": nll, "argmax": argmax, "gates": gates.astype(jnp.float32)}  # gates [B,T,L,M]
+    gates = engram_gates(cfg.model, inter["intermediates"], batch["tokens"].shape)
+    return {"nll": nll, "argmax": argmax, "gates": gates}
 
   return run
 
 
 class Prepared(NamedTuple):
-  """A batch ready for the jitted forward: its arrays on the devices (and host rows, if any)."""
+  """A batch ready for the jitted forward: its arrays on the devices and the row source's feed."""
 
   arrays: Dict[str, jax.Array]
-  host: Optional[Dict[str, Dict[str, jax.Array]]]
+  feed: Optional[Dict[str, Dict[str, jax.Array]]]  # None for device tables
   rows: int  # this process's real rows
   padded_rows: int  # rows after padding to the mesh's batch devices
 
@@ -93,35 +90,25 @@ class ModelRunner:
   batches from token lists.
 
   `tables`: None keeps the Engram tables in `params` on the devices ("device" placement); an
-  `offload.HostTables` keeps them on the host ("host" / "disk"), and `params` may then hold the
-  backbone alone (tables in it are dropped). `cache`: an `offload.HotRowCache` of those tables.
-  `prefetch`: prepare batches on a background thread (`prepared`).
+  `HostTables` keeps them on the host ("host" / "disk"), and `params` may then hold the
+  backbone alone (tables in it are dropped). `cache`: an `HotRowCache` of those tables.
+  Both make the row source, `source` (`tables/source.py`). `prefetch`: prepare batches on a background
+  thread (`prepared`).
   """
 
   def __init__(self, cfg: Config, params, model_state, mesh=None, tokenizer=None, *,
-               tables: Optional["offload.HostTables"] = None, cache: Optional["offload.HotRowCache"] = None,
+               tables: Optional["HostTables"] = None, cache: Optional["HotRowCache"] = None,
                prefetch: bool = True, prefetch_depth: int = 2):
     self.cfg = cfg
     self.step: Optional[int] = None  # the checkpoint step, when restored by from_checkpoint
     self.patches: List[str] = []  # knowledge patch directories applied (apply_patches)
-    self._undo: list = []
-    if tables is not None:
-      if cfg.model.engram is None:
-        raise ValueError("host tables were given but the model has no Engram layers (model.engram is None)")
-      params = memory.split(params)[0]
-    if cache is not None and tables is None:
-      raise ValueError("a hot-row cache caches host tables: pass tables= (placement 'host' or 'disk') with it")
-    self.params = params
+    self._undo: List[Callable] = []  # per apply_patches: params -> params with its rows reverted
+    self.mesh = mesh if mesh is not None else runner_mesh(cfg)
+    self.source = build_row_source(cfg.model, self.mesh, tables, cache)
+    self.params = self.source.params(params)
     self.model_state = model_state
-    self.tables = tables
-    self.placement = "device" if tables is None else tables.placement
     self.prefetch = prefetch
     self.prefetch_depth = prefetch_depth
-    self.hit_counter = offload.HitCounter()
-    self.mesh = mesh if mesh is not None else runner_mesh(cfg)
-    self.cache = cache.place(self.mesh) if cache is not None else None
-    self._cache_arrays = (None if self.cache is None else
-                          {n: (self.cache.rows[n], self.cache.scales[n]) for n in self.cache.ids})
     self.tokenizer = tokenizer if tokenizer is not None else data_lib.load_tokenizer(cfg.data.tokenizer_path)
     engram = cfg.model.engram
     self.engram_layers: Tuple[int, ...] = tuple(engram.layer_ids) if engram is not None else ()
@@ -133,7 +120,24 @@ class ModelRunner:
     self.row_multiple = batch_devices(self.mesh)
     self.batch_rows = -(-cfg.data.batch_size // self.row_multiple) * self.row_multiple
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      self._forward = jax.jit(make_forward(cfg))
+      self._forward = jax.jit(make_forward(cfg, self.source))
+
+  @property
+  def placement(self) -> str:
+    return self.source.placement
+
+  @property
+  def tables(self) -> Optional["HostTables"]:
+    """The host tables (None: the tables are in `params` on the devices)."""
+    return self.source.tables
+
+  @property
+  def cache(self) -> Optional["HotRowCache"]:
+    return self.source.cache
+
+  @property
+  def hit_counter(self) -> "HitCounter":
+    return self.source.hit_counter
 
   @classmethod
   def from_checkpoint(cls, cfg: Config, checkpoint_dir: str, *, step: Optional[int] = None, mesh=None,
@@ -153,8 +157,8 @@ class ModelRunner:
     """
     from engram_jax.trainer import restore_for_eval
 
-    if engram_tables not in offload.PLACEMENTS:
-      raise ValueError(f"engram_tables={engram_tables!r}: expected one of {offload.PLACEMENTS}")
+    if engram_tables not in PLACEMENTS:
+      raise ValueError(f"engram_tables={engram_tables!r}: expected one of {PLACEMENTS}")
     if engram_tables == "device" and (table_dir or cache_rows or (quantize not in (None, "float32"))):
       raise ValueError(f"engram_tables='device' keeps the tables in the checkpoint's params: table_dir={table_dir!r}, "
                        f"cache_rows={cache_rows!r}, quantize={quantize!r} need 'host' or 'disk'")
@@ -164,7 +168,7 @@ class ModelRunner:
     if not isinstance(cache_rows, int) or cache_rows < 0:
       raise ValueError(f"cache_rows={cache_rows!r}: expected a non-negative integer")
     if quantize is not None:
-      offload.check_quantize(quantize)
+      check_quantize(quantize)
     tables = None
     if engram_tables != "device":
       if cfg.model.engram is None:
@@ -180,81 +184,45 @@ class ModelRunner:
     runner = cls(cfg, params, model_state, mesh, tables=tables, prefetch=prefetch)
     if cache_rows:
       reference = cache_reference if cache_reference is not None else reference_ids(runner)
-      runner.set_cache(offload.HotRowCache.build(tables, reference, cache_rows))
+      runner.set_cache(HotRowCache.build(tables, reference, cache_rows))
       log(f"hot-row cache: {cache_rows} rows per table from {int(np.prod(reference.shape[:-2]))} reference tokens")
     runner.step = int(step)
     return runner
 
-  def set_cache(self, cache: Optional["offload.HotRowCache"]):
+  def set_cache(self, cache: Optional["HotRowCache"]):
     """Replaces the hot-row cache (None: no cache) and resets the hit counts."""
-    if cache is not None and self.tables is None:
-      raise ValueError("a hot-row cache caches host tables: this runner keeps its tables on the device")
-    self.cache = cache.place(self.mesh) if cache is not None else None
-    self._cache_arrays = (None if self.cache is None else
-                          {n: (self.cache.rows[n], self.cache.scales[n]) for n in self.cache.ids})
-    self.hit_counter.reset()
+    if self.tables is None:
+      if cache is not None:
+        raise ValueError("a hot-row cache caches host tables: this runner keeps its tables on the device")
+      return
+    self.source.set_cache(cache)
 
   def table_report(self) -> dict:
     """results.json's "engram_tables": placement, storage and (with a cache) hit rates per layer and order."""
-    out = {"placement": self.placement, "quantize": None if self.tables is None else self.tables.quantize,
-           "bytes_per_row": None, "cache": None}
-    if self.tables is not None:
-      out["bytes_per_row"] = offload.bytes_per_row(self.tables.quantize, self.cfg.model.engram.head_dim)
-    if self.cache is not None:
-      out["cache"] = self.hit_counter.report(self.cfg.model.engram, self.cache.size)
-    return out
+    return self.source.report()
 
   # -- knowledge patches -------------------------------------------------------------------------
 
   def apply_patches(self, patches: Sequence[str], *, policy: str = "sum", force: bool = False,
                     log: Callable[[str], None] = print):
-    """Applies knowledge patch directories (patches.py) to the runner's tables (the checkpoint and
-    any table files on disk are not touched): on the devices the rows are written into copies of
-    the tables; on `host`/`disk` they become an overlay the host gather reads instead of the base
-    rows. `revert_patches` restores the base rows exactly. Returns the ApplyReport."""
+    """Applies knowledge patch directories (patches.py) to the tables the row source reads (the
+    checkpoint and any table files on disk are not touched): on the devices the rows are written into
+    copies of the tables; on `host`/`disk` they become an overlay the host gather reads instead of the
+    base rows. `revert_patches` restores the base rows exactly. Returns the ApplyReport."""
     from engram_jax import patches as patches_lib
 
     if self.hashing is None:
       raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
-    if self.tables is None:
-      self.params, undo, report = patches_lib.apply_patches(self.params, self.cfg.model, self.hashing, list(patches),
-                                                            policy=policy, force=force, log=log)
-      self._undo.append(undo)
-    else:
-      host = self.tables
-      if self.cache is not None:
-        raise patches_lib.PatchError("knowledge patches with a hot-row cache on the devices are not supported (the "
-                                     "cached rows would be the unpatched ones): use cache_rows=0")
-      if host.row_range is not None:
-        raise patches_lib.PatchError("knowledge patches on host tables split over several processes are not "
-                                     "supported: apply them with engram_tables='device'")
-      num_rows = {name: int(host.rows[name].shape[0]) for name in host.names}
-      changes, report = patches_lib.resolve_patches(self.cfg.model, self.hashing, list(patches), host.read_float,
-                                                    num_rows, policy=policy, force=force)
-      self._undo.append(dict(host.overlay))
-      for name, rows in changes.items():
-        if name in host.overlay:  # stacking on an earlier apply: its rows stay unless these replace them
-          old_ids = host.overlay[name][0]
-          keep = ~np.isin(old_ids, rows.ids)
-          ids = np.concatenate([old_ids[keep], rows.ids])
-          values = np.concatenate([host.read_float(name, old_ids[keep]), rows.new])
-        else:
-          ids, values = rows.ids, rows.new
-        host.set_overlay(name, ids, values)
-        log(f"{name}: {len(rows.ids)} rows patched ({self.placement} tables, read through an overlay)")
+    self.params, undo, report = self.source.patch(self.params, self.hashing, patches, policy=policy, force=force,
+                                                log=log)
+    self._undo.append(undo)
     self.patches = self.patches + list(patches)
     return report
 
   def revert_patches(self):
     """Undoes every `apply_patches`, newest first: the tables read bit-identical to the base again."""
-    from engram_jax import patches as patches_lib
-
     while self._undo:
-      undo = self._undo.pop()
-      if isinstance(undo, patches_lib.Undo):
-        self.params = patches_lib.revert(self.params, undo)
-      else:
-        self.tables.overlay = undo
+      self.params = self._undo.pop()(self.params)
     self.patches = []
 
   # -- scales ------------------------------------------------------------------------------------
@@ -269,8 +237,9 @@ class ModelRunner:
   # -- forward -----------------------------------------------------------------------------------
 
   def prepare(self, batch: Dict[str, np.ndarray]) -> Prepared:
-    """The host side of a forward: pads this process's rows to a multiple of its batch devices, gathers
-    the Engram rows on the host (host / disk placement) and places everything on the mesh."""
+    """The host side of a forward: pads this process's rows to a multiple of its batch devices, asks the
+    row source for the batch's rows (`rows_for`: a host gather for host / disk tables) and places
+    everything on the mesh."""
     keys = ("tokens", "targets", "segment_ids", "positions") + (("engram_ids",) if self.engram_layers else ())
     rows = len(batch["tokens"])
     local_multiple = max(1, self.row_multiple // jax.process_count())
@@ -284,54 +253,22 @@ class ModelRunner:
         fill = self.pad_id if key in ("tokens", "targets") else 0
         value = np.concatenate([value, np.full((padded_rows - rows,) + value.shape[1:], fill, value.dtype)])
       local[key] = value
-    host = None
-    if self.tables is not None and jax.process_count() > 1:
-      host = self._prepare_partial(local.pop("engram_ids"), padded_rows)
-    elif self.tables is not None:
-      host = self.host_rows(local.pop("engram_ids"), mask=local["segment_ids"] > 0)
-    return Prepared(place_batch(local, self.mesh), host, rows, padded_rows)
+    feed = None
+    if self.engram_layers:
+      ids = local["engram_ids"] if self.source.ids_in_graph else local.pop("engram_ids")
+      feed = self.source.rows_for(ids, mask=local["segment_ids"] > 0)
+    return Prepared(place_batch(local, self.mesh), feed, rows, padded_rows)
 
-  def host_rows(self, engram_ids: np.ndarray, mask: Optional[np.ndarray] = None,
-                pad_to: int = 0) -> Dict[str, Dict[str, jax.Array]]:
-    """The Engram rows of hash ids [B, T, L, H] (this process's rows, B a multiple of its batch devices)
-    gathered from the host tables minus the hot-row cache (`offload.prepare_rows`) and placed on the
-    batch's devices: what `make_forward`'s `host` and `offload.assemble_rows` take. `mask` [B, T]
-    marks the positions the hit-rate counter counts (default: all); `pad_to` pads the distinct rows
-    per shard to at least this many (a fixed shape: decoding passes every lookup of a step)."""
-    shards = max(1, self.row_multiple // jax.process_count())
-    host_np = offload.prepare_rows(self.tables, self.cache, engram_ids, shards, mask=mask, counter=self.hit_counter,
-                                   pad_to=pad_to)
-    shardings = {name: {k: batch_sharding(self.mesh, v.ndim) for k, v in entry.items()} for name, entry in host_np.items()}
-    if jax.process_count() == 1:
-      return jax.device_put(host_np, shardings)  # one call for every array: less per-step overhead when decoding
-    return jax.tree.map(jax.make_array_from_process_local_data, shardings, host_np)
+  def host_rows(self, engram_ids: np.ndarray, mask: Optional[np.ndarray] = None, pad_to: int = 0):
+    """The rows of this process's hash ids [b, T, L, H] as the forward takes them: the row source's
+    `rows_for` (for host tables the distinct rows per batch shard, minus the hot-row cache, placed on
+    the batch's devices; None for device tables)."""
+    return self.source.rows_for(engram_ids, mask=mask, pad_to=pad_to)
 
   @property
   def cache_arrays(self):
-    """The hot-row cache's device arrays {name: (rows, scales)} for `offload.assemble_rows` (None: no cache)."""
-    return self._cache_arrays
-
-  def _prepare_partial(self, local_ids: np.ndarray, padded_rows: int):
-    """Host rows when each process holds a row range of the tables (several processes): every
-    process gathers the global batch's hash ids (a small int32 all-gather), finds
-    the same distinct rows per global batch shard, and contributes the rows it owns as one device's
-    slice of a [devices, S, U, d] array (zeros on its other devices); the forward sums over devices.
-    A collective: every process must prepare the same batches in the same order (no thread)."""
-    from jax.experimental import multihost_utils
-
-    glob = np.asarray(multihost_utils.process_allgather(local_ids, tiled=True))  # [B, T, L, H] global
-    host_np = offload.prepare_rows(self.tables, None, glob, self.row_multiple)
-    pi = jax.process_index()
-    owner = self.tables.row_range is not None or pi == 0  # whole tables on every process: process 0 gives them
-    out = {}
-    for name, entry in host_np.items():
-      placed = {"index": jax.make_array_from_process_local_data(
-          batch_sharding(self.mesh, 3), entry["index"][pi * padded_rows:(pi + 1) * padded_rows])}
-      for key in ("rows", "scale"):
-        if key in entry:
-          placed[key] = offload.place_contribution(self.mesh, entry[key], owner)
-      out[name] = placed
-    return out
+    """The hot-row cache's device arrays {name: (rows, scales)} (None: no cache): the source's operand."""
+    return self.source.operand()
 
   def prepared(self, batches: Iterable[Dict[str, np.ndarray]]) -> Iterator[Tuple[Dict[str, np.ndarray], Prepared]]:
     """(batch, prepare(batch)) for each batch in order; with `prefetch`, prepared on a background thread
@@ -339,7 +276,7 @@ class ModelRunner:
     (Several processes prepare on the main thread: placing a batch is collective-free, but keeping
     every process's host work in one order is simpler to reason about.)"""
     if self.prefetch and jax.process_count() == 1:
-      return iter(offload.Prefetcher(batches, self.prepare, self.prefetch_depth))
+      return iter(data_lib.Prefetcher(batches, self.prepare, self.prefetch_depth))
     return ((b, self.prepare(b)) for b in batches)
 
   def forward(self, batch, engram_scale=None) -> Dict[str, np.ndarray]:
@@ -353,8 +290,8 @@ class ModelRunner:
     rows, padded_rows = prepared.rows, prepared.padded_rows
     scale = self.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
-      out = self._forward(self.params, self.model_state, prepared.arrays, jnp.asarray(scale), prepared.host,
-                          self._cache_arrays)
+      out = self._forward(self.params, self.model_state, prepared.arrays, jnp.asarray(scale), prepared.feed,
+                          self.source.operand())
     out = {k: gather_global(v) for k, v in out.items()}
     if padded_rows > rows:
       # Each process padded its own rows: drop the padding rows of every process's slice.
@@ -454,7 +391,7 @@ class ModelRunner:
 
 def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: Optional[str] = None,
                 step: Optional[int] = None, quantize: Optional[str] = None, verify: bool = False,
-                log: Callable[[str], None] = print) -> "offload.HostTables":
+                log: Callable[[str], None] = print) -> "HostTables":
   """The Engram tables of a run for `placement` "host" or "disk": a table directory opened (checked
   against the model's fingerprint), or, for "host" without one, the checkpoint's tables read straight
   into host memory (tensorstore, chunk by chunk, never on a device) and stored as `quantize`."""
@@ -464,26 +401,26 @@ def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: 
   hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
   fp = fingerprint(cfg.model, hashing)
   if table_dir:
-    return offload.HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
+    return HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
   if placement != "host":
     raise ValueError(f"placement {placement!r} needs a table_dir")
   step = ckpt_lib.step_to_read(checkpoint_dir, step)
   kind = quantize or "float32"
   e = cfg.model.engram
-  need = sum(memory.table_layout(e, l)[2] for l in e.layer_ids) * offload.bytes_per_row(kind, e.head_dim)
-  free = offload.available_memory()
+  need = sum(memory.table_layout(e, l)[2] for l in e.layer_ids) * bytes_per_row(kind, e.head_dim)
+  free = table_host.available_memory()
   if free is not None and need > free:
     raise MemoryError(f"placement 'host' needs {need / 2**30:.2f} GiB of RAM for the tables but only "
                       f"{free / 2**30:.2f} GiB is available: export them (`eval.py --export_tables DIR`) and use "
                       "placement 'disk'")
-  reader = offload.checkpoint_table_reader(checkpoint_dir, step)
+  reader = checkpoint_table_reader(checkpoint_dir, step)
   tables = {}
   for layer in e.layer_ids:
     name = memory.table_name(layer)
     rows = int(memory.table_layout(e, layer)[2])
     tables[name] = np.concatenate([reader(name, a, min(rows, a + (1 << 16))) for a in range(0, rows, 1 << 16)])
   log(f"read the Engram tables of step {step} into host memory ({kind})")
-  return offload.HostTables.from_arrays(e, tables, kind, "host")
+  return HostTables.from_arrays(e, tables, kind, "host")
 
 
 def reference_ids(runner: "ModelRunner", tokens: int = 1 << 16) -> np.ndarray:

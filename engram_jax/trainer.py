@@ -25,7 +25,8 @@ import optax
 
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
-from engram_jax import host_training, memory, offload
+from engram_jax import host_training, memory
+from engram_jax.tables import batch as batch_rows
 from engram_jax import runlock
 from engram_jax.config import Config, to_dict
 from engram_jax.model import abstract_variables, forward, init_variables, param_counts, token_nll
@@ -172,7 +173,7 @@ def make_grads(cfg: Config):
   so no [rows, d] table gradient exists; otherwise the tables are differentiated through the gather
   like any other parameter. With tables off the devices (`host_tables`) the params are the backbone
   and the rows come with the batch (`batch["engram_rows"]`, host_training.RowFeed's arrays for one
-  micro-batch), assembled in-graph by offload.assemble_rows; the gradient is taken with respect to
+  micro-batch), assembled in-graph by batch_rows.assemble_rows; the gradient is taken with respect to
   the assembled rows as on the devices.
   """
   sparse = sparse_tables(cfg)
@@ -189,7 +190,7 @@ def make_grads(cfg: Config):
       return loss, extra, grads, {}
     if host:
       backbone = params
-      rows = offload.assemble_rows(batch["engram_rows"], None, jnp.dtype(cfg.model.param_dtype))
+      rows = batch_rows.assemble_rows(batch["engram_rows"], None, jnp.dtype(cfg.model.param_dtype))
     else:
       backbone, tables = memory.split(params)
       rows = memory.gather(tables, cfg.model.engram, batch["engram_ids"])  # {name: [B,T,H,d]}
@@ -314,7 +315,7 @@ def make_eval_step(cfg: Config):
     rows = None
     if host:
       feed = {n: {"index": e["index"], "rows": e["rows"][:, 0]} for n, e in _owned_rows(batch["engram_rows"]).items()}
-      rows = offload.assemble_rows(feed, None, jnp.dtype(cfg.model.param_dtype))
+      rows = batch_rows.assemble_rows(feed, None, jnp.dtype(cfg.model.param_dtype))
     (logits, _) = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows)
     return token_nll(logits, batch["targets"])[0] * batch["loss_mask"]  # [B, T] per-token loss, 0 where masked
 
@@ -444,45 +445,93 @@ class _DataPosition:
 
 
 class _StepInputs:
-  """The loop's batches, placed on the mesh.
+  """The loop's batches placed on the mesh, and the half of the table update the step does not do.
 
-  Device tables: the next batch of the data iterator. Tables off the devices (host_training.py):
-  one batch is read ahead (`look_ahead`, right after a step is dispatched) and its rows gathered on
-  a thread while the step runs; `next` brings them up to date (rows the previous update wrote are
-  read again) and places them; `after_step` applies the step's lazy Adam update on the host. A
-  checkpoint saves the data position from before the read-ahead (`data_position`) and the tables
-  and moments from the host (`saved_state`).
+  Device tables (this class; also models without Engram): the next batch of the data iterator; the
+  step reads the table rows it needs and applies their lazy Adam update itself, so nothing happens
+  after it. `_HostTableInputs` keeps the tables off the devices. The loop calls, per step: `next()`
+  (the placed batch, with its rows where the tables are elsewhere), the jitted step, `look_ahead()`
+  (right after the step is dispatched), `apply_row_update(table_out, finite)`; and `eval_batch`,
+  `take_times`, `tables_finite`, `data_position` and `saved_state` (what a checkpoint saves) as needed.
+  """
+
+  def __init__(self, cfg: Config, mesh, data_iter):
+    self.cfg, self.mesh, self.data_iter = cfg, mesh, data_iter
+
+  def jit_step(self, step_fn, shardings, data_shardings):
+    return jax.jit(step_fn, in_shardings=(shardings, data_shardings), out_shardings=(shardings, None),
+                   donate_argnums=(0,))
+
+  def next(self):
+    return place_batch(next(self.data_iter), self.mesh)
+
+  def look_ahead(self):
+    pass
+
+  def apply_row_update(self, table_out, finite: bool):
+    pass
+
+  def eval_batch(self, local):
+    return place_batch(local, self.mesh)
+
+  def take_times(self, steps: int) -> Dict[str, float]:
+    return {}
+
+  def tables_finite(self) -> bool:
+    return True  # device tables are in the train state, checked with it
+
+  def data_position(self):
+    return self.data_iter
+
+  def saved_state(self, state: TrainState) -> TrainState:
+    return state
+
+  def close(self):
+    pass
+
+
+class _HostTableInputs(_StepInputs):
+  """Tables off the devices (host_training.py, `store`): one batch is read ahead (`look_ahead`,
+  right after a step is dispatched) and its rows gathered on a thread while the step runs; `next`
+  brings them up to date (rows the previous update wrote are read again) and places them;
+  `apply_row_update` applies the step's lazy Adam update on the host. A checkpoint saves the data
+  position from before the read-ahead (`data_position`) and the tables and moments from the host
+  (`saved_state`).
   """
 
   _END = object()
 
   def __init__(self, cfg: Config, mesh, data_iter, store, tx):
-    self.cfg, self.mesh, self.data_iter, self.store = cfg, mesh, data_iter, store
-    self._pending = None  # (local batch or _END, its global hash ids, future of its prepared rows)
-    self._current = None
-    self._position = None
-    if store is not None:
-      import concurrent.futures
+    import concurrent.futures
 
-      shards = batch_devices(mesh)  # the global batch's shards: with several processes every one
-      # gathers the ids of the whole batch and contributes the rows it owns (`_place`)
-      self._processes = jax.process_count()
-      self.feed = host_training.RowFeed(store, shards, cfg.train.grad_accum_steps)
-      self.eval_feed = host_training.RowFeed(store, shards, 1)
-      self.chunks = host_training.mesh_chunks(mesh)
-      self.times = dict.fromkeys(("rows_gather", "rows_ready", "rows_place", "grads_fetch", "host_update"), 0.0)
-      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-rows")
-      # Device training's optimizer state keeps empty sub-trees where the tables were; checkpoints
-      # are saved in that structure (same leaves, same order) so either placement restores them.
-      backbone = memory.split(nn.meta.unbox(abstract_variables(cfg.model))["params"])[0]
-      self._opt_structure = jax.tree.structure(jax.eval_shape(tx.init, backbone))
-      if self._processes > 1:  # device training's layout of the tables, for checkpoints (`_process_arrays`)
-        device_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, engram_tables="device"))
-        self._device_shardings = state_shardings(device_cfg, mesh)[1]
+    super().__init__(cfg, mesh, data_iter)
+    self.store = store
+    self._pending = None  # (local batch or _END, its global hash ids, future of its prepared rows)
+    self._current_ids = None
+    self._position = None
+    shards = batch_devices(mesh)  # the global batch's shards: with several processes every one
+    # gathers the ids of the whole batch and contributes the rows it owns (`_place`)
+    self._processes = jax.process_count()
+    self.feed = host_training.RowFeed(store, shards, cfg.train.grad_accum_steps)
+    self.eval_feed = host_training.RowFeed(store, shards, 1)
+    self.chunks = host_training.mesh_chunks(mesh)
+    self.times = dict.fromkeys(("rows_gather", "rows_ready", "rows_place", "grads_fetch", "host_update"), 0.0)
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engram-rows")
+    # Device training's optimizer state keeps empty sub-trees where the tables were; checkpoints
+    # are saved in that structure (same leaves, same order) so either placement restores them.
+    backbone = memory.split(nn.meta.unbox(abstract_variables(cfg.model))["params"])[0]
+    self._opt_structure = jax.tree.structure(jax.eval_shape(tx.init, backbone))
+    if self._processes > 1:  # device training's layout of the tables, for checkpoints (`_process_arrays`)
+      device_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, engram_tables="device"))
+      self._device_shardings = state_shardings(device_cfg, mesh)[1]
+
+  def jit_step(self, step_fn, shardings, data_shardings):
+    # The rows' shapes vary with the step's distinct rows: their placement gives their shardings.
+    # Several processes: the row gradients come back whole to every process, which updates its rows.
+    grads_out = None if self._processes == 1 else jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step_fn, out_shardings=(shardings, None, grads_out), donate_argnums=(0,))
 
   def next(self):
-    if self.store is None:
-      return place_batch(next(self.data_iter), self.mesh)
     if self._pending is None:
       local = next(self.data_iter)
       ids = self._global_ids(local)
@@ -493,7 +542,6 @@ class _StepInputs:
       if local is self._END:
         raise StopIteration
       prepared = future.result()
-    self._current = local
     self._current_ids = ids
     t0 = time.perf_counter()
     rows = self.feed.ready(prepared)
@@ -529,11 +577,9 @@ class _StepInputs:
     pi, b = jax.process_index(), self.cfg.data.batch_size // self._processes
     return {name: {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
                                                                    entry["index"][pi * b:(pi + 1) * b]),
-                   "rows": offload.place_contribution(self.mesh, entry["rows"])} for name, entry in rows.items()}
+                   "rows": batch_rows.place_contribution(self.mesh, entry["rows"])} for name, entry in rows.items()}
 
   def look_ahead(self):
-    if self.store is None:
-      return
     self._position = self.data_iter.get_state()
     try:
       local = next(self.data_iter)
@@ -543,8 +589,8 @@ class _StepInputs:
     ids = self._global_ids(local)
     self._pending = (local, ids, self._pool.submit(self._prepare, ids))
 
-  def after_step(self, table_out, finite: bool):
-    if self.store is None or not finite:  # a skipped step changes no row, as on the devices
+  def apply_row_update(self, table_out, finite: bool):
+    if not finite:  # a skipped step changes no row, as on the devices
       return
     t0 = time.perf_counter()
     out = jax.device_get(table_out[0])
@@ -557,29 +603,31 @@ class _StepInputs:
     self.times["host_update"] += time.perf_counter() - t1
 
   def take_times(self, steps: int) -> Dict[str, float]:
-    """Seconds per step of each host stage since the last call (tables off the devices), for the
-    metrics: rows_gather (on the prefetch thread, overlapping the step), rows_ready (re-reading
-    rows written since), rows_place (transfer to the devices), grads_fetch (the step's
-    row gradients to the host, once the step is done), host_update (the lazy Adam step)."""
-    if self.store is None or steps < 1:
+    """Seconds per step of each host stage since the last call, for the metrics: rows_gather (on
+    the prefetch thread, overlapping the step), rows_ready (re-reading rows written since),
+    rows_place (transfer to the devices), grads_fetch (the step's row gradients to the host, once
+    the step is done), host_update (the lazy Adam step)."""
+    if steps < 1:
       return {}
     out = {f"time/{k}_s": v / steps for k, v in self.times.items()}
     self.times = dict.fromkeys(self.times, 0.0)
     return out
 
-  def rows_for_eval(self, local):
-    if self.store is None:
-      return None
-    return self._place(self.eval_feed.ready(self.eval_feed.prepare({"engram_ids": self._global_ids(local)})))
+  def eval_batch(self, local):
+    batch = place_batch(local, self.mesh)
+    batch["engram_rows"] = self._place(self.eval_feed.ready(self.eval_feed.prepare(
+        {"engram_ids": self._global_ids(local)})))
+    return batch
+
+  def tables_finite(self) -> bool:
+    return self.store.all_finite()
 
   def data_position(self):
-    if self.store is None or self._position is None:
+    if self._position is None:
       return self.data_iter
     return _DataPosition(self._position)
 
   def saved_state(self, state: TrainState) -> TrainState:
-    if self.store is None:
-      return state
     if self._processes > 1:
       tables, opt = self._process_arrays()
     else:
@@ -623,9 +671,14 @@ class _StepInputs:
     return out_tables, out_opt
 
   def close(self):
-    if self.store is not None:
-      self._pool.shutdown(wait=True, cancel_futures=True)
-      self.store.flush()
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    self.store.flush()
+
+
+def step_inputs(cfg: Config, mesh, data_iter, store=None, tx=None) -> _StepInputs:
+  """The loop's inputs for the run's table placement: `store` (host_training.HostTrainTables) for
+  tables off the devices, None for device tables."""
+  return _StepInputs(cfg, mesh, data_iter) if store is None else _HostTableInputs(cfg, mesh, data_iter, store, tx)
 
 
 def check_batch_divides_mesh(cfg: Config, mesh):
@@ -776,14 +829,11 @@ def _resume(cfg: Config, manager, abstract_state, data_iter, resume_step: Option
   return state, step, meta
 
 
-def evaluate(cfg: Config, state: TrainState, mesh, eval_fn, batches, rows_for=None) -> Dict[str, float]:
-  """Held-out loss over `batches`; `rows_for(local) -> placed rows` supplies the rows of tables off
-  the devices."""
+def evaluate(state: TrainState, eval_fn, batches) -> Dict[str, float]:
+  """Held-out loss over placed `batches` (`_StepInputs.eval_batch`: with their rows where the tables
+  are off the devices)."""
   total, count = 0.0, 0.0
-  for local in batches:
-    batch = place_batch(local, mesh)
-    if rows_for is not None:
-      batch["engram_rows"] = rows_for(local)
+  for batch in batches:
     token_loss = eval_fn(state.params, state.model_state, batch)
     total += float(jnp.sum(token_loss))
     count += float(jnp.sum(batch["loss_mask"]))  # the global batch: every process's rows
@@ -859,17 +909,11 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
     state, start, meta = init_state(cfg, mesh, tx, shardings), 0, {}
     if store is not None:
       store.initialize(cfg)
-  inputs = _StepInputs(cfg, mesh, data_iter, store, tx)
+  inputs = step_inputs(cfg, mesh, data_iter, store, tx)
 
   data_shardings = {k: batch_sharding(mesh, len(v.shape)) for k, v in batch_shapes(cfg, 1).items()}
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    if store is None:
-      step_fn = jax.jit(make_train_step(cfg, tx), in_shardings=(shardings, data_shardings),
-                        out_shardings=(shardings, None), donate_argnums=(0,))
-    else:  # the rows' shapes vary with the step's distinct rows: their placement gives their shardings
-      # (several processes: the row gradients come back whole to every process, which updates its rows)
-      grads_out = None if jax.process_count() == 1 else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-      step_fn = jax.jit(make_train_step(cfg, tx), out_shardings=(shardings, None, grads_out), donate_argnums=(0,))
+    step_fn = inputs.jit_step(make_train_step(cfg, tx), shardings, data_shardings)
     eval_fn = jax.jit(make_eval_step(cfg))
 
   writer = MetricsWriter(workdir, replay_from=start)
@@ -905,7 +949,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
         log(f"step {step}: not checkpointed, the last {run} step(s) were skipped for a non-finite loss or "
             f"gradient ({newest})")
       return
-    if not bool(state_is_finite(state)) or (store is not None and not store.all_finite()):
+    if not bool(state_is_finite(state)) or not inputs.tables_finite():
       raise NonFiniteError(f"the train state holds NaN or infinite values at step {step} although its loss and "
                            "gradients were finite. " + _last_good_text(cfg, last_good, manager.directory),
                            step=step, last_good_step=last_good)
@@ -926,7 +970,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
         step += 1
         steps_since += 1
         run = int(jax.device_get(state.nonfinite_run))
-        inputs.after_step(table_out, finite=run == 0)
+        inputs.apply_row_update(table_out, finite=run == 0)
         skipped += run > 0
         diverged = run >= max(cfg.train.max_consecutive_nonfinite, 1)
         if step % cfg.train.log_every == 0 or step == end or diverged:
@@ -953,7 +997,7 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
         if bar is not None:
           bar.update(1)
         if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps) and eval_local:
-          ev = evaluate(cfg, state, mesh, eval_fn, eval_local, rows_for=inputs.rows_for_eval if store is not None else None)
+          ev = evaluate(state, eval_fn, map(inputs.eval_batch, eval_local))
           writer.write(step, ev)
           first_eval = first_eval or {"step": step, **ev}
           last_eval = {"step": step, **ev}
@@ -1003,7 +1047,7 @@ def restore_for_eval(cfg: Config, checkpoint_dir: str, mesh=None, step: Optional
   `mesh` (default: every local device, resharding as needed). Only the parameters and the model
   state are read: the optimizer state (twice the parameters' bytes under Adam) stays on disk; with
   `tables=False` the Engram tables stay there too (params hold the backbone: for tables kept on the
-  host, engram_jax/offload.py). A missing or empty directory is a FileNotFoundError naming it; a step
+  host, engram_jax/tables/). A missing or empty directory is a FileNotFoundError naming it; a step
   it does not hold a CheckpointNotFoundError listing those it does; a damaged or incompatible one a
   CheckpointRestoreError that names the newest older step whose parameters do restore (`intact`)."""
   mesh = mesh or make_mesh(cfg.mesh)

@@ -13,6 +13,8 @@ import pytest
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import host_training, memory, offload, trainer
 from engram_jax.config import CheckpointConfig, Config, MeshConfig, load_preset
+from engram_jax.tables import batch as batch_rows
+from engram_jax.tables import host as table_host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -72,7 +74,7 @@ def test_host_tables_with_a_slow_gather_equal_device_training(device_run, tmp_pa
     time.sleep(0.05)
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(host_training.offload, "prepare_rows", slow)
+  monkeypatch.setattr(batch_rows, "prepare_rows", slow)
   reread = []
   ready = host_training.RowFeed.ready
 
@@ -293,7 +295,7 @@ def test_placement_errors_write_nothing(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="engram_sparse_updates=False"):
     dataclasses.replace(tiny().train, engram_tables="host", engram_sparse_updates=False)
 
-  monkeypatch.setattr(offload, "available_memory", lambda: 1000)
+  monkeypatch.setattr(table_host, "available_memory", lambda: 1000)
   with pytest.raises(MemoryError, match="engram_tables='disk'"):
     train(tiny("host"), tmp_path / "ram")
   assert not (tmp_path / "ram").exists()

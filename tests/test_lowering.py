@@ -57,6 +57,7 @@ import pytest
 from jax import export
 
 from engram_jax import generation, runner, trainer
+from engram_jax.tables import source as row_source
 from engram_jax.config import Config, MeshConfig, load_preset
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding, make_mesh
 
@@ -83,7 +84,7 @@ def tiny(mesh: str = "preset", sparse: bool = True) -> Config:
 def jitted_eval_forward(cfg: Config, mesh):
   """The evaluation forward, jitted as the model runner jits it."""
   with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-    return jax.jit(runner.make_forward(cfg))
+    return jax.jit(runner.make_forward(cfg, row_source.DeviceRows(cfg.model, mesh)))
 
 
 def _export(jitted, mesh, platforms, *args) -> export.Exported:

@@ -24,6 +24,8 @@ from engram_jax.evaluation import EvalOptions
 from engram_jax.model import init_variables
 from engram_jax.patches import fingerprint
 from engram_jax.sharding import LOGICAL_RULES, make_mesh
+from engram_jax.tables import batch as batch_rows
+from engram_jax.tables import host as table_host
 
 DOCS = [
     "The code module provides facilities to implement read-eval-print loops in Python. "
@@ -269,7 +271,7 @@ def test_quantized_round_trip_within_documented_bound(kind):
 def test_quantized_tables_through_runner_equal_dequantized_device_tables(setup, kind):
   s = setup
   tables = offload.HostTables.from_arrays(s["cfg"].model.engram, s["tables"], kind)
-  assert tables.rows["layer_0"].dtype == offload._STORAGE[kind]
+  assert tables.rows["layer_0"].dtype == offload.STORAGE[kind]
   deq = {n: offload.dequantize(tables.rows[n], tables.scales[n], np.float32) for n in tables.names}
   with jax.set_mesh(s["mesh"]):
     params = memory.merge(memory.split(s["params"])[0], {n: jax.numpy.asarray(v) for n, v in deq.items()})
@@ -344,7 +346,7 @@ def test_bad_table_dirs_are_clear_errors_and_nothing_is_written(setup, tmp_path,
   with pytest.raises(offload.TableFileError, match="holds float32 rows but quantize='int8'"):
     open_(src, quantize="int8")
   # Not enough RAM for host placement.
-  monkeypatch.setattr(offload, "available_memory", lambda: 1000)
+  monkeypatch.setattr(table_host, "available_memory", lambda: 1000)
   with pytest.raises(MemoryError, match=r"placement 'host' needs .* only 0.00 GiB is available: use placement 'disk'"):
     open_(src, "host")
   open_(src, "disk")  # disk placement does not need the RAM
@@ -439,17 +441,17 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
     time.sleep(0.02)
     return prepare_rows(*a, **k)
 
-  monkeypatch.setattr(offload, "prepare_rows", slow)
+  monkeypatch.setattr(batch_rows, "prepare_rows", slow)
   same(host.generate(prompts, 10, **kwargs), "host, slow gather")
-  monkeypatch.setattr(offload, "prepare_rows", prepare_rows)
+  monkeypatch.setattr(batch_rows, "prepare_rows", prepare_rows)
 
   def interleaved(gen):
     # Two states stepped in turn with different sampling arrays: each step must draw from its own
     # state and arrays, never from a sample drawn ahead for another.
     rows = prompts * 3
-    rows = rows[:gen.row_bucket(len(rows))] + [[1]] * (gen.row_bucket(len(rows)) - len(rows))
+    rows = rows[:gen.batch_bucket(len(rows))] + [[1]] * (gen.batch_bucket(len(rows)) - len(rows))
     hot, greedy = (generation.sampling_arrays(len(rows), temperature=t, seed=3) for t in (0.9, 0.0))
-    cache_length = gen.cache_bucket(max(map(len, rows)) + 4)
+    cache_length = gen.length_bucket(max(map(len, rows)) + 4)
     a, b = gen.prefill(rows, cache_length), gen.prefill(rows, cache_length)
     a, a1 = gen.step(a, hot)
     b, b1 = gen.step(b, greedy)
@@ -466,9 +468,9 @@ def test_generation_with_host_and_disk_tables_equals_device(tmp_path, monkeypatc
   disk = generation.Generator.from_checkpoint(cfg, checkpoints, engram_tables="disk", table_dir=table_dir,
                                               cache_rows=128, block=4, **quiet)
   assert disk.path == "callback" and disk.runner.cache is not None
-  monkeypatch.setattr(offload, "prepare_rows", slow)
+  monkeypatch.setattr(batch_rows, "prepare_rows", slow)
   same(disk.generate(prompts, 10, **kwargs), "disk, in-graph callback, cache, slow gather")
-  monkeypatch.setattr(offload, "prepare_rows", prepare_rows)
+  monkeypatch.setattr(batch_rows, "prepare_rows", prepare_rows)
   hits = disk.runner.table_report()["cache"]["layers"][0]["hit_rate"]
   assert 0 < hits < 1
   with pytest.raises(ValueError, match="device and pinned_host paths"):
