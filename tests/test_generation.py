@@ -67,9 +67,9 @@ def _prompts(runner):
 
 def _rollout(gen, prompts, steps):
   """Greedy decoding driven step by step: (tokens [R, steps], logits [R, steps + 1, V]) of the real rows."""
-  rows = gen.row_bucket(len(prompts))
+  rows = gen.batch_bucket(len(prompts))
   padded = [list(p) for p in prompts] + [[gen.runner.pad_id]] * (rows - len(prompts))
-  state = gen.prefill(padded, gen.cache_bucket(max(map(len, prompts)) + steps))
+  state = gen.prefill(padded, gen.length_bucket(max(map(len, prompts)) + steps))
   sampling = generation.sampling_arrays(rows)
   logits, tokens = [np.asarray(state.logits)], []
   for _ in range(steps):
@@ -211,9 +211,9 @@ def test_decode_loop_advance_reports_the_steps_it_ran(generator):
   """advance(): up to `block` steps, fewer once every row's budget is spent; a budget of 0 (an ended
   or padding row) does not hold the loop open."""
   prompts = _prompts(generator.runner)
-  rows = generator.row_bucket(len(prompts))
+  rows = generator.batch_bucket(len(prompts))
   padded = [list(p) for p in prompts] + [[generator.runner.pad_id]] * (rows - len(prompts))
-  state = generator.prefill(padded, generator.cache_bucket(max(map(len, prompts)) + 20))
+  state = generator.prefill(padded, generator.length_bucket(max(map(len, prompts)) + 20))
   sampling = generation.sampling_arrays(rows)
   state, out, steps = generator.advance(state, sampling, [3, 5, 2, 0])
   assert steps == 5 and out.tokens.shape == (rows, generator.block)

@@ -23,9 +23,10 @@ from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig
 from engram_jax.evaluation import EvalOptions
 from engram_jax.model import init_variables
 from engram_jax.patches import fingerprint
-from engram_jax.sharding import LOGICAL_RULES, make_mesh
+from engram_jax.sharding import LOGICAL_RULES, make_mesh, place_batch
 from engram_jax.tables import batch as batch_rows
 from engram_jax.tables import host as table_host
+from engram_jax.tables.source import build_row_source
 
 DOCS = [
     "The code module provides facilities to implement read-eval-print loops in Python. "
@@ -102,6 +103,39 @@ def test_host_and_disk_forward_equal_device_bitwise(setup):
       got = runner.forward(prepared)
       for k in want:  # same rows, same math: bitwise on this backend
         np.testing.assert_array_equal(got[k], want[k], err_msg=f"{tables.placement} {k}")
+
+
+def test_every_row_source_reads_the_same_rows(setup):
+  """The row source (tables/source.py) is how every program reads rows: the device source (an
+  in-graph gather of the params' tables) and host sources over RAM and memory-mapped tables, with
+  and without a hot-row cache, give the same rows for the same hash ids, bitwise, through the same
+  calls (rows_for on the host, rows in the program, with params() and operand())."""
+  s = setup
+  cfg, mesh, e = s["cfg"], s["mesh"], s["cfg"].model.engram
+  rng = np.random.default_rng(2)
+  sizes = [memory.table_layout(e, l)[0] for l in e.layer_ids]
+  ids = np.stack([rng.integers(0, sizes[i][None, :], size=(8, 32, e.num_heads)) for i in range(2)], axis=2)
+  ids = ids.astype(np.int32)  # [B, T, L, H]
+  disk = offload.HostTables.open(s["table_dir"], cfg.model, s["fp"], "disk")
+  cache = offload.HotRowCache.build(disk, ids[:4], 40)
+  sources = [build_row_source(cfg.model, mesh), build_row_source(cfg.model, mesh, offload.HostTables.from_arrays(
+      e, s["tables"])), build_row_source(cfg.model, mesh, disk), build_row_source(cfg.model, mesh, disk, cache)]
+  assert [src.placement for src in sources] == ["device", "host", "disk", "disk"]
+  placed_ids = place_batch({"engram_ids": ids}, mesh)["engram_ids"]
+  got = []
+  for src in sources:
+    feed = src.rows_for(ids)
+    assert (feed is None) == src.ids_in_graph
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      rows = jax.jit(src.rows)(src.params(s["params"]), feed, src.operand(), placed_ids)
+    got.append({n: np.asarray(r.astype(cfg.model.dtype).astype(np.float32)) for n, r in rows.items()})
+  for src, rows in zip(sources[1:], got[1:]):
+    assert memory.split(src.params(s["params"]))[1] == {}  # host sources' programs take the backbone alone
+    for name in got[0]:
+      np.testing.assert_array_equal(rows[name], got[0][name], err_msg=f"{src.placement} {name}")
+  assert sum(int(h.sum()) for h in sources[-1].hit_counter.hits.values()) > 0
+  with pytest.raises(ValueError, match="a hot-row cache caches host tables"):
+    build_row_source(cfg.model, mesh, None, cache)
 
 
 def test_eval_losses_and_scores_with_host_tables_equal_device(setup):
