@@ -70,12 +70,19 @@ class ChunkedArray:
   order from orbax's writer thread. The Engram tables of host and disk training are saved this way
   (`host_training.HostTrainTables.snapshot`: a table bigger than RAM, and no second copy of one in
   RAM); each is stored as a numpy array is, in chunks of `chunk_rows` rows, so every reader
-  (orbax restores, tensorstore row ranges) reads it like any other saved array."""
+  (orbax restores, tensorstore row ranges) reads it like any other saved array.
 
-  def __init__(self, shape: Tuple[int, ...], dtype, read: Callable[[int, int], np.ndarray]):
+  With several processes each writes its own rows, `rows` = [lo, hi) of the global `shape` (its
+  `read` is called only inside them), and `starts` lists where every process's rows begin: the
+  chunks are cut on those boundaries (a power of two dividing each), so no chunk has two writers."""
+
+  def __init__(self, shape: Tuple[int, ...], dtype, read: Callable[[int, int], np.ndarray], *,
+               rows: Optional[Tuple[int, int]] = None, starts: Tuple[int, ...] = (0,)):
     self.shape = tuple(int(s) for s in shape)
     self.dtype = np.dtype(dtype)
     self.read = read
+    self.rows = (0, self.shape[0]) if rows is None else (int(rows[0]), int(rows[1]))
+    self.starts = tuple(int(b) for b in starts)
 
   @property
   def ndim(self) -> int:
@@ -89,13 +96,18 @@ class ChunkedArray:
   def chunk_rows(self) -> int:
     row_bytes = max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize)
     rows = 1 << max(0, (CHUNK_BYTES // row_bytes).bit_length() - 1)
+    for start in self.starts:
+      if 0 < start < self.shape[0]:
+        rows = min(rows, start & -start)  # the largest power of two dividing it
     return max(1, min(self.shape[0], rows))
 
 
 class _ChunkedArrayHandler(ocp.type_handlers.NumpyHandler):
   """Writes a `ChunkedArray` as the numpy handler writes an array (same tensorstore layout and
   metadata, so the stock handler restores it), but in chunks of `chunk_rows` rows, each read from
-  the source just before it is written: no copy of the whole array is ever made."""
+  the source just before it is written: no copy of the whole array is ever made. With several
+  processes, as orbax writes a sharded jax.Array: process 0 creates the array, every process writes
+  the chunks of its rows into its own OCDBT store, and the checkpoint's finalization merges them."""
 
   def __init__(self):
     super().__init__(deepcopy_host_arrays=False)
@@ -107,21 +119,22 @@ class _ChunkedArrayHandler(ocp.type_handlers.NumpyHandler):
     from orbax.checkpoint._src.serialization import ocdbt_utils
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-    if jax.process_count() > 1:
-      raise ValueError("ChunkedArray leaves are saved by one process (several processes save global jax arrays)")
     args = args or [ocp.type_handlers.SaveArgs()] * len(values)
 
     async def write(value: ChunkedArray, info, arg):
       await info.await_path_creation()
       rows = value.chunk_rows
-      spec = ts_utils.build_array_write_spec(
+      spec = ts.Spec(ts_utils.build_array_write_spec(
           info=info, arg=arg, global_shape=value.shape, local_shape=(rows,) + value.shape[1:], dtype=value.dtype,
           use_ocdbt=info.is_ocdbt_checkpoint,
           process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-          metadata_key=self._metadata_key)
-      store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
-      for start in range(0, value.shape[0], rows):
-        stop = min(value.shape[0], start + rows)
+          metadata_key=self._metadata_key).json)
+      if jax.process_index() == 0:
+        await ts.open(spec, create=True, open=True, context=info.ts_context)
+      store = await ts.open(spec, open=True, assume_metadata=True, context=info.ts_context)
+      lo, hi = value.rows
+      for start in range(lo, hi, rows):
+        stop = min(hi, start + rows)
         await store[start:stop].write(np.asarray(value.read(start, stop), value.dtype))
 
     await asyncio.gather(*(write(v, i, a) for v, i, a in zip(values, infos, args)))
@@ -380,6 +393,13 @@ class CheckpointManager:
             f"checkpoint {path} has no data iterator state (it was saved without data_iter); "
             f"restore without data_iter or start the data pipeline from scratch",
             directory=self.directory, step=step, available=self.all_steps())
+      written = {f.name.rsplit("-of-", 1)[1][:-len(".json")] for f in (path / _DATA).glob("process_*-of-*.json")}
+      if written and written != {str(jax.process_count())}:
+        raise CheckpointRestoreError(
+            f"checkpoint {path} was written by {' or '.join(sorted(written))} processes and each saved its own data "
+            f"iterator position, but this run has {jax.process_count()}: resume it with that many processes (its "
+            f"parameters restore on any count: eval.py, generate.py and patch.py do not read the iterator). It was "
+            f"left untouched.", directory=self.directory, step=step, available=self.all_steps())
       items[_DATA] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))

@@ -62,12 +62,12 @@ import numpy as np
 
 from engram_jax import data as data_lib
 from engram_jax import memory
-from engram_jax.tables.quant import dequantize
 from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import engram_gates, forward
 from engram_jax.runner import ModelRunner, gather_global
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
+from engram_jax.tables.quant import dequantize
 
 MIN_PROMPT_BUCKET = 16
 

@@ -23,8 +23,8 @@ ids (small int32 arrays), every process gathers the rows it owns for the whole g
 them on one of its devices (zeros on the others; the step adds the contributions, exactly, since
 each row has one owner), the step returns the row gradients whole to every process, and each
 applies the update to its own rows, with duplicates summed over the whole step as one process does.
-A checkpoint hands orbax each table in device training's layout, each process supplying the shards
-of its rows.
+A checkpoint writes each table and moment as one global array, each process its own rows, chunk by
+chunk from its snapshot (`checkpoint.ChunkedArray`: chunks cut on the processes' row boundaries).
 
 The tables are `tables.host.HostTables` (the serving class: float32 rows, here writable), so one
 placement concept covers training and serving. Checkpoints hold the tables and moments under the
@@ -171,6 +171,7 @@ class HostTrainTables:
   directory: Optional[str] = None
   fresh: bool = True  # every array newly allocated, so all zeros
   row_range: Optional[Dict[str, Tuple[int, int]]] = None  # several processes: the rows this one holds
+  processes: int = 1  # how many processes hold the tables' rows between them
   version: int = 0
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
   _snapshots: List["_Snapshot"] = dataclasses.field(default_factory=list, repr=False)  # saves in progress
@@ -206,7 +207,7 @@ class HostTrainTables:
     tables = HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
                                 directory=directory, row_range=row_range)
     return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory, fresh=fresh,
-               row_range=row_range)
+               row_range=row_range, processes=pc)
 
   def _lo(self, name: str) -> int:
     return 0 if self.row_range is None else self.row_range[name][0]
@@ -286,10 +287,12 @@ class HostTrainTables:
     training goes on. Copy-on-write keeps it exact without copying a table: until the writer has
     passed a row, an update first keeps the row's current values (`_Snapshot.keep`), so the
     snapshot holds only the rows updated during the save (a table bigger than RAM saves in bounded
-    memory). The snapshot releases itself once every array is written."""
+    memory). The snapshot releases itself once every array is written. With several processes each
+    leaf is the global array of which this process writes its own rows."""
     snap = _Snapshot(self)
-    with self.lock:
-      self._snapshots.append(snap)
+    if any(self._array(k, n).shape[0] for k in _KINDS for n in self.names):  # else nothing to write
+      with self.lock:
+        self._snapshots.append(snap)
     leaf = snap.leaf
     opt = {n: memory.SparseAdamState(m=leaf("m", n), v=leaf("v", n), count=leaf("count", n)) for n in self.names}
     return {n: leaf("rows", n) for n in self.names}, opt
@@ -319,8 +322,12 @@ class _Snapshot:
   def leaf(self, kind: str, name: str):
     from engram_jax.checkpoint import ChunkedArray
 
-    array = self.store._array(kind, name)
-    return ChunkedArray(array.shape, array.dtype, functools.partial(self.read, kind, name))
+    store = self.store
+    array, lo = store._array(kind, name), store._lo(name)
+    rows = table_shapes(store.cfg)[name][0]
+    starts = tuple(process_rows(rows, p, store.processes)[0] for p in range(store.processes))
+    return ChunkedArray((rows,) + array.shape[1:], array.dtype, lambda a, b: self.read(kind, name, a - lo, b - lo),
+                        rows=(lo, lo + array.shape[0]), starts=starts)
 
   def keep(self, name: str, local_ids: np.ndarray):
     """Before rows `local_ids` (distinct) are written: keep the current values of those the writer

@@ -26,13 +26,13 @@ import optax
 from engram_jax import checkpoint as ckpt_lib
 from engram_jax import data as data_lib
 from engram_jax import host_training, memory
-from engram_jax.tables import batch as batch_rows
 from engram_jax import runlock
 from engram_jax.config import Config, to_dict
 from engram_jax.model import abstract_variables, forward, init_variables, param_counts, token_nll
 from engram_jax.moe import BALANCE_COLLECTION, update_balance_bias
 from engram_jax.optim import learning_rate_schedule, make_optimizer, opt_state_shardings
 from engram_jax.sharding import LOGICAL_RULES, batch_devices, batch_sharding, make_mesh, place_batch, tree_shardings
+from engram_jax.tables import batch as batch_rows
 
 
 
@@ -173,7 +173,7 @@ def make_grads(cfg: Config):
   so no [rows, d] table gradient exists; otherwise the tables are differentiated through the gather
   like any other parameter. With tables off the devices (`host_tables`) the params are the backbone
   and the rows come with the batch (`batch["engram_rows"]`, host_training.RowFeed's arrays for one
-  micro-batch), assembled in-graph by batch_rows.assemble_rows; the gradient is taken with respect to
+  micro-batch), assembled in-graph by tables.batch.assemble_rows; the gradient is taken with respect to
   the assembled rows as on the devices.
   """
   sparse = sparse_tables(cfg)
@@ -521,9 +521,6 @@ class _HostTableInputs(_StepInputs):
     # are saved in that structure (same leaves, same order) so either placement restores them.
     backbone = memory.split(nn.meta.unbox(abstract_variables(cfg.model))["params"])[0]
     self._opt_structure = jax.tree.structure(jax.eval_shape(tx.init, backbone))
-    if self._processes > 1:  # device training's layout of the tables, for checkpoints (`_process_arrays`)
-      device_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, engram_tables="device"))
-      self._device_shardings = state_shardings(device_cfg, mesh)[1]
 
   def jit_step(self, step_fn, shardings, data_shardings):
     # The rows' shapes vary with the step's distinct rows: their placement gives their shardings.
@@ -628,47 +625,9 @@ class _HostTableInputs(_StepInputs):
     return _DataPosition(self._position)
 
   def saved_state(self, state: TrainState) -> TrainState:
-    if self._processes > 1:
-      tables, opt = self._process_arrays()
-    else:
-      tables, opt = self.store.snapshot()
+    tables, opt = self.store.snapshot()  # each process writes its own rows
     opt_state = jax.tree.unflatten(self._opt_structure, jax.tree.leaves(state.opt_state))
     return state.replace(params=memory.merge(state.params, tables), opt_state=opt_state, engram_opt=opt)
-
-  def _process_arrays(self):
-    """Several processes: each table and moment as one global array laid out as device training
-    lays it out (its rows split over the mesh), in the devices' pinned host memory where they have
-    it, each process supplying the shards of its own rows, so orbax writes every row once from its
-    owner. A process's rows must cover its devices' shards
-    (the row ranges and the mesh's device order agree; they do when the process-major device order
-    splits the padded rows evenly), else a ValueError says so."""
-    shardings = self._device_shardings
-    table_shard = memory.split(shardings.params)[1]
-    store = self.store
-
-    host_memory = "pinned_host" in {m.kind for m in self.mesh.devices.flat[0].addressable_memories()}
-
-    def global_array(name, local, sharding):
-      if host_memory:  # the shards stay in host RAM: no table ever lands in accelerator memory
-        sharding = sharding.with_memory_kind("pinned_host")
-      lo, hi = store.row_range[name]
-      full = (host_training.table_shapes(store.cfg)[name][0],) + local.shape[1:]
-
-      def shard(index):
-        start, stop, _ = index[0].indices(full[0])
-        if start < lo or stop > hi:
-          raise ValueError(f"table {name}: this process holds rows [{lo}, {hi}) but its devices' shard of the "
-                           f"checkpoint layout is rows [{start}, {stop}); tables off the devices checkpoint with "
-                           f"several processes only where the two agree (process-major device order, rows "
-                           f"divisible by the devices)")
-        return np.asarray(local[start - lo:stop - lo])
-
-      return jax.make_array_from_callback(full, sharding, shard)
-
-    out_tables = {n: global_array(n, store.tables.rows[n], table_shard[n]) for n in store.names}
-    out_opt = {n: memory.SparseAdamState(*(global_array(n, getattr(store, k)[n], getattr(shardings.engram_opt[n], k))
-                                           for k in ("m", "v", "count"))) for n in store.names}
-    return out_tables, out_opt
 
   def close(self):
     self._pool.shutdown(wait=True, cancel_futures=True)

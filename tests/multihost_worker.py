@@ -62,11 +62,19 @@ def table_paths(params):
 
 
 def _dump_tables(state, path):
-  """This process's shards of every table: `<key>|<start>` -> rows [start, start + n)."""
+  """This process's shards of every table (host tables: its rows): `<key>|<start>` -> rows
+  [start, start + n). Called once the last step is saved: no update follows that could race the
+  writer for host tables' rows."""
   import numpy as np
+
+  from engram_jax.checkpoint import ChunkedArray
 
   out = {}
   for key, table in table_paths(state.params).items():
+    if isinstance(table, ChunkedArray):  # host tables: the rows this process writes
+      lo, hi = table.rows
+      out[f"{key}|{lo}"] = np.asarray(table.read(lo, hi))
+      continue
     for shard in table.addressable_shards:
       rows = shard.index[0]
       assert shard.index[1] == slice(None), shard.index  # rows only: each shard holds whole rows

@@ -234,6 +234,25 @@ def test_damaged_data_state_gives_clear_error_and_stays(tmp_path):
   assert _files(tmp_path) == before
 
 
+def test_resume_on_another_process_count_names_the_count(tmp_path):
+  """The data iterator's position is saved per process: a checkpoint written by two processes
+  resumed by one is refused with both counts named (not as a damaged checkpoint), untouched."""
+  state = _state(_mesh(1))
+  with checkpoint.CheckpointManager(tmp_path, CheckpointConfig(every_n_steps=1)) as mgr:
+    mgr.save(3, state, _data_iter())
+  (data_file,) = (tmp_path / "3" / "data").glob("process_*.json")
+  for i in range(2):  # as two processes would have left it
+    (data_file.parent / f"process_{i}-of-2.json").write_text(data_file.read_text())
+  data_file.unlink()
+  before = _files(tmp_path)
+  with checkpoint.CheckpointManager(tmp_path, CheckpointConfig(every_n_steps=1)) as mgr:
+    with pytest.raises(checkpoint.CheckpointRestoreError, match="written by 2 processes .* this run has 1") as err:
+      mgr.restore_latest(_abstract(state, _mesh(1)), _data_iter())
+    assert "damaged" not in str(err.value)
+    mgr.restore_latest(_abstract(state, _mesh(1)))  # without the iterator it restores
+  assert _files(tmp_path) == before
+
+
 def test_target_without_shardings_is_rejected(tmp_path):
   state = _state(_mesh(1))
   with checkpoint.CheckpointManager(tmp_path, CheckpointConfig(every_n_steps=1)) as mgr:

@@ -201,6 +201,12 @@ def test_each_process_holds_and_updates_its_own_rows(tmp_path, placement):
     feeds = [host_training.RowFeed(s, shards=4).prepare({"engram_ids": ids}) for s in [whole] + parts]
     got = [host_training.RowFeed(s, shards=4).ready(f)[name]["rows"] for s, f in zip([whole] + parts, feeds)]
     np.testing.assert_array_equal(got[1] + got[2], got[0])
+    # A checkpoint's leaves: the global array, each process writing its rows in whole chunks.
+    leaves = [p.snapshot()[0][name] for p in parts]
+    assert [leaf.shape for leaf in leaves] == [whole.tables.rows[name].shape] * 2
+    assert [leaf.rows for leaf in leaves] == ranges and leaves[0].chunk_rows == leaves[1].chunk_rows
+    assert ranges[1][0] % leaves[1].chunk_rows == 0 and leaves[1].chunk_rows < whole.snapshot()[0][name].chunk_rows
+    np.testing.assert_array_equal(leaves[1].read(*ranges[1]), whole.tables.rows[name][slice(*ranges[1])])
   if placement == "disk":
     assert sorted(os.listdir(tmp_path / host_training.TABLES_DIR)) == ["process0of2", "process1of2"]
   assert host_training.bytes_needed(e, 0, 2) + host_training.bytes_needed(e, 1, 2) == host_training.bytes_needed(e, 0, 1)

@@ -319,7 +319,7 @@ def test_two_processes_train_like_one_and_restore_onto_four_devices(tmp_path):
   for step in range(1, 6):
     a, b = losses_host[step], losses_single[step]
     assert np.isfinite(a) and abs(a - b) <= 1e-5 * abs(b), (step, a, b)
-  # Its checkpoint holds the tables in device training's layout, every row written once by its owner:
+  # Its checkpoint holds each table as one global array, every row written once by its owner:
   # it restores onto 4 devices of one process exactly as the two processes handed it over, and those
   # tables are the single process's up to the same float32 accumulation differences.
   saved_host = _saved_tables(host, 2)

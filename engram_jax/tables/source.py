@@ -8,8 +8,8 @@ those rows are read depends on where the tables live, and that is decided here, 
               it, `memory.gather` reads them (a sharded lookup on a mesh).
   HostRows    the tables are in host RAM or memory-mapped files (`HostTables`), optionally
               with a hot-row cache on the devices (`HotRowCache`). Before the program the
-              host gathers the batch's distinct rows minus the cache (`batch_rows.prepare_rows`) and
-              places them on the batch's devices; in it, `batch_rows.assemble_rows` builds the rows
+              host gathers the batch's distinct rows minus the cache (`batch.prepare_rows`) and
+              places them on the batch's devices; in it, `batch.assemble_rows` builds the rows
               from them and the cache. With several processes each contributes the rows it owns.
 
 Whatever the placement, a caller does the same three things:
@@ -18,9 +18,10 @@ Whatever the placement, a caller does the same three things:
   program(source.params(params), ..., feed, source.operand())
   rows = source.rows(params, feed, operand, engram_ids)      inside the program
 
-Training reads rows the same way and writes them back with the table half of the optimizer:
-`trainer.py` applies device tables' lazy Adam in the step and host tables' on the host
-(`host_training.HostTrainTables.update`), both `memory.adam_rows_math`.
+Training reads device rows the same way, and host rows through `host_training.RowFeed` (the same
+host gather, a step ahead, kept exact under the updates in between); it writes rows back with the
+table half of the optimizer, lazy Adam (`memory.adam_rows_math`): in the step for device tables, on
+the host for host tables (`trainer._HostTableInputs.apply_row_update`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class RowSource:
     return None
 
   def rows(self, params, feed, operand, engram_ids) -> Dict[str, jax.Array]:
-    """In-graph: {table name: rows [B, T, H, d] in the model's dtype}."""
+    """In-graph: {table name: rows [B, T, H, d]} (the tables' dtype from the device; host rows
+    dequantized to the model's dtype)."""
     raise NotImplementedError
 
   def report(self) -> dict:
