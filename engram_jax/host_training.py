@@ -205,7 +205,7 @@ class HostTrainTables:
       arrays, fresh = _open_disk(cfg, directory, ranges)
     row_range = ranges if pc > 1 else None
     tables = HostTables(cfg, placement, "float32", arrays["rows"], {n: None for n in arrays["rows"]},
-                                directory=directory, row_range=row_range)
+                        directory=directory, row_range=row_range)
     return cls(cfg, tables, arrays["m"], arrays["v"], arrays["count"], directory=directory, fresh=fresh,
                row_range=row_range, processes=pc)
 
@@ -589,7 +589,7 @@ class RowFeed:
       for j in range(self.accum):
         distinct: Dict[str, list] = {}
         micro.append(batch_rows.prepare_rows(self.store.tables, None, ids[j * per:(j + 1) * per], self.shards,
-                                          distinct=distinct))
+                                             distinct=distinct))
         shard_ids.append(distinct)
     return Prepared(micro, shard_ids, version)
 

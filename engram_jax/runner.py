@@ -33,14 +33,14 @@ import numpy as np
 
 from engram_jax import data as data_lib
 from engram_jax import memory
-from engram_jax.tables.files import checkpoint_table_reader
-from engram_jax.tables import host as table_host
-from engram_jax.tables.host import PLACEMENTS, HitCounter, HostTables, HotRowCache
-from engram_jax.tables.quant import bytes_per_row, check_quantize
 from engram_jax.config import Config
 from engram_jax.model import engram_gates, forward, token_nll
-from engram_jax.tables.source import RowSource, build_row_source
 from engram_jax.sharding import LOGICAL_RULES, batch_devices, make_mesh, place_batch
+from engram_jax.tables import host as table_host
+from engram_jax.tables.files import checkpoint_table_reader
+from engram_jax.tables.host import PLACEMENTS, HitCounter, HostTables, HotRowCache
+from engram_jax.tables.quant import bytes_per_row, check_quantize
+from engram_jax.tables.source import RowSource, build_row_source
 
 # (contexts, continuations) -> (log-likelihood of each continuation [N], greedy match [N] bool).
 ScoreFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Tuple[np.ndarray, np.ndarray]]
@@ -91,7 +91,7 @@ class ModelRunner:
 
   `tables`: None keeps the Engram tables in `params` on the devices ("device" placement); an
   `HostTables` keeps them on the host ("host" / "disk"), and `params` may then hold the
-  backbone alone (tables in it are dropped). `cache`: an `HotRowCache` of those tables.
+  backbone alone (tables in it are dropped). `cache`: a `HotRowCache` of those tables.
   Both make the row source, `source` (`tables/source.py`). `prefetch`: prepare batches on a background
   thread (`prepared`).
   """
@@ -191,10 +191,6 @@ class ModelRunner:
 
   def set_cache(self, cache: Optional["HotRowCache"]):
     """Replaces the hot-row cache (None: no cache) and resets the hit counts."""
-    if self.tables is None:
-      if cache is not None:
-        raise ValueError("a hot-row cache caches host tables: this runner keeps its tables on the device")
-      return
     self.source.set_cache(cache)
 
   def table_report(self) -> dict:
@@ -214,7 +210,7 @@ class ModelRunner:
     if self.hashing is None:
       raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
     self.params, undo, report = self.source.patch(self.params, self.hashing, patches, policy=policy, force=force,
-                                                log=log)
+                                                  log=log)
     self._undo.append(undo)
     self.patches = self.patches + list(patches)
     return report

@@ -202,11 +202,9 @@ def make_grads(cfg: Config):
 
 
 def _owned_rows(feed):
-  """RowFeed rows placed by several processes ([devices, S, A, U, d], each row on one device of its
-  owner, zeros elsewhere) summed to [S, A, U, d]; exact, every value is added to zeros only. One
-  process's rows ([S, A, U, d]) pass through."""
-  return {n: {**e, "rows": jnp.sum(e["rows"].astype(jnp.float32), 0).astype(e["rows"].dtype)
-              if e["rows"].ndim == 5 else e["rows"]} for n, e in feed.items()}
+  """RowFeed rows [S, A, U, d] as placed (`_HostTableInputs._place`); several processes'
+  contributions (`parts` [devices, S, A, U, d]) summed exactly by `batch.owned_rows`."""
+  return {n: {"index": e["index"], "rows": batch_rows.owned_rows(e)[0]} for n, e in feed.items()}
 
 
 def make_train_step(cfg: Config, tx):
@@ -568,13 +566,13 @@ class _HostTableInputs(_StepInputs):
     """RowFeed.ready's arrays on the mesh. One process: index and rows split over the batch shards.
     Several: each process's slice of the index; the rows as [devices, S, A, U, d], each process's
     contribution (the rows it owns, zeros elsewhere) on one of its devices and zeros on the others,
-    which the step sums (`_owned_rows`): every row comes from its one owner."""
+    (`parts`), which the step sums (`_owned_rows`): every row comes from its one owner."""
     if self._processes == 1:
       return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(self.mesh, x.ndim)), rows)
     pi, b = jax.process_index(), self.cfg.data.batch_size // self._processes
     return {name: {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
                                                                    entry["index"][pi * b:(pi + 1) * b]),
-                   "rows": batch_rows.place_contribution(self.mesh, entry["rows"])} for name, entry in rows.items()}
+                   "parts": batch_rows.place_contribution(self.mesh, entry["rows"])} for name, entry in rows.items()}
 
   def look_ahead(self):
     self._position = self.data_iter.get_state()

@@ -1,7 +1,7 @@
-"""Engram tables off the accelerator (engram_jax/offload.py): host and disk placement give the device
-placement's losses, the prefetcher keeps order under a slow gather, cache hits + misses reassemble
-the plain gather, quantized rows stay within their documented bounds, and bad table files are clear
-errors that write nothing. One tiny two-Engram-layer model on the 8-device test mesh."""
+"""Engram tables off the accelerator (engram_jax/tables/, named by engram_jax.offload): host and disk
+placement give the device placement's losses, every row source reads the same rows, the prefetcher
+keeps order under a slow gather, cache hits + misses reassemble the plain gather, quantized rows stay
+within their documented bounds, and bad table files are clear errors that write nothing. One tiny two-Engram-layer model on the 8-device test mesh."""
 
 import dataclasses
 import json

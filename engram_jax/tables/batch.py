@@ -101,22 +101,29 @@ def place_contribution(mesh, part: np.ndarray, owner: bool = True) -> jax.Array:
   return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
+def owned_rows(entry: dict):
+  """(rows, scales or None) of one table's placed arrays. With several processes the entry holds
+  their contributions instead (`parts` [devices, S, U, d], `part_scales` [devices, S, U]: each row
+  filled by the one device, of the process owning it, that carries its process's contribution, zeros
+  elsewhere; `place_contribution`), summed here over devices. The sum is exact: every value is added
+  to zeros only (int8 / float8 / bfloat16 values are exact in float32, so summing there changes
+  nothing)."""
+  if "parts" not in entry:
+    return entry["rows"], entry.get("scale")
+  scale = entry.get("part_scales")
+  return jnp.sum(entry["parts"].astype(jnp.float32), axis=0), None if scale is None else jnp.sum(scale, axis=0)
+
+
 def assemble_rows(host: Dict[str, dict], cache: Optional[Dict[str, Tuple[jax.Array, Optional[jax.Array]]]],
                   dtype) -> Dict[str, jax.Array]:
   """In-graph: {table name: rows [B, T, H, d] in `dtype`} from `prepare_rows`'s arrays (placed on the
   batch's devices: index split over the batch, rows [S, U, d] one shard per batch shard) and the
-  cache's device rows {name: (rows [K, d], scales [K] or None)}. Each batch shard gathers from its own
-  rows (a batched gather over the shard axis, which XLA keeps local to each device)."""
+  cache's device rows {name: (rows [K, d], scales [K] or None)}; several processes' contributions
+  are summed first (`owned_rows`). Each batch shard gathers from its own rows (a batched gather over
+  the shard axis, which XLA keeps local to each device)."""
   out = {}
   for name, entry in host.items():
-    index, rows, scale = entry["index"], entry["rows"], entry.get("scale")
-    if rows.ndim == 4:
-      # Several processes: [devices, S, U, d] partial rows, each row filled by the one device (of the
-      # process owning it) that carries its process's contribution, zeros elsewhere. The sum is
-      # exact: every value is added to zeros only (int8 / float8 / bfloat16 values are exact in
-      # float32, so summing there changes nothing).
-      rows = jnp.sum(rows.astype(jnp.float32), axis=0)
-      scale = None if scale is None else jnp.sum(scale, axis=0)
+    index, (rows, scale) = entry["index"], owned_rows(entry)
     B, T, H = index.shape
     S = rows.shape[0]
     K = 0 if cache is None else cache[name][0].shape[0]

@@ -85,9 +85,7 @@ class HostTables:
     ids = self.overlay[name][0]
     pos = np.minimum(np.searchsorted(ids, flat_ids), len(ids) - 1)
     hit = ids[pos] == flat_ids
-    if self.row_range is not None:  # only the owner contributes a row
-      lo, hi = self.row_range[name]
-      hit &= (flat_ids >= lo) & (flat_ids < hi)
+    hit &= self.owns(name, flat_ids)  # only the owner contributes a row
     if hit.any():
       out = np.array(out, copy=True)
       out[hit] = self.overlay[name][which][pos[hit]]
@@ -198,38 +196,38 @@ class HostTables:
                    None if scale is None else scale.reshape(ids[name].shape))
     return out
 
+  def owns(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
+    """Whether this process holds each global row id (every row, without a row range)."""
+    if self.row_range is None:
+      return np.ones(np.shape(flat_ids), bool)
+    lo, hi = self.row_range[name]
+    return (flat_ids >= lo) & (flat_ids < hi)
+
   def take(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
     """Rows at int64 global row ids [n] -> [n, d]. With a row range (several processes), rows outside
     this process's range come back as zeros: the owner of each row contributes it (`assemble_rows` adds them)."""
-    table = self.rows[name]
-    if self.row_range is not None:
-      lo, hi = self.row_range[name]
-      own = (flat_ids >= lo) & (flat_ids < hi)
-      out = np.zeros((len(flat_ids), table.shape[1]), table.dtype)
-      out[own] = self._take(table, flat_ids[own] - lo)
-    else:
-      out = self._take(table, flat_ids)
-    return self._overlaid(name, flat_ids, out, 1)
+    return self._overlaid(name, flat_ids, self._take_owned(name, self.rows[name], flat_ids), 1)
 
   def take_scale(self, name: str, flat_ids: np.ndarray) -> np.ndarray:
-    scale = self.scales[name]
-    if self.row_range is not None:
-      lo, hi = self.row_range[name]
-      own = (flat_ids >= lo) & (flat_ids < hi)
-      out = np.zeros(len(flat_ids), np.float32)
-      out[own] = scale[flat_ids[own] - lo]
-    else:
-      out = scale[flat_ids]
-    return self._overlaid(name, flat_ids, out, 2)
+    """The scales [n] of those rows (int8 / float8 tables), zeros where `take` gives zeros."""
+    return self._overlaid(name, flat_ids, self._take_owned(name, self.scales[name], flat_ids), 2)
 
-  def _take(self, table, flat_ids):
+  def _take_owned(self, name: str, array: np.ndarray, flat_ids: np.ndarray) -> np.ndarray:
+    if self.row_range is None:
+      return self._take(array, flat_ids)
+    own = self.owns(name, flat_ids)
+    out = np.zeros((len(flat_ids),) + array.shape[1:], array.dtype)
+    out[own] = self._take(array, flat_ids[own] - self.row_range[name][0])
+    return out
+
+  def _take(self, array, flat_ids):
     if self.placement == "disk" and len(flat_ids) > 1:
       # Reading a memory map in address order turns random page faults into mostly forward reads.
       order = np.argsort(flat_ids, kind="stable")
-      out = np.empty((len(flat_ids), table.shape[1]), table.dtype)
-      out[order] = table[flat_ids[order]]
+      out = np.empty((len(flat_ids),) + array.shape[1:], array.dtype)
+      out[order] = array[flat_ids[order]]
       return out
-    return table[flat_ids]
+    return array[flat_ids]
 
 
 def random_access(mapped: np.memmap):

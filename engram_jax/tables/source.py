@@ -68,6 +68,11 @@ class RowSource:
     must call it for the same batches in the same order."""
     return None
 
+  def set_cache(self, cache: Optional[HotRowCache]):
+    """Replaces the hot-row cache (None: none) and resets the hit counts."""
+    if cache is not None:
+      raise ValueError("a hot-row cache caches host tables: these tables are on the device")
+
   def operand(self):
     """What every program reading through this source takes as an argument (the cache's rows)."""
     return None
@@ -118,7 +123,7 @@ class HostRows(RowSource):
     self.set_cache(cache)
 
   def set_cache(self, cache: Optional[HotRowCache]):
-    """Replaces the hot-row cache (None: none), placed on every device, and resets the hit counts."""
+    """The hot-row cache, placed on every device of the mesh (None: none); resets the hit counts."""
     self.cache = cache.place(self.mesh) if cache is not None else None
     self._operand = None if self.cache is None else {n: (self.cache.rows[n], self.cache.scales[n])
                                                      for n in self.cache.ids}
@@ -135,7 +140,7 @@ class HostRows(RowSource):
     [b, T, H] and the distinct missed rows [S, U, d] of each of the S batch shards, plus their scales
     when quantized), counted by the hit counter."""
     return batch_rows.prepare_rows(self.tables, self.cache, engram_ids, batch_devices(self.mesh), mask=mask,
-                                counter=self.hit_counter, pad_to=pad_to)
+                                   counter=self.hit_counter, pad_to=pad_to)
 
   def gather_shapes(self, batch: int, length: int, pad_to: int) -> Dict[str, dict]:
     """The shapes `gather` returns for hash ids [batch, length, L, H] when the distinct rows are padded
@@ -162,8 +167,8 @@ class HostRows(RowSource):
   def _contributions(self, local_ids: np.ndarray, pad_to: int):
     """Several processes: every process gathers the global batch's hash ids (a small int32
     all-gather), finds the same distinct rows per global batch shard, and contributes the rows it owns
-    as one device's slice of a [devices, S, U, d] array (zeros on its other devices);
-    `assemble_rows` sums over devices. Tables whole on every process: process 0 contributes them."""
+    as one device's slice of a [devices, S, U, d] array (zeros on its other devices: `parts`);
+    `batch.owned_rows` sums over devices. Tables whole on every process: process 0 contributes them."""
     from jax.experimental import multihost_utils
 
     b = local_ids.shape[0]
@@ -175,9 +180,9 @@ class HostRows(RowSource):
     for name, entry in host.items():
       placed = {"index": jax.make_array_from_process_local_data(batch_sharding(self.mesh, 3),
                                                                 entry["index"][pi * b:(pi + 1) * b])}
-      for key in ("rows", "scale"):
+      for key, part in (("rows", "parts"), ("scale", "part_scales")):
         if key in entry:
-          placed[key] = batch_rows.place_contribution(self.mesh, entry[key], owner)
+          placed[part] = batch_rows.place_contribution(self.mesh, entry[key], owner)
       out[name] = placed
     return out
 
@@ -225,7 +230,7 @@ class HostRows(RowSource):
 
 
 def build_row_source(cfg: ModelConfig, mesh, tables: Optional[HostTables] = None,
-               cache: Optional[HotRowCache] = None) -> RowSource:
+                     cache: Optional[HotRowCache] = None) -> RowSource:
   """The row source of a placement: `tables` None keeps them on the devices (in the params)."""
   if tables is None:
     if cache is not None:
