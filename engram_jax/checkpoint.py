@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -74,7 +75,7 @@ class ChunkedArray:
 
   With several processes each writes its own rows, `rows` = [lo, hi) of the global `shape` (its
   `read` is called only inside them), and `starts` lists where every process's rows begin: the
-  chunks are cut on those boundaries (a power of two dividing each), so no chunk has two writers."""
+  chunks are cut on those boundaries (their size divides each), so no chunk has two writers."""
 
   def __init__(self, shape: Tuple[int, ...], dtype, read: Callable[[int, int], np.ndarray], *,
                rows: Optional[Tuple[int, int]] = None, starts: Tuple[int, ...] = (0,)):
@@ -94,12 +95,15 @@ class ChunkedArray:
 
   @property
   def chunk_rows(self) -> int:
+    """Rows per saved chunk: at most CHUNK_BYTES of them, a power of two for one writer; with several,
+    the largest divisor of every process boundary within that size."""
     row_bytes = max(1, int(np.prod(self.shape[1:])) * self.dtype.itemsize)
-    rows = 1 << max(0, (CHUNK_BYTES // row_bytes).bit_length() - 1)
-    for start in self.starts:
-      if 0 < start < self.shape[0]:
-        rows = min(rows, start & -start)  # the largest power of two dividing it
-    return max(1, min(self.shape[0], rows))
+    cap = max(1, CHUNK_BYTES // row_bytes)
+    inner = [s for s in self.starts if 0 < s < self.shape[0]]
+    if not inner:
+      return max(1, min(self.shape[0], 1 << (cap.bit_length() - 1)))
+    g = math.gcd(*inner)
+    return max(c for d in range(1, math.isqrt(g) + 1) if g % d == 0 for c in (d, g // d) if c <= cap)
 
 
 class _ChunkedArrayHandler(ocp.type_handlers.NumpyHandler):

@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from engram_jax import memory
+from engram_jax.config import Config, EngramConfig
 from engram_jax.tables import batch as batch_rows
 from engram_jax.tables import host as table_host
 from engram_jax.tables.host import HostTables, process_rows, random_access
-from engram_jax.config import Config, EngramConfig
 
 # The disk placement's directory under the workdir, and its manifest.
 TABLES_DIR = "engram_tables"
@@ -267,9 +267,8 @@ class HostTrainTables:
         uniq, grads = sum_duplicates(flat, np.asarray(row_grads[name]).reshape(len(flat), -1), chunks)
         written[name] = uniq
         if self.row_range is not None:
-          lo, hi = self.row_range[name]
-          own = (uniq >= lo) & (uniq < hi)
-          written[name], uniq, grads = uniq[own], uniq[own] - lo, grads[own]
+          own = self.tables.owns(name, uniq)
+          written[name], uniq, grads = uniq[own], uniq[own] - self._lo(name), grads[own]
         bucket = batch_rows.row_bucket(len(uniq))  # few shapes compile
         pad = lambda a: np.concatenate([a, np.zeros((bucket - len(a),) + a.shape[1:], a.dtype)])  # noqa: E731
         new = program(pad(table[uniq]), pad(self.m[name][uniq]), pad(self.v[name][uniq]),
