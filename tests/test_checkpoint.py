@@ -234,6 +234,19 @@ def test_damaged_data_state_gives_clear_error_and_stays(tmp_path):
   assert _files(tmp_path) == before
 
 
+def test_chunked_array_chunks_have_one_writer(monkeypatch):
+  """A ChunkedArray's chunks hold at most CHUNK_BYTES; with several processes each writing its rows,
+  the chunk size divides every process boundary, so no chunk spans two writers."""
+  read = lambda a, b: None  # noqa: E731
+  monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 64 * 1000)  # 1000 rows of 16 float32
+  assert checkpoint.ChunkedArray((160768, 16), np.float32, read).chunk_rows == 512  # one writer: a power of two
+  for starts in [(0, 80384), (0, 1366, 2732), (0, 999, 1998, 2997)]:
+    rows = checkpoint.ChunkedArray((4 * starts[1], 16), np.float32, read, starts=starts).chunk_rows
+    assert rows <= 1000 and all(s % rows == 0 for s in starts), (starts, rows)
+  assert checkpoint.ChunkedArray((2732, 16), np.float32, read, starts=(0, 1366)).chunk_rows == 683
+  assert checkpoint.ChunkedArray((1998,), np.int32, read, starts=(0, 999)).chunk_rows == 999  # 4 bytes a row
+
+
 def test_resume_on_another_process_count_names_the_count(tmp_path):
   """The data iterator's position is saved per process: a checkpoint written by two processes
   resumed by one is refused with both counts named (not as a damaged checkpoint), untouched."""
