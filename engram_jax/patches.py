@@ -82,8 +82,9 @@ def _sha256(*chunks: bytes) -> str:
 def fingerprint(cfg: ModelConfig, hashing: EngramHashing) -> str:
   """sha256 of everything that gives a table row its meaning: the model config, each layer's table
   layout (head sizes, offsets, padded rows, head width), hash multipliers and primes, the compressed
-  tokenizer's lookup and the pad ids. Two models with equal fingerprints address the same n-gram
-  with the same row."""
+  tokenizer's lookup (the identity for raw-id recipes), the pad ids and the hashing recipe (its name,
+  reset id and padding; the demo recipe adds nothing, so fingerprints from before recipes still
+  match). Two models with equal fingerprints address the same n-gram with the same row."""
   if cfg.engram is None:
     raise PatchError("the model has no Engram layers (model.engram is None): it has no table rows to patch")
   e = cfg.engram
@@ -95,6 +96,7 @@ def fingerprint(cfg: ModelConfig, hashing: EngramHashing) -> str:
                           "primes": hashing.hasher.primes[layer].tolist()}
   desc = {"model": to_dict(cfg), "layout": layout, "pad_id": hashing.pad_id,
           "compressed_pad_id": hashing.compressed_pad_id}
+  desc.update(hashing.recipe.fingerprint_fields())  # the recipe's name and dialect (none for the demo's)
   return _sha256(json.dumps(desc, sort_keys=True).encode(), np.ascontiguousarray(hashing.compressed.lookup,
                                                                                   np.int64).tobytes())
 

@@ -1,0 +1,139 @@
+"""Qwen4Exp (Qwen3.8-Flash-Next): the PLE hashing recipe, the model family and the weight import,
+against arbitrary-precision references and the transformers fixtures (tests/fixtures/qwen4exp)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engram_jax import memory
+from engram_jax.config import EngramConfig, ModelConfig
+from engram_jax.hashing import (EngramHashing, NgramHasher, RawIds, demo_recipe, head_table_sizes, ple_recipe,
+                                splitmix64)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _ple_cfg(ngram=3, heads=4, layers=(1,), base=1000, eos=1, seed=1234):
+  return EngramConfig(vocab_size_per_ngram=(base,) * (ngram - 1), max_ngram_size=ngram,
+                      n_embed_per_ngram=8 * heads, n_head_per_ngram=heads, layer_ids=layers, pad_id=eos, seed=seed)
+
+
+# -- the PLE hashing recipe -----------------------------------------------------------------------
+
+
+def _is_prime(n):
+  return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def _reference_ids(ids, eos, multipliers, sizes, n):
+  """Global-free per-head ids [T, heads] of one row, from the definition, in Python ints: a look-back
+  s of position t reads the token s back unless an EOS lies strictly between them (or it is before
+  the start): then it reads EOS; mix is the wrapping int64 XOR of products, then Python `%`."""
+  to_signed = lambda v: v - (1 << 64) if v >> 63 else v  # noqa: E731
+  out = []
+  for t in range(len(ids)):
+    look = []
+    for s in range(n):
+      src = t - s
+      blocked = src < 0 or any(ids[j] == eos for j in range(src + 1, t))
+      look.append(eos if blocked else int(ids[src]))
+    mix, row = 0, []
+    for k in range(n):
+      mix ^= (look[k] * int(multipliers[k])) & _MASK64
+      if k:
+        row += [to_signed(mix) % p for p in sizes[k - 1]]
+    out.append(row)
+  return np.array(out, np.int64)
+
+
+def test_release_constants():
+  """Qwen3.8-Flash-Next's one PLE layer: vocab 248320, base 20M, 2 orders x 8 heads, seed 1234, padded to
+  a multiple of 128, one-based layer id 2 -> 320,001,536 rows and the multipliers the checkpoint stores."""
+  cfg = _ple_cfg(ngram=3, heads=8, layers=(1,), base=20_000_000, eos=248044, seed=1234)
+  recipe = ple_recipe(cfg, vocab_size=248320, table_pad_multiple=128)
+  assert recipe.rows(1) == 320_001_536
+  flat = [p for order in recipe.head_sizes[1] for p in order]
+  assert sum(flat) == 320_001_446 and flat[0] == 20_000_003 and all(map(_is_prime, flat))
+  assert flat == sorted(flat) and len(set(flat)) == 16
+  np.testing.assert_array_equal(recipe.multipliers[1], [23703573157769, 20109073645365, 8052911324071])
+  # The demo's prime search (restart per order, never reuse) gives the same consecutive primes, so
+  # memory.table_layout serves PLE tables unchanged (padded to its own multiple of 1024).
+  assert head_table_sizes(cfg)[1] == recipe.head_sizes[1]
+  sizes, offsets, rows = memory.table_layout(cfg, 1)
+  assert sizes.tolist() == flat and rows == 320_002_048
+
+
+def test_splitmix64_known_value():
+  # splitmix64 seeded with 0 (the first output of the reference generator's stream).
+  assert splitmix64(0) == 0xE220A8397B1DCDAF
+
+
+@pytest.mark.parametrize("ngram, layers", [(3, (1,)), (4, (0, 3))])
+def test_ple_ids_match_bigint_reference_numpy_and_jnp(ngram, layers):
+  cfg = _ple_cfg(ngram=ngram, heads=3, layers=layers, base=1000, eos=1)
+  vocab = 64
+  recipe = ple_recipe(cfg, vocab, 128)
+  hasher = NgramHasher.from_recipe(recipe)
+  rng = np.random.default_rng(ngram)
+  ids = rng.integers(0, vocab, size=(3, 23))
+  ids[ids % 5 == 0] = 1  # plenty of EOS, including runs and EOS at the start
+  ids[1, :2] = 1
+  got = hasher.hash_numpy(ids)  # [B, T, layers, heads]
+  for li, layer in enumerate(layers):
+    for b in range(ids.shape[0]):
+      want = _reference_ids(ids[b].tolist(), 1, recipe.multipliers[layer], recipe.head_sizes[layer], ngram)
+      np.testing.assert_array_equal(got[b, :, li], want)
+  np.testing.assert_array_equal(np.asarray(jax.jit(hasher.hash_jnp)(jnp.asarray(ids, jnp.int32))), got)
+
+
+def test_ple_multipliers_at_the_int64_bound():
+  """With the real vocabulary the products reach ~2^62: the uint32-pair arithmetic must still agree."""
+  cfg = _ple_cfg(ngram=3, heads=8, layers=(1,), base=20_000_000, eos=248044)
+  recipe = ple_recipe(cfg, 248320, 128)
+  hasher = NgramHasher.from_recipe(recipe)
+  ids = np.random.default_rng(0).integers(248000, 248320, size=(2, 9))
+  ids[0, 4] = 248044
+  got = hasher.hash_numpy(ids)
+  for b in range(2):
+    np.testing.assert_array_equal(got[b, :, 0], _reference_ids(ids[b].tolist(), 248044, recipe.multipliers[1],
+                                                             recipe.head_sizes[1], 3))
+  np.testing.assert_array_equal(np.asarray(jax.jit(hasher.hash_jnp)(ids)), got)
+
+
+def test_ple_decode_continuation_equals_prefill():
+  cfg = _ple_cfg(ngram=4, heads=2, layers=(0, 2), base=500, eos=3)
+  hashing = EngramHashing.from_recipe(ple_recipe(cfg, 40, 128))
+  rng = np.random.default_rng(5)
+  ids = rng.integers(0, 40, size=(2, 20))
+  ids[:, 6] = 3
+  ids[0, 12:14] = 3
+  full = hashing.hash_numpy(ids)
+  lookup = hashing.lookup_array()
+  for prompt in (1, 5, 7):
+    history = hashing.history_numpy(ids[:, :prompt], np.array([prompt, prompt]))
+    step = jax.jit(hashing.next_ids)
+    for t in range(prompt, ids.shape[1]):
+      got, history = step(history, jnp.asarray(ids[:, t]), lookup)
+      np.testing.assert_array_equal(np.asarray(got)[:, 0], full[:, t])
+
+
+def test_ple_recipe_never_reads_as_demo():
+  """Same EngramConfig, same raw ids: the two recipes give other multipliers, ids and fingerprints,
+  and a raw-id out of range is refused by name."""
+  from engram_jax import patches
+
+  cfg = _ple_cfg(ngram=3, heads=2, layers=(1,), base=300, eos=1)
+  ple = EngramHashing.from_recipe(ple_recipe(cfg, 50, 128))
+  demo = EngramHashing.__new__(EngramHashing)
+  demo._use(cfg, RawIds(50), NgramHasher(cfg, 50, 1))
+  assert demo.recipe.fingerprint_fields() == {} and ple.recipe.fingerprint_fields()["recipe"] == "qwen4exp_ple"
+  model = ModelConfig(vocab_size=50, d_model=16, num_layers=2, engram=cfg)
+  assert patches.fingerprint(model, ple) != patches.fingerprint(model, demo)
+  with pytest.raises(ValueError, match="token id 50 is out of range"):
+    ple.hash_numpy(np.array([[1, 50]]))
+  with pytest.raises(ValueError, match="one base"):
+    ple_recipe(dataclasses.replace(cfg, vocab_size_per_ngram=(300, 301)), 50)
+  assert demo_recipe(cfg, 50, 1).name == "engram_demo_v1"
