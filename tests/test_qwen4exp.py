@@ -137,3 +137,82 @@ def test_ple_recipe_never_reads_as_demo():
   with pytest.raises(ValueError, match="one base"):
     ple_recipe(dataclasses.replace(cfg, vocab_size_per_ngram=(300, 301)), 50)
   assert demo_recipe(cfg, 50, 1).name == "engram_demo_v1"
+
+
+# -- the model's pieces against literal references -----------------------------------------------
+
+from engram_jax.models import qwen4exp as q4  # noqa: E402
+
+
+def _tiny_cfg(**kw):
+  base = dict(vocab_size=384, hidden_size=32, num_hidden_layers=4,
+              layer_types=("linear_attention",) * 3 + ("indexed_attention",), num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, rope_theta=10000.0, partial_rotary_factor=0.5,
+              linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+              num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+              hc_count=4, hc_lowrank=8, ple_layer_ids=(2,), ple_embed_dim=32, ngram_size=3, heads_per_ngram=4,
+              ngram_vocab_size_base=257, seed=1234, split_ngram_parts=4, eos_token_id=352, indexer_n_heads=4,
+              indexer_head_dim=16, indexer_budget=4, indexer_compress_ratio=2)
+  base.update(kw)
+  return q4.Qwen4ExpConfig(**base)
+
+
+def _rope_np(x, pos, cfg):
+  d = cfg.rotary_dim
+  inv = q4.rope_inv_freq(cfg).astype(np.float64)
+  ang = pos * inv
+  cos, sin = np.concatenate([np.cos(ang)] * 2), np.concatenate([np.sin(ang)] * 2)
+  r = x[..., :d]
+  half = np.concatenate([-r[..., d // 2:], r[..., :d // 2]], axis=-1)
+  return np.concatenate([r * cos + half * sin, x[..., d:]], axis=-1)
+
+
+def _qsa_reference(q, raw, w, pos, valid, cfg):
+  """The indexer as specified, one query at a time: blocks over the query's visible keys."""
+  B, T, _, d = q.shape
+  c, k = cfg.indexer_compress_ratio, cfg.indexer_budget // cfg.indexer_compress_ratio
+  out = np.zeros((B, T, T), bool)
+  for b in range(B):
+    for t in range(T):
+      vis = [j for j in range(t + 1) if valid[b, j]]
+      nblk = len(vis) // c
+      sel = list(vis[nblk * c:])
+      if nblk:
+        blocks = np.array(vis[:nblk * c]).reshape(nblk, c)
+        pooled = raw[b, blocks].mean(axis=1)
+        pooled = pooled / np.sqrt(np.mean(pooled ** 2, -1, keepdims=True) + cfg.rms_norm_eps) * (1 + w)
+        kb = np.stack([_rope_np(pooled[i], pos[b, blocks[i, 0]], cfg) for i in range(nblk)])
+        scores = np.maximum(q[b, t] @ kb.T, 0).sum(0) / np.sqrt(d)
+        for i in np.argsort(-scores, kind="stable")[:min(k, nblk)]:
+          sel += blocks[i].tolist()
+      out[b, t, sel] = True
+  return out
+
+
+def test_qsa_selection_matches_per_query_reference():
+  cfg = _tiny_cfg(indexer_budget=6, indexer_compress_ratio=3)
+  rng = np.random.default_rng(0)
+  B, T, d = 3, 19, cfg.indexer_head_dim
+  q = rng.normal(size=(B, T, cfg.indexer_n_heads, d)).astype(np.float32)
+  raw = rng.normal(size=(B, T, d)).astype(np.float32)
+  w = rng.normal(size=(d,)).astype(np.float32) * 0.3
+  valid = np.ones((B, T), bool)
+  valid[1, 13:] = False  # right padding
+  valid[2, :4] = False  # left padding
+  pos = np.broadcast_to(np.arange(T), (B, T))
+  got = jax.jit(lambda *a: q4.qsa_selection(*a, cfg))(q, raw, w, pos, valid)
+  want = _qsa_reference(q.astype(np.float64), raw.astype(np.float64), w, pos, valid, cfg)
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_params_carry_logical_axes_the_rules_know():
+  """Every parameter (and table) of the family shards under the one rules table on an 8-device mesh."""
+  from engram_jax.config import MeshConfig
+  from engram_jax.sharding import make_mesh, tree_shardings
+
+  cfg = _tiny_cfg()
+  params, tables = jax.eval_shape(lambda: q4.init(cfg, jax.random.key(0)))
+  mesh = make_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
+  shardings = tree_shardings({"params": params, "tables": tables}, mesh)
+  assert shardings["params"]["layer_1"]["mlp"]["w_gate"].spec[0] == "expert"
+  assert shardings["tables"]["layer_1"].spec[0] == ("data", "fsdp", "expert", "tensor")
