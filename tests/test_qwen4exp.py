@@ -216,3 +216,182 @@ def test_params_carry_logical_axes_the_rules_know():
   shardings = tree_shardings({"params": params, "tables": tables}, mesh)
   assert shardings["params"]["layer_1"]["mlp"]["w_gate"].spec[0] == "expert"
   assert shardings["tables"]["layer_1"].spec[0] == ("data", "fsdp", "expert", "tensor")
+
+
+# -- against the transformers fixtures ------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+from engram_jax.models import qwen4exp_convert as cv  # noqa: E402
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "qwen4exp")
+CASES = ("causal_l3i1", "causal_i1l2i1l1_ng4", "condgen_l1i1l1i1_ng2")
+# Float32 bound for every activation and the logits, relative to the largest magnitude of the reference
+# quantity over real positions. Both sides are float32 with unit roundoff 6e-8; they differ in
+# summation order (every matmul and conv, the expert combine) and, most, in the delta rule: the
+# reference's chunked WY form (a triangular solve per 64-token chunk) against the sequential scan
+# here. Measured worst case over the three cases: 3e-6 of the largest magnitude (1.2e-5 absolute on
+# streams of magnitude 5.4); the bound leaves 10x for other CPUs' vectorisation.
+REL_TOL = 3e-5
+
+
+def _close(got, want, valid, what):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  assert got.shape == want.shape, (what, got.shape, want.shape)
+  scale = max(1.0, float(np.abs(want[valid]).max()))
+  err = float(np.abs(got - want)[valid].max())
+  assert err <= REL_TOL * scale, f"{what}: max abs diff {err:.3g} > {REL_TOL} x {scale:.3g}"
+  return err
+
+
+class _Case:
+  """One fixture case, converted once: config, params, tables, golden arrays, and the jitted forward."""
+
+  def __init__(self, name):
+    self.name, self.dir = name, os.path.join(FIXTURES, name)
+    self.meta = json.load(open(os.path.join(self.dir, "meta.json")))
+    self.golden = dict(np.load(os.path.join(self.dir, "golden.npz")))
+    self.cfg, self.params, self.tables = cv.load_hf_dir(os.path.join(self.dir, "hf"))
+    self.hashing = self.cfg.hashing()
+    cfg, hashing = self.cfg, self.hashing
+    self.forward = jax.jit(lambda p, t, tok, m, pos: q4.forward(cfg, p, t, tok, m, pos, hashing=hashing, capture=True))
+    ids, mask = self.golden["input_ids"], self.golden["attention_mask"]
+    self.valid = mask.astype(bool)
+    self.logits, self.inter = self.forward(self.params, self.tables, ids, mask, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request):
+  if not os.path.isdir(os.path.join(FIXTURES, request.param)):
+    pytest.skip(f"fixture {request.param} not present")
+  return _Case(request.param)
+
+
+def test_fixture_hash_constants_and_ple_ids(case):
+  """PLE ids bit-exact: numpy and jnp, prefill and decode continuation (EOS inside, padding as EOS)."""
+  cfg, g, recipe = case.cfg, case.golden, case.hashing.recipe
+  ecfg = cfg.engram_config()
+  for layer_key, info in case.meta["ple_layers"].items():
+    layer = info["one_based_layer_id"] - 1
+    assert recipe.multipliers[layer].tolist() == info["layer_multipliers"]
+    assert [p for o in recipe.head_sizes[layer] for p in o] == info["ngram_heads_vocab_sizes"]
+    assert recipe.rows(layer) == info["table_rows"]
+  ids, mask = g["input_ids"], g["attention_mask"]
+  host = q4.ple_ids(cfg, case.hashing, ids, mask)
+  device = jax.jit(lambda t, m: q4.ple_ids(cfg, case.hashing, t, m))(jnp.asarray(ids), jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(device), host)
+  prompt, steps = g["decode/prompt_ids"], g["decode/step_ids"]
+  history = case.hashing.history_numpy(prompt, np.full(len(prompt), prompt.shape[1]))
+  decoded = []
+  for s in range(steps.shape[1]):
+    got, history = case.hashing.next_ids(history, jnp.asarray(steps[:, s]), case.hashing.lookup_array())
+    decoded.append(np.asarray(got)[:, 0])
+  decoded = np.stack(decoded, axis=1)
+  for i, layer in enumerate(cfg.ple_layers):
+    offsets = memory.table_layout(ecfg, layer)[1]
+    np.testing.assert_array_equal(host[..., i, :] + offsets, g[f"layer{layer}/ple_ids"])
+    np.testing.assert_array_equal(decoded[..., i, :] + offsets, g[f"decode/layer{layer}/ple_ids"])
+
+
+def test_fixture_release_constants():
+  path = os.path.join(FIXTURES, "full_scale_ple.json")
+  if not os.path.isfile(path):
+    pytest.skip("full_scale_ple.json not present")
+  ref = json.load(open(path))
+  cfg = q4.Qwen4ExpConfig(ple_layer_ids=(2, 6), layer_types=("linear_attention",) * 8, num_hidden_layers=8)
+  recipe = cfg.hash_recipe()
+  for index, layer in enumerate(cfg.ple_layers):
+    want = ref["ple_layer_index"][str(index)]
+    assert recipe.multipliers[layer].tolist() == want["layer_multipliers"]
+    assert [p for o in recipe.head_sizes[layer] for p in o] == want["ngram_heads_vocab_sizes"]
+    assert recipe.rows(layer) == want["padded_rows"]
+  assert recipe.rows(1) == 320_001_536
+
+
+def test_fixture_selections_equal(case):
+  """Router top-k (in torch.topk's descending order) and the QSA masks, exactly, on every query."""
+  g, valid = case.golden, case.valid
+  for layer, kind in enumerate(case.cfg.layer_types):
+    inter = case.inter[f"layer_{layer}"]
+    np.testing.assert_array_equal(np.asarray(inter["mlp"]["expert_ids"][0])[valid], g[f"layer{layer}/router_idx"][valid])
+    if kind == "indexed_attention":
+      np.testing.assert_array_equal(np.asarray(inter["self_attn"]["qsa_mask"][0]), g[f"layer{layer}/idx_mask"].astype(bool))
+
+
+def test_fixture_activations_and_logits(case):
+  g, valid, inter = case.golden, case.valid, case.inter
+  errs = {"logits": _close(case.logits, g["logits"], valid, "logits"),
+          "final_hidden": _close(inter["final_hidden"][0], g["final_hidden"], valid, "final_hidden")}
+  for layer in range(case.cfg.num_hidden_layers):
+    mine = inter[f"layer_{layer}"]
+    errs[f"layer{layer}/out"] = _close(inter["hidden"][layer], g[f"layer{layer}/out"], valid, f"layer{layer}/out")
+    errs[f"layer{layer}/mixer_out"] = _close(mine["attn_out"][0], g[f"layer{layer}/mixer_out"], valid, "mixer_out")
+    errs[f"layer{layer}/moe_out"] = _close(mine["mlp_out"][0], g[f"layer{layer}/moe_out"], valid, "moe_out")
+    if layer in case.cfg.ple_layers:
+      errs[f"layer{layer}/ple_out"] = _close(mine["ple_out"][0], g[f"layer{layer}/ple_out"], valid, "ple_out")
+  print(case.name, {k: f"{v:.2g}" for k, v in errs.items()})
+
+
+def test_fixture_loss(case):
+  g = case.golden
+  labels = g["loss_labels"][:, 1:]
+  logp = jax.nn.log_softmax(jnp.asarray(case.logits[:, :-1]), axis=-1)
+  keep = labels != -100
+  nll = -np.take_along_axis(np.asarray(logp), np.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+  assert abs(float(nll[keep].mean()) - float(g["loss"])) <= REL_TOL * max(1.0, float(g["loss"]))
+
+
+def test_fixture_padding_side_does_not_matter(case):
+  """Row 2 (right-padded in the fixture) moved to the left of its row, with positions counting from
+  its first real token as `generate` gives them: its real positions' logits do not change."""
+  g = case.golden
+  ids, mask = g["input_ids"].copy(), g["attention_mask"].copy()
+  n = int(mask[2].sum())
+  T = ids.shape[1]
+  ids[2] = np.concatenate([ids[2, n:], ids[2, :n]])
+  mask[2] = np.concatenate([mask[2, n:], mask[2, :n]])
+  pos = np.broadcast_to(np.arange(T), ids.shape).copy()
+  pos[2] = np.maximum(np.cumsum(mask[2]) - 1, 0)
+  logits, _ = case.forward(case.params, case.tables, ids, mask, pos)
+  _close(np.asarray(logits)[2, T - n:], g["logits"][2, :n], np.ones(n, bool), "left-padded row")
+
+
+def test_fixture_conversion(case):
+  """Table rows bit-equal to the checkpoint's shards (either prefix), zero past them; a stored hash
+  constant that the recipe does not reproduce, or a leftover tensor, is refused by name."""
+  config, state = cv.read_hf_dir(os.path.join(case.dir, "hf"))
+  prefix = case.meta["checkpoint_prefix"]
+  for layer in case.cfg.ple_layers:
+    base = f"{prefix}layers.{layer}.ple.ple_embedding"
+    shards = [state[f"{base}.ngram_embedding.shard_{j}.weight"] for j in range(case.cfg.split_ngram_parts)
+              if f"{base}.ngram_embedding.shard_{j}.weight" in state]
+    table = np.asarray(case.tables[memory.table_name(layer)])
+    whole = np.concatenate(shards)
+    np.testing.assert_array_equal(table[:len(whole)], whole)
+    assert not table[len(whole):].any()
+    bad = dict(state)
+    bad[f"{base}.layer_multipliers"] = np.asarray(state[f"{base}.layer_multipliers"]) + 2
+    with pytest.raises(cv.ConversionError, match=r"layer_multipliers.*recomputed PLE recipe"):
+      cv.convert_state_dict(bad, case.cfg)
+  bad = dict(state)
+  bad[prefix + "layers.0.extra.weight"] = np.zeros(2, np.float32)
+  with pytest.raises(cv.ConversionError, match=r"layers\.0\.extra\.weight"):
+    cv.convert_state_dict(bad, case.cfg)
+
+
+def test_table_shards_concatenate_in_numeric_order():
+  """Twelve shards: shard_10 and shard_11 come after shard_9, not after shard_1."""
+  name = CASES[0]
+  if not os.path.isdir(os.path.join(FIXTURES, name)):
+    pytest.skip(f"fixture {name} not present")
+  config, state = cv.read_hf_dir(os.path.join(FIXTURES, name, "hf"))
+  cfg = q4.Qwen4ExpConfig.from_hf(config)
+  base = "model.layers.1.ple.ple_embedding.ngram_embedding"
+  keys = sorted((k for k in state if k.startswith(base + ".shard_")), key=lambda k: int(k.split("_")[-1].split(".")[0]))
+  whole = np.concatenate([state[k] for k in keys])
+  state = {k: v for k, v in state.items() if k not in keys}
+  for j, piece in enumerate(np.array_split(whole, 12)):
+    state[f"{base}.shard_{j}.weight"] = piece
+  _, tables = cv.convert_state_dict(state, cfg)
+  np.testing.assert_array_equal(np.asarray(tables["layer_1"])[:len(whole)], whole)

@@ -629,6 +629,7 @@ class Qwen4ExpModel(nn.Module):
       streams = DecoderLayer(cfg, layer, name=name)(streams, positions, valid, mask, rows.get(name))
       self.sow("intermediates", "hidden", streams)
     h = GatedResidual(cfg, combine=False, name="hyper_connection_mixer")(streams)
+    self.sow("intermediates", "final_hidden", h)
     if cfg.tie_word_embeddings:
       return jnp.einsum("btd,vd->btv", h.astype(jnp.float32), embedding.astype(jnp.float32))
     lm_head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
