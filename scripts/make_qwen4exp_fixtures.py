@@ -392,7 +392,8 @@ def rerandomise(model, seed):
 
 
 def np32(t):
-    return t.detach().to(torch.float32).cpu().numpy()
+    # copy: .numpy() shares memory with the tensor, and cache states are later updated in place
+    return t.detach().to(torch.float32).cpu().numpy().copy()
 
 
 class Recorder:
@@ -795,7 +796,7 @@ def save_cache(cache, model, out, p):
         if isinstance(layer, transformers.cache_utils.LinearAttentionLayer):
             for s, v in layer.conv_states.items():
                 if v is not None and layer.is_conv_states_initialized[s]:
-                    out[q + f"conv_state{s}"] = v.numpy() if v.dtype == torch.long else np32(v)
+                    out[q + f"conv_state{s}"] = v.numpy().copy() if v.dtype == torch.long else np32(v)
             for s, v in layer.recurrent_states.items():
                 if v is not None and layer.is_recurrent_states_initialized[s]:
                     out[q + f"recurrent_state{s}"] = np32(v)
