@@ -79,6 +79,10 @@ GAPS = {
     "router_logit": 5e-4,  # k-th minus (k+1)-th router logit
     "indexer_score": 1e-3,  # k-th minus (k+1)-th QSA block score (scores are O(1))
     "argmax_logit": 3e-3,  # top-1 minus top-2 logit of every greedy generate step
+    # gradient case only: smallest |PLE gate score| before sign(s)*sqrt(|s|). The derivative of the
+    # signed square root is 1/(2 sqrt|s|), so a score near 0 turns float32 rounding of s into a large
+    # relative error of the gradients that flow through it (3.5e-4 gave 5e-4 relative error).
+    "ple_gate_abs": 3e-3,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +153,7 @@ CASES = {
     # The gradient case.
     "causal_l3i1": dict(
         arch="Qwen4ExpForCausalLM",
-        seeds=list(range(1000, 1060)),
+        seeds=list(range(1000, 1080)),
         seq_len=32,
         decode_steps=8,
         gen_new_tokens=10,
@@ -427,7 +431,7 @@ class Recorder:
             self._add(layer.mlp, lambda m, a, o, p=p: put(p + "moe_out", o.detach().clone()))
             self._add(layer.mlp.gate, self._router_hook(p, layer.mlp.gate))
             if layer.ple is not None:
-                self._add(layer.ple, lambda m, a, o, p=p: put(p + "ple_out", o.detach().clone()))
+                self._add(layer.ple, self._ple_hook(p))
                 self._add(layer.ple.ple_embedding, lambda m, a, o, p=p: put(p + "ple_emb", o.detach().clone()))
                 self.handles.append(
                     layer.ple.ple_embedding.ngram_embedding.register_forward_pre_hook(
@@ -442,6 +446,19 @@ class Recorder:
 
     def _add(self, mod, fn):
         self.handles.append(mod.register_forward_hook(fn))
+
+    def _ple_hook(self, p):
+        """Record the PLE output and recompute the gate score before the signed square root."""
+
+        def fn(m, args, out):
+            self.put(p + "ple_out", out.detach().clone())
+            with torch.no_grad():
+                emb = self.records[p + "ple_emb"][-1]
+                kn = m.norm_key(m.key_proj(emb)).unflatten(-1, (m.hc_count, m.hidden_size))
+                qn = m.norm_query(args[0]).unflatten(-1, (m.hc_count, m.hidden_size))
+                self.put(p + "ple_gate_score", (kn * qn).sum(dim=-1) / math.sqrt(m.hidden_size))
+
+        return fn
 
     def _hc_hook(self, p):
         def fn(m, a, o):  # returns None: a hook's return value would replace the module output
@@ -657,6 +674,10 @@ def run_case(name, case, seed, tok, hf_dir: Path):
             out[p + "ple_emb"] = np32(r[p + "ple_emb"][0])
             out[p + "ple_gated_value"] = np32(r[p + "ple_gated_value"][0]).reshape(bsz, t, hc, hdim)
             out[p + "ple_out"] = np32(r[p + "ple_out"][0]).reshape(bsz, t, hc, hdim)
+            gs = r[p + "ple_gate_score"][0]
+            out[p + "ple_gate_score"] = np32(gs)
+            if case["grads"]:
+                upd_gap("ple_gate_abs", gs.abs()[valid])
 
     # ---- loss (every case) and gradients (the case marked grads)
     labels = ids.masked_fill(mask == 0, -100)
@@ -842,7 +863,7 @@ def write_case(name, case, tok, root: Path, search=12):
     case_dir = root / name
     hf_dir = case_dir / "hf"
     tried = []
-    for seed in case["seeds"][:search]:
+    for seed in case["seeds"][: search * (2 if case["grads"] else 1)]:
         _, _, gaps, _, _ = run_case(name, case, seed, tok, hf_dir)
         tried.append({"seed": seed, "gaps": gaps, "margin_score": margin_score(gaps)})
         print(f"[{name}] seed {seed}: score {margin_score(gaps):.3g}; " + ", ".join(f"{k}={v:.3g}" for k, v in sorted(gaps.items())), flush=True)
