@@ -395,3 +395,83 @@ def test_table_shards_concatenate_in_numeric_order():
     state[f"{base}.shard_{j}.weight"] = piece
   _, tables = cv.convert_state_dict(state, cfg)
   np.testing.assert_array_equal(np.asarray(tables["layer_1"])[:len(whole)], whole)
+
+
+# -- decoding against the fixtures' cached steps ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decoder(case):
+  """The case's prefill and decode step, jitted once per case (cache of prompt + steps slots)."""
+  cfg, hashing = case.cfg, case.hashing
+  g = case.golden
+  slots = g["input_ids"].shape[1]
+  prefill = jax.jit(lambda p, t, tok, m: q4.prefill(cfg, p, t, tok, m, slots, hashing=hashing, capture=True))
+  step = jax.jit(lambda p, t, c, h, tok, pos: q4.decode_step(cfg, p, t, c, h, tok, pos, hashing=hashing, capture=True))
+  return prefill, step
+
+
+def _pad_to(a, length):
+  return np.pad(a, ((0, 0), (0, length - a.shape[1])))
+
+
+def test_fixture_decode_steps_and_caches(case, decoder):
+  """Prefill the fixture's prompts, then feed its step tokens one per call: logits per step, router
+  and QSA selections exactly, and the caches after prefill (GatedDeltaNet conv window and state,
+  PLE conv window, attention and indexer keys) equal the reference's."""
+  prefill, step = decoder
+  cfg, g = case.cfg, case.golden
+  prompt, steps = g["decode/prompt_ids"], g["decode/step_ids"]
+  B, P = prompt.shape
+  T = g["input_ids"].shape[1]
+  ones = np.ones((B, P), bool)
+  mask = _pad_to(np.ones((B, P), np.int32), T)
+  logits, cache, history, _ = prefill(case.params, case.tables, _pad_to(prompt, T), mask)
+  _close(np.asarray(logits)[:, P - 1], g["decode/prefill_last_logits"], np.ones(B, bool), "prefill last logits")
+  ref = "decode/cache_after_prefill/"
+  import flax.linen as nn
+
+  unboxed = nn.meta.unbox(cache)
+  for layer, kind in enumerate(cfg.layer_types):
+    mine = unboxed[f"layer_{layer}"]
+    if kind == "linear_attention":
+      gdn = mine["linear_attn"]
+      window = np.concatenate([np.asarray(gdn[f"conv_{x}"]) for x in "qkv"], axis=-1)  # [B, K-1, C]
+      _close(window, np.swapaxes(g[f"{ref}layer{layer}/conv_state0"], 1, 2)[:, 1:], np.ones(window.shape[:2], bool),
+             "GatedDeltaNet conv window")
+      _close(gdn["recurrent"], g[f"{ref}layer{layer}/recurrent_state0"], np.ones(B, bool), "recurrent state")
+      if layer in cfg.ple_layers:
+        _close(mine["ple"]["conv_state"], np.swapaxes(g[f"{ref}layer{layer}/conv_state1"], 1, 2),
+               np.ones(mine["ple"]["conv_state"].shape[:2], bool), "PLE conv window")
+        np.testing.assert_array_equal(np.asarray(history), g[f"{ref}layer{layer}/conv_state2"])
+    else:
+      att = mine["self_attn"]
+      _close(np.asarray(att["keys"])[:, :P], np.swapaxes(g[f"{ref}layer{layer}/keys"], 1, 2), ones, "keys")
+      _close(np.asarray(att["values"])[:, :P], np.swapaxes(g[f"{ref}layer{layer}/values"], 1, 2), ones, "values")
+      _close(np.asarray(att["index_keys"])[:, :P], g[f"{ref}layer{layer}/indexer_keys"], ones, "indexer keys")
+  for s in range(steps.shape[1]):
+    out, cache, history, inter = step(case.params, case.tables, cache, history, steps[:, s], np.full(B, P + s))
+    _close(out, g["decode/step_logits"][:, s], np.ones(B, bool), f"decode step {s} logits")
+    for layer, kind in enumerate(cfg.layer_types):
+      mine = inter[f"layer_{layer}"]
+      np.testing.assert_array_equal(np.asarray(mine["mlp"]["expert_ids"][0])[:, 0], g[f"decode/layer{layer}/router_idx"][:, s])
+      if kind == "indexed_attention":
+        np.testing.assert_array_equal(np.asarray(mine["self_attn"]["qsa_mask"][0])[:, 0],
+                                      g[f"decode/layer{layer}/idx_mask"][:, s].astype(bool))
+
+
+def test_fixture_decode_from_a_right_padded_prefill(case, decoder):
+  """Rows 0 and 1 prefilled with different lengths (row 1 right-padded), then decoded token by token
+  through the rest of the sequence: every step's logits equal the fixture's full-sequence logits at
+  that position (EOS inside row 1 included)."""
+  prefill, step = decoder
+  g = case.golden
+  ids = g["input_ids"][:2]
+  T = ids.shape[1]
+  lengths = np.array([T - 6, T - 9])
+  mask = (np.arange(T)[None, :] < lengths[:, None]).astype(np.int32)
+  _, cache, history, _ = prefill(case.params, case.tables, np.where(mask, ids, 0), mask)
+  for s in range(5):
+    pos = lengths + s
+    out, cache, history, _ = step(case.params, case.tables, cache, history, ids[[0, 1], pos], pos)
+    _close(out, g["logits"][[0, 1], pos], np.ones(2, bool), f"step {s}")

@@ -36,9 +36,9 @@ import numpy as np
 
 from engram_jax import memory
 from engram_jax.config import EngramConfig
-from engram_jax.engram import causal_depthwise_conv, signed_sqrt
+from engram_jax.engram import causal_depthwise_conv, conv_window, signed_sqrt
 from engram_jax.hashing import EngramHashing, HashRecipe, ple_recipe
-from engram_jax.layers import apply_rope
+from engram_jax.layers import CACHE_MODES, apply_rope, cache_variable, write_decode, write_prefill
 from engram_jax.moe import routed_experts
 
 LAYER_TYPES = ("linear_attention", "indexed_attention")
@@ -283,28 +283,32 @@ class GatedResidual(nn.Module):
 # GatedDeltaNet (the linear_attention layers).
 
 
-def gated_delta_rule(q, k, v, g, beta, state=None):
+def gated_delta_rule(q, k, v, g, beta, state=None, valid=None):
   """The gated delta rule as a recurrence over t, in float32.
 
   q, k [B,T,H,dk] (already normalised and scaled), v [B,T,H,dv], g (log decay) and beta [B,T,H];
-  state [B,H,dk,dv] or None (zeros). Per step: S <- exp(g) S; S <- S + k (beta (v - k^T S))^T;
-  o = q^T S. Returns (o [B,T,H,dv], final state). A plain scan is exact and simple; the reference
-  uses a chunked (WY) form for prefill, equal up to float rounding.
+  state [B,H,dk,dv] or None (zeros); valid [B,T] or None: the state does not move at invalid steps,
+  so the final state of a right-padded row is the one after its last real token (what decoding
+  continues from). Per step: S <- exp(g) S; S <- S + k (beta (v - k^T S))^T; o = q^T S.
+  Returns (o [B,T,H,dv], final state). A plain scan is exact and simple; the reference uses a
+  chunked (WY) form for prefill, equal up to float rounding.
   """
   B, T, H, dk = k.shape
   dv = v.shape[-1]
   f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # noqa: E731  time-major for the scan
   state = jnp.zeros((B, H, dk, dv), jnp.float32) if state is None else state.astype(jnp.float32)
 
-  def step(s, inputs):
-    q_t, k_t, v_t, g_t, b_t = inputs  # [B,H,dk], [B,H,dk], [B,H,dv], [B,H], [B,H]
-    s = s * jnp.exp(g_t)[..., None, None]
-    read = jnp.einsum("bhkv,bhk->bhv", s, k_t)
-    delta = (v_t - read) * b_t[..., None]
-    s = s + k_t[..., :, None] * delta[..., None, :]
-    return s, jnp.einsum("bhkv,bhk->bhv", s, q_t)
+  valid = jnp.ones((B, T), bool) if valid is None else valid
 
-  state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(g), f32(beta)))
+  def step(s, inputs):
+    q_t, k_t, v_t, g_t, b_t, ok = inputs  # [B,H,dk], [B,H,dk], [B,H,dv], [B,H], [B,H], [B]
+    new = s * jnp.exp(g_t)[..., None, None]
+    read = jnp.einsum("bhkv,bhk->bhv", new, k_t)
+    delta = (v_t - read) * b_t[..., None]
+    new = new + k_t[..., :, None] * delta[..., None, :]
+    return jnp.where(ok[:, None, None, None], new, s), jnp.einsum("bhkv,bhk->bhv", new, q_t)
+
+  state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(g), f32(beta), jnp.moveaxis(valid, 1, 0)))
   return jnp.moveaxis(out, 0, 1), state
 
 
@@ -316,12 +320,16 @@ class GatedDeltaNet(nn.Module):
   sigmoid(x W_b), g = -exp(A_log) softplus(x W_a + dt_bias). Output: RMSNorm(o) * weight * act(x W_z),
   then W_out. The q/k/v projections and their conv are kept apart (the reference fuses them into
   one matrix): the conv is depthwise, so that is the same map, and each part shards by its heads.
+
+  Caches (`cache_mode`): each conv's last K-1 inputs and the recurrent state [B,nv,dk,dv] (float32),
+  both as of each right-padded prompt's last real token.
   """
 
   cfg: Qwen4ExpConfig
+  cache_mode: Optional[str] = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, attention_mask: Optional[jax.Array] = None):
+  def __call__(self, x: jax.Array, valid: jax.Array):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     D, K = cfg.hidden_size, cfg.linear_conv_kernel_dim
@@ -343,24 +351,33 @@ class GatedDeltaNet(nn.Module):
     norm = _param(self, "norm", (dv,), ("head_dim",), nn.initializers.ones)
     w_out = _param(self, "out_proj", (nv, dv, D), ("heads", "head_dim", "embed"))
 
-    if attention_mask is not None:  # padding must not reach the conv or the state
-      x = x * attention_mask[..., None].astype(x.dtype)
-    x = x.astype(dtype)
+    x = (x * valid[..., None].astype(x.dtype)).astype(dtype)  # padding must not reach the conv or the state
     B, T, _ = x.shape
+    new = jnp.sum(valid, axis=1).astype(jnp.int32)  # real inputs per row (1 per decode step)
 
-    def conv(w, kernel):  # [B,T,h,d]
+    def conv(name, w, kernel):  # [B,T,h,d]
       y = jnp.einsum("btD,Dhd->bthd", x, w.astype(dtype))
-      c = causal_depthwise_conv(y.reshape(B, T, -1), kernel.reshape(K, -1).astype(dtype), dilation=1)
+      flat = y.reshape(B, T, -1)
+      history = None
+      if self.cache_mode is not None:
+        state = cache_variable(self, name, (B, K - 1, flat.shape[-1]), dtype, ("batch", "cache_seq", None))
+        history = state.value
+        state.value = conv_window(history, flat, new)
+      c = causal_depthwise_conv(flat, kernel.reshape(K, -1).astype(dtype), dilation=1, history=history)
       return jax.nn.silu(c).reshape(y.shape)
 
-    q, k, v = conv(w_q, conv_q), conv(w_k, conv_k), conv(w_v, conv_v)
+    q, k, v = conv("conv_q", w_q, conv_q), conv("conv_k", w_k, conv_k), conv("conv_v", w_v, conv_v)
     rep = nv // nk
     q = jnp.repeat(l2_normalize(q.astype(jnp.float32)), rep, axis=2) * dk ** -0.5
     k = jnp.repeat(l2_normalize(k.astype(jnp.float32)), rep, axis=2)
     beta = jax.nn.sigmoid(jnp.einsum("btD,Dh->bth", x, w_b.astype(dtype)).astype(jnp.float32))
     a = jnp.einsum("btD,Dh->bth", x, w_a.astype(dtype)).astype(jnp.float32)
     g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a + dt_bias.astype(jnp.float32))
-    o, _ = gated_delta_rule(q, k, v, g, beta)  # [B,T,nv,dv] float32
+    if self.cache_mode is None:
+      o, _ = gated_delta_rule(q, k, v, g, beta)  # [B,T,nv,dv] float32
+    else:
+      state = cache_variable(self, "recurrent", (B, nv, dk, dv), jnp.float32, ("batch", "cache_heads", None, None))
+      o, state.value = gated_delta_rule(q, k, v, g, beta, state.value, valid)
 
     z = jnp.einsum("btD,Dhd->bthd", x, w_z.astype(dtype)).astype(jnp.float32)
     act = jax.nn.silu if cfg.output_gate_type == "silu" else jax.nn.sigmoid
@@ -375,8 +392,8 @@ class GatedDeltaNet(nn.Module):
 
 
 def qsa_selection(q: jax.Array, raw_keys: jax.Array, key_norm: jax.Array, positions: jax.Array,
-                  valid: jax.Array, cfg: Qwen4ExpConfig) -> jax.Array:
-  """Which keys each query may attend to: bool [B, T(query), T(key)].
+                  valid: jax.Array, cfg: Qwen4ExpConfig, query_slots: Optional[jax.Array] = None) -> jax.Array:
+  """Which keys each query may attend to: bool [B, Tq(query), S(key)].
 
   The real keys of a row, in order, are cut into blocks of `compress_ratio`; a query sees the blocks
   whose last key is at or before it (complete blocks), scores each by sum_h relu(q_h . k_block) /
@@ -385,13 +402,17 @@ def qsa_selection(q: jax.Array, raw_keys: jax.Array, key_norm: jax.Array, positi
   Blocks are formed once per row (a query's visible keys are a prefix of the row's real keys), so
   this is one [B, T, blocks] score array instead of a loop over queries.
 
-  q [B,T,h,d] (normed, rotated), raw_keys [B,T,d], positions [B,T], valid [B,T] bool.
+  q [B,Tq,h,d] (normed, rotated), raw_keys [B,S,d], positions and valid [B,S] (of the keys),
+  query_slots [B,Tq]: the key slot each query sits at (default: query t sits at slot t).
   """
-  B, T, _, d = q.shape
+  B, Tq, _, d = q.shape
+  T = raw_keys.shape[1]
+  t = jnp.broadcast_to(jnp.arange(Tq), (B, Tq)) if query_slots is None else query_slots  # [B,Tq]
   r, top = cfg.indexer_compress_ratio, cfg.indexer_budget // cfg.indexer_compress_ratio
   nblk = T // r
+  causal = (t[:, :, None] >= jnp.arange(T)[None, None, :]) & valid[:, None, :]  # [B,Tq,S]
   if nblk == 0:
-    return jnp.broadcast_to(valid[:, None, :], (B, T, T))
+    return causal
   order = jnp.argsort(~valid, axis=1, stable=True)  # [B,T]: real keys first, in order
   members = order[:, :nblk * r].reshape(B, nblk, r)  # key index of each block's members
   count = jnp.sum(valid, axis=1)  # [B]
@@ -404,20 +425,18 @@ def qsa_selection(q: jax.Array, raw_keys: jax.Array, key_norm: jax.Array, positi
   scores = jnp.einsum("bthd,bnd->btnh", q.astype(jnp.float32), block_keys.astype(jnp.float32))
   scores = jnp.sum(jax.nn.relu(scores), axis=-1) / math.sqrt(d)  # [B,T,nblk]
   last = members[:, :, -1]  # [B,nblk]
-  t = jnp.arange(T)
-  visible = complete[:, None, :] & (last[:, None, :] <= t[None, :, None])  # [B,T,nblk]
+  visible = complete[:, None, :] & (last[:, None, :] <= t[:, :, None])  # [B,Tq,nblk]
   k_top = min(top, nblk)
   _, best = jax.lax.top_k(jnp.where(visible, scores, -1.0), k_top)  # scores >= 0 where visible
-  chosen = jnp.zeros((B, T, nblk), bool).at[
-      jnp.arange(B)[:, None, None], t[None, :, None], best].set(True) & visible
+  chosen = jnp.zeros((B, Tq, nblk), bool).at[
+      jnp.arange(B)[:, None, None], jnp.arange(Tq)[None, :, None], best].set(True) & visible
   # Each key's block (nblk for keys past the last block or padding), then the per-query key mask.
   block_of = jnp.full((B, T), nblk, jnp.int32).at[jnp.arange(B)[:, None], members.reshape(B, -1)].set(
       jnp.broadcast_to(jnp.arange(nblk * r, dtype=jnp.int32) // r, (B, nblk * r)))
   in_chosen = jnp.take_along_axis(jnp.pad(chosen, ((0, 0), (0, 0), (0, 1))),
-                                  jnp.broadcast_to(block_of[:, None, :], (B, T, T)), axis=2)
+                                  jnp.broadcast_to(block_of[:, None, :], (B, Tq, T)), axis=2)
   in_visible_block = jnp.take_along_axis(jnp.pad(visible, ((0, 0), (0, 0), (0, 1))),
-                                         jnp.broadcast_to(block_of[:, None, :], (B, T, T)), axis=2)
-  causal = (t[None, :, None] >= t[None, None, :]) & valid[:, None, :]
+                                         jnp.broadcast_to(block_of[:, None, :], (B, Tq, T)), axis=2)
   return causal & (in_chosen | ~in_visible_block)
 
 
@@ -426,9 +445,16 @@ class IndexedAttention(nn.Module):
 
   Per head, q_proj gives a query and an output gate; q and k get their own RMSNorm (1+w) before a
   partial RoPE; the attention output is multiplied by sigmoid(gate) before o_proj.
+
+  Caches (`cache_mode`): keys (normed, rotated) and values [B,S,nkv,hd], the indexer's raw keys
+  [B,S,ihd], and each slot's position and whether it holds a token. A decode step writes its token
+  at slot `positions` (right-padded prompts start at 0, so a row's next slot is its position) and
+  its query selects among the slots written so far.
   """
 
   cfg: Qwen4ExpConfig
+  cache_mode: Optional[str] = None
+  cache_length: int = 0  # prefill: slots the caches hold
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, valid: jax.Array):
@@ -453,13 +479,17 @@ class IndexedAttention(nn.Module):
     proj = lambda w: jnp.einsum("btD,Dhd->bthd", x, w.astype(dtype))  # noqa: E731
     iq = partial_rope(rms_norm_offset(proj(w_iq), iq_norm, cfg.rms_norm_eps), positions, cfg)
     raw_keys = jnp.einsum("btD,Dd->btd", x, w_ik.astype(dtype))
-    mask = qsa_selection(iq, raw_keys, ik_norm, positions, valid, cfg)  # [B,T,T]
-    self.sow("intermediates", "qsa_mask", mask)
-
     q = partial_rope(rms_norm_offset(proj(w_q), q_norm, cfg.rms_norm_eps), positions, cfg)
     k = partial_rope(rms_norm_offset(proj(w_k), k_norm, cfg.rms_norm_eps), positions, cfg)
     v = proj(w_v)
     B, T = x.shape[:2]
+    key_pos, key_valid, slots = positions, valid, None
+    if self.cache_mode is not None:
+      k, v, raw_keys, key_pos, key_valid = self._cached(k, v, raw_keys, positions, valid)
+      slots = positions if self.cache_mode == "decode" else None
+    mask = qsa_selection(iq, raw_keys, ik_norm, key_pos, key_valid, cfg, slots)  # [B,T,S]
+    self.sow("intermediates", "qsa_mask", mask)
+
     qg = q.reshape(B, T, nkv, nh // nkv, hd)  # query head h reads kv head h // (nh / nkv)
     logits = jnp.einsum("bqgrd,bkgd->bgrqk", qg.astype(jnp.float32), k.astype(jnp.float32)) * hd ** -0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
@@ -468,6 +498,29 @@ class IndexedAttention(nn.Module):
     out = (out * jax.nn.sigmoid(proj(w_gate).astype(jnp.float32))).astype(dtype)
     y = jnp.einsum("bthd,hdD->btD", out, w_o.astype(dtype))
     return nn.with_logical_constraint(y, ("batch", "seq", "act_embed"))
+
+  def _cached(self, k, v, raw_keys, positions, valid):
+    """Writes this call's keys into the caches; returns everything cached (keys, values, raw
+    indexer keys, positions, written) [B,S,...]."""
+    cfg = self.cfg
+    B = k.shape[0]
+    S = self.cache_length
+    kv_names = ("batch", "cache_seq", "cache_heads", None)
+    row_names = ("batch", "cache_seq", None)
+    caches = [(cache_variable(self, "keys", (B, S) + k.shape[2:], k.dtype, kv_names), k, kv_names),
+              (cache_variable(self, "values", (B, S) + v.shape[2:], v.dtype, kv_names), v, kv_names),
+              (cache_variable(self, "index_keys", (B, S, cfg.indexer_head_dim), raw_keys.dtype, row_names),
+               raw_keys, row_names),
+              (cache_variable(self, "positions", (B, S), jnp.int32, ("batch", "cache_seq")),
+               positions.astype(jnp.int32), ("batch", "cache_seq")),
+              (cache_variable(self, "written", (B, S), jnp.bool_, ("batch", "cache_seq")), valid,
+               ("batch", "cache_seq"))]
+    for cache, value, names in caches:
+      if self.cache_mode == "prefill":
+        write_prefill(cache, value, names)
+      else:
+        write_decode(cache, value, positions[:, 0], names)
+    return tuple(cache.value for cache, _, _ in caches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,12 +581,16 @@ class PLE(nn.Module):
   out = u + SiLU(depthwise causal conv(RMSNorm_m(u), kernel K, dilation ngram_size)). This is
   engram.Engram's map with no biases, 1+w norms and padding zeroed before the conv; a separate module
   rather than flags on Engram, so each family's file shows its own equations whole.
+
+  Cache (`cache_mode`): the conv's last (K-1) * ngram_size normed inputs. The n-gram history is
+  the hasher's (`hashing.history_numpy` / `next_ids`): this layer only sees rows.
   """
 
   cfg: Qwen4ExpConfig
+  cache_mode: Optional[str] = None
 
   @nn.compact
-  def __call__(self, streams: jax.Array, rows: jax.Array, attention_mask: Optional[jax.Array] = None):
+  def __call__(self, streams: jax.Array, rows: jax.Array, valid: jax.Array):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     M, D, K, d_mem = cfg.hc_count, cfg.hidden_size, cfg.ple_conv_kernel_size, cfg.ple_embed_dim
@@ -559,11 +616,17 @@ class PLE(nn.Module):
     self.sow("intermediates", "gates", gates)
     u = gates.astype(dtype)[..., None] * value[:, :, None, :]  # [B,T,M,D]
     u_normed = rms_norm_offset(u, conv_norm, cfg.rms_norm_eps)
-    if attention_mask is not None:
-      keep = attention_mask[:, :, None, None].astype(dtype)
-      u, u_normed = u * keep, u_normed * keep
-    conv = causal_depthwise_conv(u_normed.reshape(B, T, M * D), conv_kernel.reshape(K, M * D).astype(dtype),
-                                 dilation=cfg.ngram_size)
+    keep = valid[:, :, None, None].astype(dtype)
+    u, u_normed = u * keep, u_normed * keep
+    conv_in = u_normed.reshape(B, T, M * D)
+    history = None
+    if self.cache_mode is not None:
+      width = (K - 1) * cfg.ngram_size
+      state = cache_variable(self, "conv_state", (B, width, M * D), dtype, ("batch", "cache_seq", None))
+      history = state.value
+      state.value = conv_window(history, conv_in, jnp.sum(valid, axis=1).astype(jnp.int32))
+    conv = causal_depthwise_conv(conv_in, conv_kernel.reshape(K, M * D).astype(dtype), dilation=cfg.ngram_size,
+                                 history=history)
     y = u + jax.nn.silu(conv).reshape(B, T, M, D)
     return nn.with_logical_constraint(y, ("batch", "seq", "act_branch", "act_embed"))
 
@@ -575,19 +638,21 @@ class PLE(nn.Module):
 class DecoderLayer(nn.Module):
   cfg: Qwen4ExpConfig
   layer: int  # zero-based
+  cache_mode: Optional[str] = None
+  cache_length: int = 0
 
   @nn.compact
-  def __call__(self, streams, positions, valid, mask, rows):
-    cfg = self.cfg
+  def __call__(self, streams, positions, valid, rows):
+    cfg, mode = self.cfg, self.cache_mode
     if self.layer in cfg.ple_layers:
-      ple = PLE(cfg, name="ple")(streams, rows, mask)
+      ple = PLE(cfg, cache_mode=mode, name="ple")(streams, rows, valid)
       self.sow("intermediates", "ple_out", ple)
       streams = streams + ple
     x, inject = GatedResidual(cfg, name="attn_hc")(streams)
     if cfg.layer_types[self.layer] == "linear_attention":
-      y = GatedDeltaNet(cfg, name="linear_attn")(x, mask)
+      y = GatedDeltaNet(cfg, cache_mode=mode, name="linear_attn")(x, valid)
     else:
-      y = IndexedAttention(cfg, name="self_attn")(x, positions, valid)
+      y = IndexedAttention(cfg, cache_mode=mode, cache_length=self.cache_length, name="self_attn")(x, positions, valid)
     self.sow("intermediates", "attn_out", y)
     streams = GatedResidual.write(streams, y, inject)
     x, inject = GatedResidual(cfg, name="mlp_hc")(streams)
@@ -603,9 +668,16 @@ class Qwen4ExpModel(nn.Module):
   `rows` {memory.table_name(layer): [B,T,heads,head_dim]} for each PLE layer (`ple_rows`). Layer
   outputs (streams [B,T,M,D]) are sown as intermediates "hidden" per layer, and each sublayer's
   output, the QSA masks and the expert selections likewise, for comparison with the reference.
+
+  `cache_mode` "prefill" (right-padded prompts, `cache_length` slots) or "decode" (one token per row
+  at its own position) keeps every cache in the mutable "cache" collection: GatedDeltaNet convs
+  and states, attention keys/values with the indexer's raw keys, PLE conv states (`prefill`,
+  `decode_step`). Every other part is per token.
   """
 
   cfg: Qwen4ExpConfig
+  cache_mode: Optional[str] = None
+  cache_length: int = 0
 
   @nn.compact
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
@@ -617,16 +689,20 @@ class Qwen4ExpModel(nn.Module):
     missing = [memory.table_name(l) for l in cfg.ple_layers if memory.table_name(l) not in rows]
     if missing:
       raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass rows=ple_rows(...) (got {sorted(rows)})")
+    if self.cache_mode not in CACHE_MODES:
+      raise ValueError(f"Qwen4ExpModel.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
+    if self.cache_mode == "decode" and (T != 1 or positions is None):
+      raise ValueError(f"Qwen4ExpModel: decoding takes one token per row and its positions, got tokens {tokens.shape}")
     positions = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions is None else positions
     valid = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
-    mask = None if attention_mask is None else valid
 
     embedding = _param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     streams = jnp.broadcast_to(x[:, :, None, :], (B, T, cfg.hc_count, cfg.hidden_size))
     for layer in range(cfg.num_hidden_layers):
       name = memory.table_name(layer)
-      streams = DecoderLayer(cfg, layer, name=name)(streams, positions, valid, mask, rows.get(name))
+      streams = DecoderLayer(cfg, layer, self.cache_mode, self.cache_length, name=name)(
+          streams, positions, valid, rows.get(name))
       self.sow("intermediates", "hidden", streams)
     h = GatedResidual(cfg, combine=False, name="hyper_connection_mixer")(streams)
     self.sow("intermediates", "final_hidden", h)
@@ -686,3 +762,53 @@ def forward(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask=None, po
   logits, state = model.apply({"params": params}, tokens, positions, attention_mask, rows,
                               mutable=["intermediates"])
   return logits, state["intermediates"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding: prefill right-padded prompts into caches, then one token per row per step.
+
+
+def _ple_rows(cfg, tables, hashing, ids):
+  ecfg = cfg.engram_config()
+  return {} if ecfg is None else memory.gather(tables, ecfg, ids)
+
+
+def ple_history(cfg: Qwen4ExpConfig, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+  """In-graph `hashing.history_numpy` for raw ids: each row's last ngram_size-1 real tokens [B,n-1],
+  EOS before the start (the n-gram context a decode step hashes its token with)."""
+  width = cfg.ngram_size - 1
+  padded = jnp.concatenate([jnp.full((tokens.shape[0], width), cfg.eos_token_id, jnp.int32),
+                            jnp.asarray(tokens, jnp.int32)], axis=1)  # real token t at t + width
+  index = jnp.asarray(lengths, jnp.int32)[:, None] + jnp.arange(width)[None, :]
+  return jnp.take_along_axis(padded, index, axis=1)
+
+
+def prefill(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask, cache_length: int, *,
+            hashing: EngramHashing, capture: bool = False):
+  """Right-padded prompts [B,T] (attention_mask 1 on each row's leading real tokens) -> (logits
+  [B,T,V], the "cache" collection, the n-gram history [B,n-1]) (+ intermediates with `capture`).
+  Jit with cfg, hashing and cache_length static."""
+  tokens, attention_mask = jnp.asarray(tokens), jnp.asarray(attention_mask)
+  rows = _ple_rows(cfg, tables, hashing, ple_ids(cfg, hashing, tokens, attention_mask))
+  model = Qwen4ExpModel(cfg, cache_mode="prefill", cache_length=cache_length)
+  logits, state = model.apply({"params": params}, tokens, None, attention_mask, rows,
+                              mutable=["cache", "intermediates"])
+  history = ple_history(cfg, ple_token_ids(cfg, tokens, attention_mask), jnp.sum(attention_mask, axis=1))
+  out = (logits, state["cache"], history)
+  return out + (state["intermediates"],) if capture else out
+
+
+def decode_step(cfg: Qwen4ExpConfig, params, tables, cache, history, tokens, positions, *,
+                hashing: EngramHashing, capture: bool = False):
+  """One token per row: tokens [B] at positions [B] (a row's slot; right-padded rows continue at
+  their length) -> (logits [B,V], the updated cache, the next history) (+ intermediates)."""
+  rows = {}
+  if cfg.engram_config() is not None:
+    ids, history = hashing.next_ids(history, tokens, hashing.lookup_array())
+    rows = _ple_rows(cfg, tables, hashing, ids)
+  model = Qwen4ExpModel(cfg, cache_mode="decode")
+  tokens, positions = jnp.asarray(tokens)[:, None], jnp.asarray(positions, jnp.int32)[:, None]
+  logits, state = model.apply({"params": params, "cache": cache}, tokens, positions, None, rows,
+                              mutable=["cache", "intermediates"])
+  out = (logits[:, 0], state["cache"], history)
+  return out + (state["intermediates"],) if capture else out
