@@ -630,10 +630,21 @@ def run_case(name, case, seed, tok, hf_dir: Path):
     valid = mask.bool()
     out: dict[str, np.ndarray] = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": mask.numpy().astype(np.int64)}
     gaps = {}
+    sites: dict[str, list] = {}
 
-    def upd_gap(key, values):
-        v = float(values.min()) if values.numel() else float("inf")
-        gaps[key] = min(gaps.get(key, float("inf")), v)
+    def upd_gap(key, values, where, keep=None):
+        """Track the smallest margin of a kind, and where it is (index into `values`' shape)."""
+        v = values.detach().float()
+        if keep is not None:
+            v = v.masked_fill(~keep, float("inf"))
+        if v.numel() == 0:
+            return
+        flat = v.flatten()
+        i_min = int(flat.argmin())
+        m = float(flat[i_min])
+        gaps[key] = min(gaps.get(key, float("inf")), m)
+        loc = [int(x) for x in np.unravel_index(i_min, tuple(v.shape))]
+        sites.setdefault(key, []).append({"gap": m, "where": where, "index": loc})
 
     rec = Recorder(model)
     tm = text_model(model)
@@ -659,16 +670,16 @@ def run_case(name, case, seed, tok, hf_dir: Path):
         out[p + "router_idx"] = r[p + "router_idx"][0].reshape(bsz, t, -1).numpy().astype(np.int32)
         out[p + "router_weights"] = np32(r[p + "router_weights"][0].reshape(bsz, t, -1))
         gp, gl = router_gaps(lg, k_route)
-        upd_gap("router_prob", gp[valid])
-        upd_gap("router_logit", gl[valid])
-        upd_gap("router_prob_padding_positions", gp[~valid])
+        upd_gap("router_prob", gp, f"prefill {p}router [row, position]", valid)
+        upd_gap("router_logit", gl, f"prefill {p}router [row, position]", valid)
+        upd_gap("router_prob_padding_positions", gp, f"prefill {p}router [row, position]", ~valid)
         if layer.layer_type == "indexed_attention":
             out[p + "idx_mask"] = r[p + "idx_mask"][0].numpy().astype(np.uint8)
             out[p + "idx_scores"] = np32(r[p + "idx_scores"][0])
             out[p + "idx_blocks"] = r[p + "idx_blocks"][0].numpy()
             g = r[p + "idx_gap"][0]
-            upd_gap("indexer_score", g[valid])
-            upd_gap("indexer_score_padding_positions", g[~valid])
+            upd_gap("indexer_score", g, f"prefill {p}indexer [row, query]", valid)
+            upd_gap("indexer_score_padding_positions", g, f"prefill {p}indexer [row, query]", ~valid)
         if layer.ple is not None:
             out[p + "ple_ids"] = r[p + "ple_ids"][0].numpy().astype(np.int64)
             out[p + "ple_emb"] = np32(r[p + "ple_emb"][0])
@@ -677,7 +688,7 @@ def run_case(name, case, seed, tok, hf_dir: Path):
             gs = r[p + "ple_gate_score"][0]
             out[p + "ple_gate_score"] = np32(gs)
             if case["grads"]:
-                upd_gap("ple_gate_abs", gs.abs()[valid])
+                upd_gap("ple_gate_abs", gs.abs(), f"prefill {p}ple gate [row, position, stream]", valid[..., None].expand_as(gs))
 
     # ---- loss (every case) and gradients (the case marked grads)
     labels = ids.masked_fill(mask == 0, -100)
@@ -723,15 +734,15 @@ def run_case(name, case, seed, tok, hf_dir: Path):
         lg = torch.stack([x for x in r[p + "router_logits"]], dim=1)  # [2, nd, E]
         out["decode/" + p + "router_idx"] = torch.stack(r[p + "router_idx"], dim=1).reshape(2, nd, -1).numpy().astype(np.int32)
         gp, gl = router_gaps(lg, k_route)
-        upd_gap("router_prob", gp)
-        upd_gap("router_logit", gl)
+        upd_gap("router_prob", gp, f"decode {p}router [row, step]")
+        upd_gap("router_logit", gl, f"decode {p}router [row, step]")
         if layer.layer_type == "indexed_attention":
             s_max = t
             m = np.zeros((2, nd, s_max), dtype=np.uint8)
             for s, mk in enumerate(r[p + "idx_mask"]):
                 m[:, s, : mk.shape[-1]] = mk[:, 0].numpy()
             out["decode/" + p + "idx_mask"] = m
-            upd_gap("indexer_score", torch.cat([g.flatten() for g in r[p + "idx_gap"]]))
+            upd_gap("indexer_score", torch.stack([x[:, 0] for x in r[p + "idx_gap"]], dim=1), f"decode {p}indexer [row, step]")
         if layer.ple is not None:
             out["decode/" + p + "ple_ids"] = torch.cat(r[p + "ple_ids"], dim=1).numpy().astype(np.int64)
     # the prefill router/indexer decisions of the decode prefill
@@ -758,26 +769,69 @@ def run_case(name, case, seed, tok, hf_dir: Path):
         out[f"generate/{gname}/prompt_ids"] = prompt.numpy().astype(np.int64)
         out[f"generate/{gname}/sequence"] = seq.numpy().astype(np.int64)
         out[f"generate/{gname}/step_logits"] = np32(lg)
-        upd_gap("argmax_logit", argmax_gap(lg))
+        upd_gap("argmax_logit", argmax_gap(lg), f"generate {gname} [row, step]")
         r = rec.records
         for i, layer in enumerate(tm.layers):
             p = f"layer{i}/"
-            for lgr in r[p + "router_logits"]:
+            for call, lgr in enumerate(r[p + "router_logits"]):
                 gp, gl = router_gaps(lgr, k_route)
-                upd_gap("router_prob", gp)
-                upd_gap("router_logit", gl)
+                upd_gap("router_prob", gp, f"generate {gname} forward {call} {p}router [token]")
+                upd_gap("router_logit", gl, f"generate {gname} forward {call} {p}router [token]")
             if layer.layer_type == "indexed_attention":
-                upd_gap("indexer_score", torch.cat([x.flatten() for x in r[p + "idx_gap"]]))
+                for call, x in enumerate(r[p + "idx_gap"]):
+                    upd_gap("indexer_score", x, f"generate {gname} forward {call} {p}indexer [row, query]")
         gens[gname] = {"new_tokens": int(seq.shape[1] - prompt.shape[1]), "stopped_on_eos": bool(seq[0, -1] == eos)}
         if hasattr(model, "model") and hasattr(model.model, "rope_deltas"):
             model.model.rope_deltas = None
+
+    # ---- the same two prompts as one LEFT-padded batch (generate's positions are cumsum(mask) - 1)
+    lens = [prompts[k].numel() for k in prompts]
+    width = max(lens)
+    batch = torch.full((2, width), pad, dtype=torch.long)
+    bmask = torch.zeros((2, width), dtype=torch.long)
+    for row, (gname, prompt) in enumerate(prompts.items()):
+        batch[row, width - prompt.numel() :] = prompt
+        bmask[row, width - prompt.numel() :] = 1
+    rec.clear()
+    with torch.no_grad():
+        g = model.generate(
+            input_ids=batch,
+            attention_mask=bmask,
+            max_new_tokens=case["gen_new_tokens"],
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    lg = torch.stack(g.logits, dim=1)
+    out["generate/batch_left_padded/prompt_ids"] = batch.numpy().astype(np.int64)
+    out["generate/batch_left_padded/attention_mask"] = bmask.numpy().astype(np.int64)
+    out["generate/batch_left_padded/sequence"] = g.sequences.numpy().astype(np.int64)
+    out["generate/batch_left_padded/step_logits"] = np32(lg)
+    upd_gap("argmax_logit", argmax_gap(lg), "generate batch_left_padded [row, step]")
+    same = []
+    for row, gname in enumerate(prompts):
+        single = out[f"generate/{gname}/sequence"][0, lens[row] :]
+        batched = out["generate/batch_left_padded/sequence"][row, width : width + single.size]
+        same.append(bool(np.array_equal(single, batched)))
+    gens["batch_left_padded_equals_single"] = same
+    gens["batch_left_padded_vs_single_max_abs_logit_diff"] = float(
+        max(
+            (lg[row, : out[f"generate/{gname}/step_logits"].shape[1]] - torch.from_numpy(out[f"generate/{gname}/step_logits"][0])).abs().max()
+            for row, gname in enumerate(prompts)
+        )
+    )
+    if hasattr(model, "model") and hasattr(model.model, "rope_deltas"):
+        model.model.rope_deltas = None
     rec.remove()
+    for key in sites:
+        sites[key] = sorted(sites[key], key=lambda r: r["gap"])[:3]
 
     checks = {
         "roundtrip_bitwise": True,
         "decode_vs_full_forward_max_abs_logit_diff": dec_vs_full,
         "generate": gens,
     }
+    checks["smallest_margins"] = sites
     return model, out, gaps, checks, grad_notes
 
 
