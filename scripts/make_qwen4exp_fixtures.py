@@ -952,7 +952,7 @@ def write_case(name, case, tok, root: Path, search=12):
         "dtype": "float32",
         "attn_implementation": "eager",
         "experts_implementation": "eager",
-        "text_config": tc.to_dict(),
+        "text_config": {k: v for k, v in tc.to_dict().items() if k != "_name_or_path"},
         "tokenizer": {
             "file": "hf/tokenizer.json",
             "vocab_size": tok.get_vocab_size(),
