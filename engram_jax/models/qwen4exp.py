@@ -20,7 +20,9 @@ The PLE layer consumes rows: `rows` {memory.table_name(layer): [B,T,heads,head_d
 
 Padding (`attention_mask` [B,T], 1 = real token, any side): padded positions are zeroed at the input
 of every GatedDeltaNet and at the PLE's gated value, are never attended to, and read EOS for hashing,
-so the real positions' outputs do not depend on the padding, as in the reference.
+so the real positions' outputs do not depend on the padding, as in the reference. Decoding
+(`prefill`, `decode_step`, at the end) takes right-padded prompts, the house convention: each
+row's caches are cut at its own length and its next token goes to the slot at its position.
 """
 
 from __future__ import annotations
@@ -400,20 +402,20 @@ def qsa_selection(q: jax.Array, raw_keys: jax.Array, key_norm: jax.Array, positi
   sqrt(d) with k_block = RMSNorm(mean of its raw keys) rotated to its first key's position, keeps the
   top `budget / compress_ratio`, and always keeps the tail of visible keys no complete block holds.
   Blocks are formed once per row (a query's visible keys are a prefix of the row's real keys), so
-  this is one [B, T, blocks] score array instead of a loop over queries.
+  this is one [B, Tq, blocks] score array instead of a loop over queries.
 
   q [B,Tq,h,d] (normed, rotated), raw_keys [B,S,d], positions and valid [B,S] (of the keys),
   query_slots [B,Tq]: the key slot each query sits at (default: query t sits at slot t).
   """
   B, Tq, _, d = q.shape
-  T = raw_keys.shape[1]
+  S = raw_keys.shape[1]
   t = jnp.broadcast_to(jnp.arange(Tq), (B, Tq)) if query_slots is None else query_slots  # [B,Tq]
   r, top = cfg.indexer_compress_ratio, cfg.indexer_budget // cfg.indexer_compress_ratio
-  nblk = T // r
-  causal = (t[:, :, None] >= jnp.arange(T)[None, None, :]) & valid[:, None, :]  # [B,Tq,S]
+  nblk = S // r
+  causal = (t[:, :, None] >= jnp.arange(S)[None, None, :]) & valid[:, None, :]  # [B,Tq,S]
   if nblk == 0:
     return causal
-  order = jnp.argsort(~valid, axis=1, stable=True)  # [B,T]: real keys first, in order
+  order = jnp.argsort(~valid, axis=1, stable=True)  # [B,S]: real keys first, in order
   members = order[:, :nblk * r].reshape(B, nblk, r)  # key index of each block's members
   count = jnp.sum(valid, axis=1)  # [B]
   complete = (jnp.arange(nblk)[None, :] + 1) * r <= count[:, None]  # [B,nblk]
@@ -431,12 +433,12 @@ def qsa_selection(q: jax.Array, raw_keys: jax.Array, key_norm: jax.Array, positi
   chosen = jnp.zeros((B, Tq, nblk), bool).at[
       jnp.arange(B)[:, None, None], jnp.arange(Tq)[None, :, None], best].set(True) & visible
   # Each key's block (nblk for keys past the last block or padding), then the per-query key mask.
-  block_of = jnp.full((B, T), nblk, jnp.int32).at[jnp.arange(B)[:, None], members.reshape(B, -1)].set(
+  block_of = jnp.full((B, S), nblk, jnp.int32).at[jnp.arange(B)[:, None], members.reshape(B, -1)].set(
       jnp.broadcast_to(jnp.arange(nblk * r, dtype=jnp.int32) // r, (B, nblk * r)))
   in_chosen = jnp.take_along_axis(jnp.pad(chosen, ((0, 0), (0, 0), (0, 1))),
-                                  jnp.broadcast_to(block_of[:, None, :], (B, Tq, T)), axis=2)
+                                  jnp.broadcast_to(block_of[:, None, :], (B, Tq, S)), axis=2)
   in_visible_block = jnp.take_along_axis(jnp.pad(visible, ((0, 0), (0, 0), (0, 1))),
-                                         jnp.broadcast_to(block_of[:, None, :], (B, Tq, T)), axis=2)
+                                         jnp.broadcast_to(block_of[:, None, :], (B, Tq, S)), axis=2)
   return causal & (in_chosen | ~in_visible_block)
 
 
