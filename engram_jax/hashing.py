@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -409,8 +409,9 @@ class NgramHasher:
     if arr.ndim < 1:
       raise ValueError(f"{name}s must have a sequence axis (rank >= 1), got shape {arr.shape}")
     if arr.size and arr.max() >= self.compressed_vocab_size:
-      raise ValueError(f"{name} {int(arr.max())} is out of range: expected ids below the "
-                       f"{'compressed ' if name.startswith('compressed') else ''}vocabulary size {self.compressed_vocab_size}")
+      space = name.replace("token id", "vocabulary")  # "compressed vocabulary" or "vocabulary"
+      raise ValueError(f"{name} {int(arr.max())} is out of range: expected ids below the {space} size "
+                       f"{self.compressed_vocab_size}")
     return arr.astype(np.int64, copy=False)
 
   def hash_layer_numpy(self, compressed_ids, layer_id: int) -> np.ndarray:

@@ -258,7 +258,8 @@ class _Case:
     self.forward = jax.jit(lambda p, t, tok, m, pos: q4.forward(cfg, p, t, tok, m, pos, hashing=hashing, capture=True))
     ids, mask = self.golden["input_ids"], self.golden["attention_mask"]
     self.valid = mask.astype(bool)
-    self.logits, self.inter = self.forward(self.params, self.tables, ids, mask, np.broadcast_to(np.arange(ids.shape[1]), ids.shape))
+    positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+    self.logits, self.inter = self.forward(self.params, self.tables, ids, mask, positions)
 
 
 @pytest.fixture(scope="module", params=CASES)
@@ -314,9 +315,11 @@ def test_fixture_selections_equal(case):
   g, valid = case.golden, case.valid
   for layer, kind in enumerate(case.cfg.layer_types):
     inter = case.inter[f"layer_{layer}"]
-    np.testing.assert_array_equal(np.asarray(inter["mlp"]["expert_ids"][0])[valid], g[f"layer{layer}/router_idx"][valid])
+    experts = np.asarray(inter["mlp"]["expert_ids"][0])
+    np.testing.assert_array_equal(experts[valid], g[f"layer{layer}/router_idx"][valid])
     if kind == "indexed_attention":
-      np.testing.assert_array_equal(np.asarray(inter["self_attn"]["qsa_mask"][0]), g[f"layer{layer}/idx_mask"].astype(bool))
+      qsa = np.asarray(inter["self_attn"]["qsa_mask"][0])
+      np.testing.assert_array_equal(qsa, g[f"layer{layer}/idx_mask"].astype(bool))
 
 
 def test_fixture_activations_and_logits(case):
@@ -454,7 +457,8 @@ def test_fixture_decode_steps_and_caches(case, decoder):
     _close(out, g["decode/step_logits"][:, s], np.ones(B, bool), f"decode step {s} logits")
     for layer, kind in enumerate(cfg.layer_types):
       mine = inter[f"layer_{layer}"]
-      np.testing.assert_array_equal(np.asarray(mine["mlp"]["expert_ids"][0])[:, 0], g[f"decode/layer{layer}/router_idx"][:, s])
+      experts = np.asarray(mine["mlp"]["expert_ids"][0])[:, 0]
+      np.testing.assert_array_equal(experts, g[f"decode/layer{layer}/router_idx"][:, s])
       if kind == "indexed_attention":
         np.testing.assert_array_equal(np.asarray(mine["self_attn"]["qsa_mask"][0])[:, 0],
                                       g[f"decode/layer{layer}/idx_mask"][:, s].astype(bool))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -563,7 +563,8 @@ class SparseMoE(nn.Module):
     routed, _ = routed_experts(x.reshape(B * T, D), expert_ids.reshape(B * T, -1).astype(jnp.int32),
                                weights.reshape(B * T, -1), w_gate.astype(dtype), w_up.astype(dtype),
                                w_down.astype(dtype))
-    h = jax.nn.silu(jnp.einsum("btd,dh->bth", x, s_gate.astype(dtype))) * jnp.einsum("btd,dh->bth", x, s_up.astype(dtype))
+    gate = jnp.einsum("btd,dh->bth", x, s_gate.astype(dtype))
+    h = jax.nn.silu(gate) * jnp.einsum("btd,dh->bth", x, s_up.astype(dtype))
     h = nn.with_logical_constraint(h, ("batch", "seq", "act_mlp"))
     shared = jnp.einsum("bth,hd->btd", h, s_down.astype(dtype))
     scale = jax.nn.sigmoid(jnp.einsum("btd,d->bt", x, s_scale.astype(dtype)))[..., None]
