@@ -28,6 +28,7 @@ row's caches are cut at its own length and its next token goes to the slot at it
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
@@ -110,6 +111,8 @@ class Qwen4ExpConfig:
   indexer_head_dim: int = 128
   indexer_budget: int = 2048
   indexer_compress_ratio: int = 64
+  # Chunk length of the delta rule's prefill form (None: the plain recurrence, one step per token).
+  delta_rule_chunk: Optional[int] = 64
   # Whether lm_head reuses the embedding (the release does not).
   tie_word_embeddings: bool = False
   # Standard deviation of the normal initialisation of projections (the reference's initializer_range).
@@ -128,6 +131,8 @@ class Qwen4ExpConfig:
     bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
     if bad:
       fail("layer_types", f"only {LAYER_TYPES}; {bad} are not Qwen4Exp layers")
+    if self.delta_rule_chunk is not None and (not isinstance(self.delta_rule_chunk, int) or self.delta_rule_chunk < 1):
+      fail("delta_rule_chunk", "None (the recurrence) or a positive chunk length")
     if self.output_gate_type not in ("silu", "sigmoid"):
       fail("output_gate_type", "'silu' or 'sigmoid'")
     if self.hc_count < 2:
@@ -285,33 +290,80 @@ class GatedResidual(nn.Module):
 # GatedDeltaNet (the linear_attention layers).
 
 
-def gated_delta_rule(q, k, v, g, beta, state=None, valid=None):
-  """The gated delta rule as a recurrence over t, in float32.
+def gated_delta_rule(q, k, v, g, beta, state=None):
+  """The gated delta rule as a recurrence over t, in float32: the definition, and the decode step.
 
   q, k [B,T,H,dk] (already normalised and scaled), v [B,T,H,dv], g (log decay) and beta [B,T,H];
-  state [B,H,dk,dv] or None (zeros); valid [B,T] or None: the state does not move at invalid steps,
-  so the final state of a right-padded row is the one after its last real token (what decoding
-  continues from). Per step: S <- exp(g) S; S <- S + k (beta (v - k^T S))^T; o = q^T S.
-  Returns (o [B,T,H,dv], final state). A plain scan is exact and simple; the reference uses a
-  chunked (WY) form for prefill, equal up to float rounding.
+  state [B,H,dk,dv] or None (zeros). Per step: S <- exp(g) S; S <- S + k (beta (v - k^T S))^T;
+  o = q^T S. A step with g = 0 and beta = 0 leaves S exactly as it was (how padding is skipped).
+  Returns (o [B,T,H,dv], final state).
   """
   B, T, H, dk = k.shape
   dv = v.shape[-1]
   f32 = lambda a: jnp.moveaxis(a.astype(jnp.float32), 1, 0)  # noqa: E731  time-major for the scan
   state = jnp.zeros((B, H, dk, dv), jnp.float32) if state is None else state.astype(jnp.float32)
 
-  valid = jnp.ones((B, T), bool) if valid is None else valid
+  def step(s, inputs):
+    q_t, k_t, v_t, g_t, b_t = inputs  # [B,H,dk], [B,H,dk], [B,H,dv], [B,H], [B,H]
+    s = s * jnp.exp(g_t)[..., None, None]
+    read = jnp.einsum("bhkv,bhk->bhv", s, k_t)
+    delta = (v_t - read) * b_t[..., None]
+    s = s + k_t[..., :, None] * delta[..., None, :]
+    return s, jnp.einsum("bhkv,bhk->bhv", s, q_t)
+
+  state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(g), f32(beta)))
+  return jnp.moveaxis(out, 0, 1), state
+
+
+def chunked_gated_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = 64):
+  """`gated_delta_rule` for prefill: T/C sequential steps of C-token chunks instead of T steps.
+
+  Within a chunk the C delta-rule updates are one unit-lower-triangular solve (the WY form, as the
+  reference computes it): with G the cumulative log decay, D[i,j] = exp(G_i - G_j) for j <= i,
+  (I + strict_lower(beta k k^T * D)) U = beta v and W likewise for beta k exp(G); then with the
+  state S entering the chunk, V' = U - W S, o = (q exp(G)) S + (q k^T * D) V', and S leaves as
+  exp(G_C) S + (k exp(G_C - G))^T V'. Every exponent is <= 0 (masked before exp), so nothing
+  overflows; equal to the recurrence up to float32 rounding (checked in the tests). Same arguments
+  and results as `gated_delta_rule`; T is padded to a multiple of C with steps that change nothing.
+  """
+  B, T, H, dk = k.shape
+  dv = v.shape[-1]
+  C = chunk_size
+  pad = -T % C
+  n = (T + pad) // C
+
+  def chunks(a):  # [B,T,H,...] -> [n,B,H,C,...] float32, zero-padded (g = beta = 0: no change)
+    a = jnp.pad(a.astype(jnp.float32), [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    a = a.reshape((B, n, C, H) + a.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(a, 1, 0), 3, 2)
+
+  q, k, v, g, beta = chunks(q), chunks(k), chunks(v), chunks(g), chunks(beta)
+  G = jnp.cumsum(g, axis=-1)  # [n,B,H,C]
+  lower = jnp.tril(jnp.ones((C, C), bool))
+  strict = jnp.tril(jnp.ones((C, C), bool), -1)
+  decay = jnp.where(lower, jnp.exp(jnp.where(lower, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
+  k_beta = k * beta[..., None]
+  system = jnp.eye(C) + jnp.where(strict, jnp.einsum("...id,...jd->...ij", k_beta, k) * decay, 0.0)
+  solve = lambda b: jax.scipy.linalg.solve_triangular(system, b, lower=True, unit_diagonal=True)  # noqa: E731
+  new_values = solve(v * beta[..., None])  # [n,B,H,C,dv]
+  k_decayed = solve(k_beta * jnp.exp(G)[..., None])  # [n,B,H,C,dk]
+  intra = jnp.einsum("...id,...jd->...ij", q, k) * decay  # [n,B,H,C,C]
+  q_in = q * jnp.exp(G)[..., None]
+  k_out = k * jnp.exp(G[..., -1:] - G)[..., None]
+  chunk_decay = jnp.exp(G[..., -1])  # [n,B,H]
+  state = jnp.zeros((B, H, dk, dv), jnp.float32) if state is None else state.astype(jnp.float32)
 
   def step(s, inputs):
-    q_t, k_t, v_t, g_t, b_t, ok = inputs  # [B,H,dk], [B,H,dk], [B,H,dv], [B,H], [B,H], [B]
-    new = s * jnp.exp(g_t)[..., None, None]
-    read = jnp.einsum("bhkv,bhk->bhv", new, k_t)
-    delta = (v_t - read) * b_t[..., None]
-    new = new + k_t[..., :, None] * delta[..., None, :]
-    return jnp.where(ok[:, None, None, None], new, s), jnp.einsum("bhkv,bhk->bhv", new, q_t)
+    u, w, a, qi, ko, cd = inputs
+    corrected = u - jnp.einsum("bhck,bhkv->bhcv", w, s)
+    out = jnp.einsum("bhck,bhkv->bhcv", qi, s) + jnp.einsum("bhcj,bhjv->bhcv", a, corrected)
+    s = s * cd[..., None, None] + jnp.einsum("bhck,bhcv->bhkv", ko, corrected)
+    return s, out
 
-  state, out = jax.lax.scan(step, state, (f32(q), f32(k), f32(v), f32(g), f32(beta), jnp.moveaxis(valid, 1, 0)))
-  return jnp.moveaxis(out, 0, 1), state
+  state, out = jax.lax.scan(step, state, (new_values, k_decayed, intra, q_in, k_out, chunk_decay))
+  out = jnp.moveaxis(out, 0, 1)  # [B,n,H,C,dv]
+  out = jnp.moveaxis(out, 2, 3).reshape(B, n * C, H, dv)[:, :T]
+  return out, state
 
 
 class GatedDeltaNet(nn.Module):
@@ -319,7 +371,8 @@ class GatedDeltaNet(nn.Module):
 
   q, k, v = SiLU(causal depthwise conv(x W_qkv)); q, k L2-normalised, q scaled by dk^-1/2; each key
   head serves `linear_num_value_heads / linear_num_key_heads` consecutive value heads; beta =
-  sigmoid(x W_b), g = -exp(A_log) softplus(x W_a + dt_bias). Output: RMSNorm(o) * weight * act(x W_z),
+  sigmoid(x W_b), g = -exp(A_log) softplus(x W_a + dt_bias); the state runs through the chunked form
+  of the delta rule for several tokens, the recurrence for one. Output: RMSNorm(o) * weight * act(x W_z),
   then W_out. The q/k/v projections and their conv are kept apart (the reference fuses them into
   one matrix): the conv is depthwise, so that is the same map, and each part shards by its heads.
 
@@ -375,11 +428,16 @@ class GatedDeltaNet(nn.Module):
     beta = jax.nn.sigmoid(jnp.einsum("btD,Dh->bth", x, w_b.astype(dtype)).astype(jnp.float32))
     a = jnp.einsum("btD,Dh->bth", x, w_a.astype(dtype)).astype(jnp.float32)
     g = -jnp.exp(a_log.astype(jnp.float32)) * jax.nn.softplus(a + dt_bias.astype(jnp.float32))
+    # Padding neither decays nor writes the state (g = beta = 0), so a right-padded row's final state
+    # is the one after its last real token, which decoding continues from.
+    g, beta = jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
+    rule = gated_delta_rule if T == 1 or cfg.delta_rule_chunk is None else functools.partial(
+        chunked_gated_delta_rule, chunk_size=cfg.delta_rule_chunk)
     if self.cache_mode is None:
-      o, _ = gated_delta_rule(q, k, v, g, beta)  # [B,T,nv,dv] float32
+      o, _ = rule(q, k, v, g, beta)  # [B,T,nv,dv] float32
     else:
       state = cache_variable(self, "recurrent", (B, nv, dk, dv), jnp.float32, ("batch", "cache_heads", None, None))
-      o, state.value = gated_delta_rule(q, k, v, g, beta, state.value, valid)
+      o, state.value = rule(q, k, v, g, beta, state.value)
 
     z = jnp.einsum("btD,Dhd->bthd", x, w_z.astype(dtype)).astype(jnp.float32)
     act = jax.nn.silu if cfg.output_gate_type == "silu" else jax.nn.sigmoid
