@@ -593,7 +593,7 @@ def test_fixture_forward_on_a_mesh():
   _close(logits, want, mask.astype(bool), "sharded logits")
 
 
-@pytest.mark.parametrize("T, chunk", [(1, 4), (37, 8), (64, 64), (70, 16)])
+@pytest.mark.parametrize("T, chunk", [(37, 8), (70, 16)])
 def test_chunked_delta_rule_equals_recurrence(T, chunk):
   """The chunked (WY) prefill form against the step-by-step definition, from a nonzero state, with
   strong decays (log decay down to -20 per step) and skipped steps (g = beta = 0)."""
