@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -65,7 +66,7 @@ from engram_jax import memory
 from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import engram_gates, forward
-from engram_jax.runner import ModelRunner, gather_global
+from engram_jax.runner import ModelRunner, check_checkpoint_engram, gather_global
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
 from engram_jax.tables.quant import dequantize
 
@@ -384,6 +385,38 @@ class Completion:
   finish_reason: str  # "eos" or "length"
 
 
+@dataclasses.dataclass
+class Timing:
+  """Where a Generator's wall time went, summed over its generate calls: prefill and decode seconds
+  without compilation (traced, lowered and compiled or read from the compilation cache on first
+  use of each shape), the compilation seconds, and the tokens each produced."""
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
+  compile_seconds: float = 0.0
+  prompt_tokens: int = 0
+  new_tokens: int = 0
+
+  def describe(self) -> str:
+    rate = self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+    return (f"decode {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({rate:.1f} tokens/s); prefill "
+            f"{self.prompt_tokens} prompt tokens in {self.prefill_seconds:.2f} s; compilation {self.compile_seconds:.1f} s")
+
+
+class _Clock:
+  """Wall time of a phase minus the compilation inside it."""
+
+  def __init__(self):
+    from engram_jax.compilation import CompileStats
+
+    self.stats = CompileStats.get()
+    self.start, self.compile_start = time.perf_counter(), self.stats.seconds
+
+  def stop(self) -> Tuple[float, float]:
+    """(seconds without compilation, compilation seconds) since the clock started."""
+    compiled = self.stats.seconds - self.compile_start
+    return max(0.0, time.perf_counter() - self.start - compiled), compiled
+
+
 class Generator:
   """Prefill and cached decoding for a `ModelRunner`'s model, params and mesh.
 
@@ -433,6 +466,7 @@ class Generator:
     self._programs: Dict[Tuple, _Programs] = {}  # (rows, prompt length, cache length) -> its programs
     self._steps: Dict[Tuple, Tuple[Callable, Callable]] = {}  # the state's leaf shapes -> (step, K-step loop)
     self._placed_cache: Dict[str, Tuple] = {}  # step(): host values -> their placed arrays (`_placed`)
+    self.timing = Timing()
 
   def describe(self) -> str:
     """The decode path in words (generate.py prints it with --verbosity)."""
@@ -756,20 +790,30 @@ class Generator:
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - real)])  # noqa: E731
     sampling = Sampling(*(pad(np.asarray(v)) for v in sampling))
     cache_length = self.length_bucket(max(len(p) for p in prompts) + max_new_tokens)
-    state = self.prefill(padded, cache_length, scale)
+    clock = _Clock()
+    state = jax.block_until_ready(self.prefill(padded, cache_length, scale))
+    seconds, compiled = clock.stop()
+    self.timing.prefill_seconds += seconds
+    self.timing.compile_seconds += compiled
+    self.timing.prompt_tokens += sum(len(p) for p in prompts)
     placed = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
     completions = [Completion(list(map(int, p)), [], [], [], "length") for p in prompts]
     finished = np.zeros(real, bool)
     produced = 0  # tokens each unfinished row has so far (rows step together)
     while not finished.all():
       budget = np.where(np.concatenate([finished, np.ones(rows - real, bool)]), 0, max_new_tokens - produced)
+      clock = _Clock()
       state, out, steps = self.advance(state, placed, budget, scale)
       tokens, logprobs, gates = (gather_global(x) for x in out)
+      seconds, compiled = clock.stop()
+      self.timing.decode_seconds += seconds
+      self.timing.compile_seconds += compiled
       for t in range(steps):
         produced += 1
         for b in np.flatnonzero(~finished):
           c = completions[b]
           c.token_ids.append(int(tokens[b, t]))
+          self.timing.new_tokens += 1
           c.logprobs.append(float(logprobs[b, t]))
           c.gate_means.append([float(g) for g in gates[b, t]])
           if on_token is not None:
@@ -896,35 +940,6 @@ def check_tables(cfg: Config, params, host_rows: Optional[Dict[str, np.ndarray]]
     where = "the parameters hold" if host_rows is None else "the host tables are"
     raise ValueError(f"{where} Engram tables {got or 'none'}, but model.engram={engram} describes "
                      f"{want or 'none'}: generate with the Engram config the model was trained with")
-
-
-def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int] = None) -> None:
-  """Raises ValueError when `cfg`'s Engram config is not the one the checkpoint was written with: the
-  checkpoint's saved config (train.py writes it) names a different model.engram, or its parameters
-  hold tables that `cfg` lacks (a restore would silently leave them out and decode without Engram)."""
-  from engram_jax import checkpoint as ckpt_lib
-  from engram_jax.config import CheckpointConfig, from_dict
-
-  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    meta = manager.read_metadata(step) or {}
-    saved_tables = sorted(filter(None, map(memory.saved_table_name, manager.saved_shapes(step))))
-  finally:
-    manager.close()
-  engram = cfg.model.engram
-  want = sorted(memory.table_names(engram))
-  if meta.get("config"):
-    saved = from_dict(Config, meta["config"]).model.engram
-    if saved != engram:
-      raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) was written with model.engram={saved}; the config "
-                       f"given has model.engram={engram}: generate with the Engram config it was trained with")
-  if saved_tables != want:
-    raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) holds Engram tables {saved_tables or 'none'}, but "
-                     f"model.engram={engram} expects {want or 'none'}: generate with the Engram config the "
-                     "checkpoint was trained with (--config)")
 
 
 # ----------------------------------------------------------------------------------------------

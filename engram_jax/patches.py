@@ -332,7 +332,7 @@ def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[
         if bad:
           raise PatchError(f"patch {label!r}: {bad} of its {len(rows.ids)} {name} rows differ from this model's "
                            "(it was trained from another checkpoint, another patch is applied already, or the "
-                           "tables are stored quantized); pass force=True (--force_patches) to apply it anyway")
+                           "tables are stored quantized): apply it anyway with --force_patches (force=True)")
   pairs = list(zip(labels, loaded))
   changes, changed, overlapping = {}, {}, {}
   for name in num_rows:

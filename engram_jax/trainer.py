@@ -849,6 +849,9 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
   """The body of `train` once the workdir is locked and the data is ready."""
   is_main = jax.process_index() == 0
   state_is_finite = _state_is_finite_fn(shardings)
+  if is_main:
+    for partial in ckpt_lib.remove_partial_saves(os.path.join(workdir, "checkpoints")):
+      log(f"removed {partial}: a checkpoint whose save did not finish (a full disk, a killed run)")
   manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), cfg.train.checkpoint,
                                        config=to_dict(cfg))
   store = None
@@ -972,10 +975,11 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
     if bar is not None:
       bar.close()
     inputs.close()
-    manager.wait()
-    manager.close()
-    writer.close()
-    preemption.uninstall()
+    try:
+      manager.close()  # waits for a pending save: a failed one raises CheckpointWriteError here
+    finally:
+      writer.close()
+      preemption.uninstall()
 
   signum = preemption.received if stopped_by == "preempted" else None
   if stopped_by == "preempted" and signum is None:  # another process of this run got the signal
