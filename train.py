@@ -94,8 +94,6 @@ def main(argv):
     raise UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
     logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
-  from engram_jax.config import Config, from_dict
-
   if _CONFIG.value is not None:
     cfg = _config(_CONFIG.value)
     if _WORKDIR.value and _has_checkpoint(_WORKDIR.value):
@@ -132,23 +130,7 @@ def main(argv):
                           resume_step=_RESUME_STEP.value)
   if jax.process_index() == 0:
     print()
-    print(f"Done: {summary['stopped_by']} at step {summary['step']} ({cfg.name}).")
-    if summary["first_eval"] and summary["last_eval"]:
-      f, l = summary["first_eval"], summary["last_eval"]
-      if f["step"] == l["step"]:
-        print(f"Held-out loss: {l['eval_loss']:.3f} (step {l['step']})")
-      else:
-        print(f"Held-out loss: {f['eval_loss']:.3f} (step {f['step']}) -> {l['eval_loss']:.3f} (step {l['step']})")
-    if summary["checkpoint_dir"]:
-      newest = summary["checkpoint_step"]
-      print(f"Checkpoints:  {summary['checkpoint_dir']} "
-            f"({'newest: step ' + str(newest) if newest is not None else 'none saved'})")
-    print(f"Metrics:      {summary['metrics_jsonl']}")
-    print(f"TensorBoard:  {summary['tensorboard_dir']}")
-    if summary["checkpoint_step"] is not None:  # eval.py reads the run's config (overrides included) from it
-      print(f"Evaluate:     python eval.py --workdir {shlex.quote(_WORKDIR.value)}")
-    if summary["stopped_by"] == "preempted":
-      print(f"Preempted by signal {summary['signal']}: rerun the same command to resume.")
+    print("\n".join(trainer.summary_lines(summary, cfg, _WORKDIR.value)))
   if summary["stopped_by"] == "preempted":
     sys.exit(128 + summary["signal"])  # not 0: a scheduler must tell a preemption from completion
 

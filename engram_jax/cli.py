@@ -121,8 +121,19 @@ class _QuietFileHandler(logging.FileHandler):
   def handleError(self, record):
     pass
 
+  def _open(self):  # the workdir appears only once training starts (a failed start leaves none)
+    os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+    return super()._open()
 
-_OURS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _ours(pathname: str) -> bool:
+  """Whether a log record comes from this package or one of the programs beside it."""
+  path = os.path.abspath(pathname)
+  return os.path.isfile(path) and (path.startswith(_PACKAGE + os.sep) or
+                                   os.path.dirname(path) == os.path.dirname(_PACKAGE))
 
 
 class _LibraryErrors(logging.Filter):
@@ -130,7 +141,7 @@ class _LibraryErrors(logging.Filter):
   happened, the log file keeps the details."""
 
   def filter(self, record):
-    return not (record.levelno >= logging.ERROR and not os.path.abspath(record.pathname).startswith(_OURS))
+    return not (record.levelno >= logging.ERROR and not _ours(record.pathname))
 
 
 library_log: Optional[str] = None  # where log_library_errors_to sends them (the error paragraph names it)
@@ -141,8 +152,7 @@ def log_library_errors_to(path: str) -> str:
   traceback per array when a checkpoint write fails: hundreds of lines) to the file `path` instead
   of the terminal, and every library record of level WARNING and above to that file too; returns
   `path`. With `--verbosity` nothing is moved."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  handler = _QuietFileHandler(path, delay=True)
+  handler = _QuietFileHandler(os.path.abspath(path), delay=True)
   handler.setLevel(logging.WARNING)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(pathname)s:%(lineno)d] "
                                          "%(message)s"))

@@ -163,6 +163,9 @@ class StepOutput(NamedTuple):
   gates: Any  # [B, num_engram_layers] float32: each Engram layer's gate at that token, mean over branches
 
 
+_LOOP_OUTPUT_NAMES = (("batch", None), ("batch", None), ("batch", None, None))  # StepOutput [B, block, ...]
+
+
 def _box(x, *names):
   return nn.LogicallyPartitioned(x, names)
 
@@ -328,6 +331,24 @@ def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
   log(f"decoding: MoE capacity_factor={moe.capacity_factor} could drop tokens; decoding uses dropless dispatch "
       "(capacity_factor=None) instead")
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, capacity_factor=None)))
+
+
+class _Lazy:
+  """A jitted function made on first use (its output shardings need a trace of its own)."""
+
+  def __init__(self, make: Callable[[], Callable]):
+    self._make, self._fn = make, None
+
+  def get(self) -> Callable:
+    if self._fn is None:
+      self._fn = self._make()
+    return self._fn
+
+  def __call__(self, *args):
+    return self.get()(*args)
+
+  def __getattr__(self, name):  # .lower, .trace, .eval_shape of the jitted function
+    return getattr(self.get(), name)
 
 
 class _Programs(NamedTuple):
@@ -560,9 +581,16 @@ class Generator:
       return (i < K) & ~jnp.all(done)
 
     steps, state, _, outputs = jax.lax.while_loop(more, body, (jnp.int32(0), unboxed(state), budget <= 0, outputs))
-    names = (("batch", None), ("batch", None), ("batch", None, None))
-    outputs = StepOutput(*(_box(jnp.moveaxis(x, 0, 1), *n) for x, n in zip(outputs, names)))
+    outputs = StepOutput(*(_box(jnp.moveaxis(x, 0, 1), *n) for x, n in zip(outputs, _LOOP_OUTPUT_NAMES)))
     return state, outputs, steps
+
+  def _loop_outputs(self, rows: int) -> StepOutput:
+    """The loop's outputs, abstract (what `_loop_fn` returns beside the state), without tracing it."""
+    layers = 0 if self.engram is None else len(self.engram.layer_ids)
+    shapes = (((rows, self.block), jnp.int32), ((rows, self.block), jnp.float32),
+              ((rows, self.block, layers), jnp.float32))
+    return StepOutput(*(_box(jax.ShapeDtypeStruct(shape, dtype), *names)
+                        for (shape, dtype), names in zip(shapes, _LOOP_OUTPUT_NAMES)))
 
   def _head_fn(self, params, model_state, cache, tokens, positions):
     """Split decoding: the blocks before the first Engram layer -> (residual streams, cache)."""
@@ -593,25 +621,26 @@ class Generator:
     tables = self.source.abstract_operand()
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       abstract = jax.eval_shape(prefill, *example)
-      step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
-                                     self.lookup, scale, tables)
-      budget = jax.ShapeDtypeStruct((rows,), jnp.int32)
-      loop_abstract = jax.eval_shape(self._loop_fn, params, model_state, _unbox_abstract(abstract), sampling,
-                                     self.lookup, scale, tables, budget)
     # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
     # decode-mode apply, so its names are the prefill's); its outputs have their own names.
     state_shardings = tree_shardings(abstract, self.mesh)
-    step_shardings = (state_shardings, tree_shardings(step_abstract[1], self.mesh))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    loop_shardings = (state_shardings, tree_shardings(loop_abstract[1], self.mesh), replicated)
+    loop_shardings = (state_shardings, tree_shardings(self._loop_outputs(rows), self.mesh), replicated)
     prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
     state = _unbox_abstract(abstract)
     state_key = _shapes(state._replace(pending=None))
+
+    def step_shardings():
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        step_abstract = jax.eval_shape(self._step_fn, params, model_state, state, sampling, self.lookup, scale, tables)
+      return state_shardings, tree_shardings(step_abstract[1], self.mesh)
+
     if state_key not in self._steps:
       if self.path == "split":
-        step = _HostStep(self, state_shardings, step_shardings)
-      else:
-        step = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings, donate_argnums=(2,))
+        step = _HostStep(self, state_shardings, step_shardings())
+      else:  # generate() decodes with the loop: the one-step program is traced only if step() is called
+        step = _Lazy(lambda: jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings(),
+                                     donate_argnums=(2,)))
       loop = jax.jit(lambda *a: nn.meta.unbox(self._loop_fn(*a)), out_shardings=loop_shardings, donate_argnums=(2,))
       self._steps[state_key] = (step, loop)
       self.compiled.append(("step", rows, cache_length))

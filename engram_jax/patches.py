@@ -305,6 +305,16 @@ def _write_rows(table: jax.Array, ids: np.ndarray, values: np.ndarray) -> jax.Ar
   return write(table, jnp.asarray(ids, jnp.int32), jnp.asarray(values))
 
 
+def check_model(patch: Patch, cfg: ModelConfig, hashing: EngramHashing, label: str,
+                want: Optional[str] = None) -> None:
+  """PatchError when `patch` was made for another model (another hashing, tokenizer or table layout):
+  needs no checkpoint, so the tools check it before restoring one."""
+  want = want or fingerprint(cfg, hashing)
+  if patch.manifest["fingerprint"] != want:
+    raise PatchError(f"patch {label!r} was made for another model (fingerprint {patch.manifest['fingerprint'][:16]}... "
+                     f"vs this model's {want[:16]}...): its rows would mean different n-grams")
+
+
 def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str],
                     read_rows: Callable[[str, np.ndarray], np.ndarray], num_rows: Dict[str, int], *,
                     policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None
@@ -319,9 +329,7 @@ def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[
                                                      for i, p in enumerate(patches)]
   want = fingerprint(cfg, hashing)
   for label, p in zip(labels, loaded):
-    if p.manifest["fingerprint"] != want:
-      raise PatchError(f"patch {label!r} was made for another model (fingerprint {p.manifest['fingerprint'][:16]}... "
-                       f"vs this model's {want[:16]}...): its rows would mean different n-grams")
+    check_model(p, cfg, hashing, label, want)
     for name, rows in p.tables.items():
       if name not in num_rows:
         raise PatchError(f"patch {label!r} changes table {name!r}, which this model does not have ({sorted(num_rows)})")

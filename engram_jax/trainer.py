@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -992,6 +992,32 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
       "first_eval": first_eval, "last_eval": last_eval, "history": history,
   }
   return summary
+
+
+def summary_lines(summary: Dict[str, Any], cfg: Config, workdir: str) -> List[str]:
+  """train.py's closing lines: how the run ended, the held-out loss (first and last evaluation, one
+  value when there was one), where the checkpoints and metrics are, and what to run next."""
+  import shlex
+
+  lines = [f"Done: {summary['stopped_by']} at step {summary['step']} ({cfg.name})."]
+  first, last = summary["first_eval"], summary["last_eval"]
+  if first and last:
+    if first["step"] == last["step"]:
+      lines.append(f"Held-out loss: {last['eval_loss']:.3f} (step {last['step']})")
+    else:
+      lines.append(f"Held-out loss: {first['eval_loss']:.3f} (step {first['step']}) -> {last['eval_loss']:.3f} "
+                   f"(step {last['step']})")
+  if summary["checkpoint_dir"]:
+    newest = summary["checkpoint_step"]
+    lines.append(f"Checkpoints:  {summary['checkpoint_dir']} "
+                 f"({'newest: step ' + str(newest) if newest is not None else 'none saved'})")
+  lines.append(f"Metrics:      {summary['metrics_jsonl']}")
+  lines.append(f"TensorBoard:  {summary['tensorboard_dir']}")
+  if summary["checkpoint_step"] is not None:  # eval.py reads the run's config (overrides included) from it
+    lines.append(f"Evaluate:     python eval.py --workdir {shlex.quote(workdir)}")
+  if summary["stopped_by"] == "preempted":
+    lines.append(f"Preempted by signal {summary['signal']}: rerun the same command to resume.")
+  return lines
 
 
 def _prune_empty(tree):
