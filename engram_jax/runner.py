@@ -477,6 +477,8 @@ def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int
       raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
     meta = manager.read_metadata(step) or {}
     saved_tables = sorted(filter(None, map(memory.saved_table_name, manager.saved_shapes(step))))
+  except ckpt_lib.CheckpointRestoreError:
+    return  # a damaged step: the restore reports it, with the intact step to use instead
   finally:
     manager.close()
   engram = cfg.model.engram
