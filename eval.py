@@ -8,8 +8,8 @@ needle-in-a-haystack probe; multiple-choice files scored with and without Engram
 `--gate_text`, a Figure-7 style gate visualisation (PNG + HTML). Writes `<workdir>/eval/results.json`
 (see the README's "Evaluation (eval.py)" section for every number in it) and prints a table.
 
-Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
-as in train.py (e.g. `--config.data.batch_size=32`).
+Without --config the config saved in the checkpoint is used; `--config.a.b=v` overrides work as in
+train.py, on the saved config or on --config's (e.g. `--config.data.batch_size=32`).
 
 Expected failures (a missing file, a step the checkpoint directory does not hold, a damaged
 checkpoint) print one paragraph naming the cause, the steps that are there or intact, and the
@@ -19,10 +19,10 @@ the traceback.
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from engram_jax.cli import define_table_flags
+from engram_jax.cli import UsageError, checkpoint_dir_of, define_table_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
                                           "saved in the checkpoint).", lock_config=False)
@@ -62,27 +62,24 @@ _EXPORT_TABLES = flags.DEFINE_string("export_tables", None, "Write the checkpoin
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
     logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-    raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
   from engram_jax import evaluation
   from engram_jax.config import Config, from_dict
-  from engram_jax.runner import load_config_from_checkpoint
+  from engram_jax.runner import check_checkpoint_engram, load_config_from_checkpoint
 
+  checkpoint_dir = checkpoint_dir_of(_WORKDIR.value, _CHECKPOINT.value)
   if _WORKDIR.value:
-    checkpoint_dir = os.path.join(_WORKDIR.value, "checkpoints")
     out_dir = _OUTPUT_DIR.value or os.path.join(_WORKDIR.value, "eval")
   else:
-    checkpoint_dir = _CHECKPOINT.value
     out_dir = _OUTPUT_DIR.value or os.path.join(os.path.dirname(os.path.abspath(checkpoint_dir)), "eval")
   lengths = None
   if _NIAH_LENGTHS.value is not None:
     try:
       lengths = tuple(int(v) for v in _NIAH_LENGTHS.value)
     except ValueError:
-      raise app.UsageError(f"--niah_lengths={','.join(_NIAH_LENGTHS.value)}: expected comma-separated token counts")
+      raise UsageError(f"--niah_lengths={','.join(_NIAH_LENGTHS.value)}: expected comma-separated token counts")
   options = evaluation.EvalOptions(
       eval_files=tuple(_EVAL_FILES.value) if _EVAL_FILES.value else None, max_batches=_MAX_BATCHES.value,
       knockout=_KNOCKOUT.value, top_ngrams=_TOP_NGRAMS.value, min_ngram_count=_MIN_COUNT.value,
@@ -91,8 +88,10 @@ def main(argv):
       seed=_SEED.value)
   # Fail on a missing file before the (slow) restore.
   options.check_files()
+  tables = dict(_TABLES(), prefetch=_PREFETCH.value)
   if _CONFIG.value is not None:
     cfg = from_dict(Config, _CONFIG.value)
+    check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
   else:
     cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
   if _EXPORT_TABLES.value:
@@ -104,7 +103,6 @@ def main(argv):
     return
   import jax
 
-  tables = dict(_TABLES(), prefetch=_PREFETCH.value)
   results = evaluation.evaluate_checkpoint(cfg, checkpoint_dir, options, step=_STEP.value, out_dir=out_dir,
                                            gate_text=_GATE_TEXT.value, patches=tuple(_PATCHES.value),
                                            patch_policy=_PATCH_POLICY.value, force_patches=_FORCE_PATCHES.value,
@@ -117,6 +115,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors, suggest_step
+  from engram_jax.cli import run, suggest_step
 
-  app.run(run_reporting_errors(main, "eval.py", suggest_step))
+  run(main, "eval.py", suggest_step)

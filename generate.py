@@ -13,11 +13,13 @@ tables off the accelerator. Decoding takes the path measured fastest for the pla
 (`--decode_path auto`): rows gathered in-graph from device tables, from pinned host memory (RAM
 tables on one device), or through an in-graph host callback (memory-mapped tables, several devices);
 `--decode_path split` is the older two-program step. Up to --decode_block tokens are decoded per
-dispatch (one compiled loop); streamed text appears a block at a time. The end prints generated
-tokens/s; --verbosity=0 also prints the decode path chosen.
+dispatch (one compiled loop); streamed text appears a block at a time. The end prints decode tokens/s
+without compilation, the prefill time and the compilation time (a second identical call reads its
+programs from the persistent compilation cache, `--compilation_cache`); --verbosity=0 also prints the
+decode path chosen.
 
-Without --config the config saved in the checkpoint is used; with it, `--config.a.b=v` overrides work
-as in train.py and eval.py. Bad input (an empty or too long prompt, a budget below 1, sampling
+Without --config the config saved in the checkpoint is used; `--config.a.b=v` overrides work as in
+train.py, on the saved config or on --config's. Bad input (an empty or too long prompt, a budget below 1, sampling
 values out of range, a config whose Engram layout is not the checkpoint's) is reported as one
 paragraph before anything is restored, as train.py and eval.py report theirs (engram_jax/cli.py).
 """
@@ -25,12 +27,11 @@ paragraph before anything is restored, as train.py and eval.py report theirs (en
 import json
 import os
 import sys
-import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from engram_jax.cli import define_table_flags
+from engram_jax.cli import UsageError, checkpoint_dir_of, define_table_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
                                           "saved in the checkpoint).", lock_config=False)
@@ -65,19 +66,17 @@ def _log(message: str):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    raise UsageError(f"unexpected arguments {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
     logging.set_verbosity(logging.WARNING)   # would bury the text (--verbosity=0 for it)
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-    raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
+  checkpoint_dir = checkpoint_dir_of(_WORKDIR.value, _CHECKPOINT.value)
   if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
-    raise app.UsageError("pass exactly one of --prompt and --prompts_file")
+    raise UsageError("pass exactly one of --prompt TEXT and --prompts_file FILE")
   from engram_jax import data as data_lib
   from engram_jax import generation
   from engram_jax.config import Config, from_dict
   from engram_jax.runner import load_config_from_checkpoint
 
-  checkpoint_dir = os.path.join(_WORKDIR.value, "checkpoints") if _WORKDIR.value else _CHECKPOINT.value
   # Everything that can be wrong with the request fails here, before the (slow) restore.
   texts = [_PROMPT.value] if _PROMPT.value is not None else generation.read_prompts(_PROMPTS_FILE.value)
   if _CONFIG.value is not None:
@@ -90,14 +89,15 @@ def main(argv):
   generation.sampling_arrays(1, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _SEED.value)
   if _BATCH_SIZE.value < 1:
     raise ValueError(f"--batch_size={_BATCH_SIZE.value}: expected a positive integer")
+  if _DECODE_BLOCK.value < 1:
+    raise ValueError(f"--decode_block={_DECODE_BLOCK.value}: expected a positive integer")
+  tables = _TABLES()
   generation.check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
 
   import jax
 
-  if _DECODE_BLOCK.value < 1:
-    raise ValueError(f"--decode_block={_DECODE_BLOCK.value}: expected a positive integer")
   generator = generation.Generator.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, log=_log,
-                                                   decode=_DECODE_PATH.value, block=_DECODE_BLOCK.value, **_TABLES())
+                                                   decode=_DECODE_PATH.value, block=_DECODE_BLOCK.value, **tables)
   if flags.FLAGS["verbosity"].present:
     _log(generator.describe())
   single = len(texts) == 1 or _BATCH_SIZE.value == 1
@@ -117,14 +117,12 @@ def main(argv):
       print(f"{'' if i == 0 else chr(10)}{texts[i]}{generator.decode(completion.token_ids)}\n"
             f"[{completion.finish_reason}, {len(completion.token_ids)} tokens]", flush=True)
 
-  start = time.perf_counter()
   completions = generator.generate(prompts, _MAX_NEW.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                                    top_p=_TOP_P.value, seed=_SEED.value, batch_size=_BATCH_SIZE.value,
                                    on_token=on_token, on_done=on_done)
-  seconds = time.perf_counter() - start
-  generated = sum(len(c.token_ids) for c in completions)
-  _log(f"{generated} tokens generated in {seconds:.2f} s: {generated / seconds:.1f} tokens/s (prefill and the "
-       f"first call's compilation included; {generator.path} path)")
+  from engram_jax.compilation import CompileStats
+
+  _log(f"{generator.timing.describe()} ({generator.path} path); {CompileStats.get().describe()}")
   if _OUTPUT_JSONL.value and jax.process_index() == 0:
     out_dir = os.path.dirname(os.path.abspath(_OUTPUT_JSONL.value))
     os.makedirs(out_dir, exist_ok=True)
@@ -135,6 +133,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors, suggest_step
+  from engram_jax.cli import run, suggest_step
 
-  app.run(run_reporting_errors(main, "generate.py", suggest_step))
+  run(main, "generate.py", suggest_step)

@@ -15,11 +15,14 @@ held-out text read, and with --probes / --old_probes the recall of new and known
 after, are measured, printed and written into its manifest.
 """
 
+import difflib
 import hashlib
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from engram_jax.cli import UsageError, checkpoint_dir_of
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/ (default: the config "
                                           "saved in the checkpoint).", lock_config=False)
@@ -76,34 +79,36 @@ def create():
   from engram_jax import patches
   from engram_jax.config import Config, MeshConfig, from_dict
   from engram_jax.probes import read_mc_file
-  from engram_jax.runner import ModelRunner, load_config_from_checkpoint
+  from engram_jax.runner import ModelRunner, check_checkpoint_engram, load_config_from_checkpoint
   from engram_jax.sharding import make_mesh
 
-  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
-    raise app.UsageError("pass exactly one of --workdir (reads <workdir>/checkpoints) and --checkpoint <dir>")
+  checkpoint_dir = checkpoint_dir_of(_WORKDIR.value, _CHECKPOINT.value)
   if not (_FACTS.value or _QA.value) or not _OUT.value:
-    raise app.UsageError("create needs --facts <file[,file...]> and/or --qa <file[,file...]>, and --out <new patch "
-                         "directory>")
-  for path in (_FACTS.value or []) + (_QA.value or []) + (_REFERENCE.value or []):
-    if not os.path.isfile(path):
-      raise app.UsageError(f"--facts/--qa/--reference_files: {path!r} does not exist")
+    raise UsageError("create needs --facts <file[,file...]> and/or --qa <file[,file...]>, and --out <new patch "
+                     "directory>, e.g. python patch.py create --workdir runs/tiny --facts facts.txt --out patches/p1")
+  for flag in (_FACTS, _QA, _REFERENCE):
+    for path in flag.value or []:
+      if not os.path.isfile(path):
+        raise UsageError(f"--{flag.name}: {path!r} does not exist")
   if os.path.exists(_OUT.value):
-    raise app.UsageError(f"--out {_OUT.value!r} already exists: patches are never written over")
-  for path in (_NEW_PROBES.value, _OLD_PROBES.value):
-    if path and not os.path.isfile(path):
-      raise app.UsageError(f"--probes/--old_probes: {path!r} does not exist")
+    raise UsageError(f"--out {_OUT.value!r} already exists: patches are never written over (choose a new --out)")
+  for flag in (_NEW_PROBES, _OLD_PROBES):
+    if flag.value and not os.path.isfile(flag.value):
+      raise UsageError(f"--{flag.name}: {flag.value!r} does not exist")
   for flag in (_TRAFFIC_BATCHES, _COLLATERAL_BATCHES):
     if flag.value < 1:
-      raise app.UsageError(f"--{flag.name}={flag.value}: expected a positive batch count")
+      raise UsageError(f"--{flag.name}={flag.value}: expected a positive batch count")
   given = {"steps": _STEPS.value, "learning_rate": _LR.value, "protect": _PROTECT.value,
            "protect_min_count": _PROTECT_MIN.value, "protect_weight": _PROTECT_WEIGHT.value,
            "kl_weight": _KL_WEIGHT.value, "max_answers": _MAX_ANSWERS.value}
   training = patches.RowTraining(**{k: v for k, v in given.items() if v is not None})
-  checkpoint_dir = _CHECKPOINT.value or os.path.join(_WORKDIR.value, "checkpoints")
-  cfg = (from_dict(Config, _CONFIG.value) if _CONFIG.value is not None
-         else load_config_from_checkpoint(checkpoint_dir, _STEP.value))
+  if _CONFIG.value is not None:
+    cfg = from_dict(Config, _CONFIG.value)
+    check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
+  else:
+    cfg = load_config_from_checkpoint(checkpoint_dir, _STEP.value)
   if cfg.model.engram is None:
-    raise app.UsageError("the checkpoint's model has no Engram layers (model.engram is None): nothing to patch")
+    raise UsageError("the checkpoint's model has no Engram layers (model.engram is None): nothing to patch")
   # Patch training is small (the rows one facts corpus reads): one device holds it.
   mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   runner = ModelRunner.from_checkpoint(cfg, checkpoint_dir, step=_STEP.value, mesh=mesh)
@@ -189,30 +194,36 @@ def _reference_text(cfg, kwargs):
       return text, heldout[:m], what, "held-out text"
     return text[:n], text[n:] or text[-m:], what, f"{what} batches the traffic count did not read"
   if len(heldout) < 2:
-    raise app.UsageError("patch.py create: no text to learn the base model's traffic from (the training files are "
+    raise UsageError("patch.py create: no text to learn the base model's traffic from (the training files are "
                          "missing and the held-out split has under 2 batches): pass --reference_files")
   m = min(m, len(heldout) // 2)
   return heldout[m:m + n], heldout[:m], "held-out text (the part not measured)", "held-out text"
 
 
+_COMMANDS = ("create", "info")
+
+
 def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  if len(argv) < 2 or argv[1] not in ("create", "info"):
-    raise app.UsageError("usage: patch.py create --workdir <run> --facts <file> --out <dir> | patch.py info <dir>")
+  if len(argv) < 2 or argv[1] not in _COMMANDS:
+    given = f"unknown command {argv[1]!r}" if len(argv) > 1 else "no command given"
+    close = difflib.get_close_matches(argv[1], _COMMANDS, n=1, cutoff=0.5) if len(argv) > 1 else []
+    raise UsageError(f"{given}{f' (did you mean {close[0]!r}?)' if close else ''}: expected python patch.py create "
+                     "--workdir <run> --facts <file> --out <new dir>, or python patch.py info <patch dir>")
   if argv[1] == "info":
     if len(argv) != 3:
-      raise app.UsageError("usage: patch.py info <patch directory>")
+      raise UsageError("patch.py info takes one patch directory: python patch.py info <patch dir>")
     from engram_jax import patches
 
     print(patches.describe(patches.load_patch(argv[2])))
     return
   if len(argv) > 2:
-    raise app.UsageError(f"unexpected arguments {argv[2:]}")
+    raise UsageError(f"unexpected arguments {argv[2:]}: create takes flags only")
   create()
 
 
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors, suggest_step
+  from engram_jax.cli import run, suggest_step
 
-  app.run(run_reporting_errors(main, "patch.py", suggest_step))
+  run(main, "patch.py", suggest_step)

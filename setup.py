@@ -27,6 +27,7 @@ setup(
         "tensorboardX",
         "pyarrow",
         "matplotlib",
+        "filelock",  # JAX locks its bounded persistent compilation cache with it (engram_jax/compilation.py)
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "nbclient", "nbformat", "ipykernel"],

@@ -23,7 +23,7 @@ import os
 import shlex
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a preset in configs/.", lock_config=False)
@@ -63,25 +63,66 @@ def _suggest(error):
   return None
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
-    logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
-  if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config configs/tiny.py")
+def _config(values):
+  """The Config the flags give, or one error naming every problem at once: a value the config refuses
+  and data files that do not exist (one fix at a time would hide the second behind the first)."""
   from engram_jax.config import Config, from_dict
 
-  cfg = from_dict(Config, _CONFIG.value)
+  missing = []
+  for field in ("train_files", "eval_files", "tokenizer_path"):
+    value = values.data.get(field)
+    paths = value.split(",") if isinstance(value, str) else list(value or ())
+    missing += [f"--config.data.{field}: {p!r} does not exist" for p in paths if p and not os.path.exists(p)]
+  try:
+    cfg = from_dict(Config, values)
+  except ValueError as e:
+    raise ValueError("; ".join([str(e)] + missing)) from None
+  if missing:
+    raise FileNotFoundError("; ".join(missing))
+  return cfg
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(p.isdigit() for p in os.listdir(directory))
+
+
+def main(argv):
+  from engram_jax.cli import UsageError
+
+  if len(argv) > 1:
+    raise UsageError(f"unexpected arguments {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # absl's default under app.run is INFO: orbax's chatter
+    logging.set_verbosity(logging.WARNING)   # would bury the run's own lines (--verbosity=0 for it)
+  if _CONFIG.value is not None:
+    cfg = _config(_CONFIG.value)
+    if _WORKDIR.value and _has_checkpoint(_WORKDIR.value):
+      from engram_jax.runner import check_checkpoint_engram
+
+      check_checkpoint_engram(cfg, os.path.join(_WORKDIR.value, "checkpoints"), fix=(
+          f"resume it as it was trained (python train.py --workdir {shlex.quote(_WORKDIR.value)}, without --config), "
+          "or train the other model in a new --workdir"))
+  elif _WORKDIR.value and _has_checkpoint(_WORKDIR.value):
+    from engram_jax.runner import load_config_from_checkpoint
+
+    cfg = load_config_from_checkpoint(os.path.join(_WORKDIR.value, "checkpoints"))  # resume it as it was
+  else:
+    raise UsageError("--config is required (e.g. --config configs/tiny.py), unless --workdir holds a checkpoint "
+                     "whose saved config the run resumes with")
   if _DRY_RUN.value:
     from engram_jax.planning import dry_run_report
 
     print(json.dumps(dry_run_report(cfg, num_devices=_DRY_RUN_DEVICES.value)))
     return
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required (checkpoints and metrics are written there)")
+    raise UsageError("--workdir is required (checkpoints and metrics are written there)")
   _maybe_initialize_distributed()
   import jax
+
+  if not flags.FLAGS["verbosity"].present:  # library tracebacks (a failed checkpoint write) go to a file
+    from engram_jax.cli import log_library_errors_to
+
+    log_library_errors_to(os.path.join(_WORKDIR.value, "train.log"))
 
   from engram_jax import trainer
 
@@ -89,25 +130,12 @@ def main(argv):
                           resume_step=_RESUME_STEP.value)
   if jax.process_index() == 0:
     print()
-    print(f"Done: {summary['stopped_by']} at step {summary['step']} ({cfg.name}).")
-    if summary["first_eval"] and summary["last_eval"]:
-      f, l = summary["first_eval"], summary["last_eval"]
-      print(f"Held-out loss: {f['eval_loss']:.3f} (step {f['step']}) -> {l['eval_loss']:.3f} (step {l['step']})")
-    if summary["checkpoint_dir"]:
-      newest = summary["checkpoint_step"]
-      print(f"Checkpoints:  {summary['checkpoint_dir']} "
-            f"({'newest: step ' + str(newest) if newest is not None else 'none saved'})")
-    print(f"Metrics:      {summary['metrics_jsonl']}")
-    print(f"TensorBoard:  {summary['tensorboard_dir']}")
-    if summary["checkpoint_step"] is not None:  # eval.py reads the run's config (overrides included) from it
-      print(f"Evaluate:     python eval.py --workdir {shlex.quote(_WORKDIR.value)}")
-    if summary["stopped_by"] == "preempted":
-      print(f"Preempted by signal {summary['signal']}: rerun the same command to resume.")
+    print("\n".join(trainer.summary_lines(summary, cfg, _WORKDIR.value)))
   if summary["stopped_by"] == "preempted":
     sys.exit(128 + summary["signal"])  # not 0: a scheduler must tell a preemption from completion
 
 
 if __name__ == "__main__":
-  from engram_jax.cli import run_reporting_errors
+  from engram_jax.cli import run
 
-  app.run(run_reporting_errors(main, "train.py", _suggest))
+  run(main, "train.py", _suggest)

@@ -43,11 +43,15 @@ resumed from an older step on purpose.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
@@ -173,6 +177,57 @@ class CheckpointNotFoundError(CheckpointRestoreError):
   """The requested step is not in the checkpoint directory (`available` lists the ones that are)."""
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a directory that refuses writes). The steps
+  saved before it are intact (`intact`: the newest of them, None if none) and the run resumes from
+  there; `disk_full` tells a full disk from other failures."""
+
+  def __init__(self, message: str, *, directory: str, step: Optional[int], intact: Optional[int], disk_full: bool):
+    super().__init__(message)
+    self.directory, self.step, self.intact, self.disk_full = directory, step, intact, disk_full
+
+
+def _is_disk_full(e: BaseException) -> bool:
+  text = str(e)
+  return (getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in text
+          or "os_error_code='28'" in text)
+
+
+def _is_write_failure(e: BaseException) -> bool:
+  """A failure of the file system under a save (as opposed to a bug): orbax and tensorstore report
+  them as ValueError / RuntimeError text, so the text decides."""
+  if isinstance(e, OSError) or _is_disk_full(e):
+    return True
+  text = str(e)
+  return any(s in text for s in ("Failed writing", "Failed to write", "Permission denied", "Read-only file system"))
+
+
+def _du(path: str) -> int:
+  total = 0
+  for root, _, names in os.walk(path):
+    for name in names:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+def remove_partial_saves(checkpoint_dir: str) -> Tuple[str, ...]:
+  """Deletes the temporary directories of saves that never finished (orbax writes a step under
+  `<step>.orbax-checkpoint-tmp*` and renames it when complete): they hold no usable state and their
+  space is what a full disk needs back. Only the run holding the workdir's lock may call this (a
+  save in progress looks the same); returns what it removed."""
+  if not os.path.isdir(checkpoint_dir):
+    return ()
+  removed = []
+  for name in sorted(os.listdir(checkpoint_dir)):
+    if re.fullmatch(r"\d+\.orbax-checkpoint-tmp.*", name):
+      shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+      removed.append(os.path.join(checkpoint_dir, name))
+  return tuple(removed)
+
+
 def short_error(e: BaseException, limit: int = 600) -> str:
   """`Type: first line of the message`, without the tensorstore spec that orbax's errors append
   (one JSON line of several kilobytes per array), cut to `limit` characters."""
@@ -291,18 +346,69 @@ class CheckpointManager:
     items = {_STATE: ocp.args.PyTreeSave(state), _META: ocp.args.JsonSave(meta)}
     if data_iter is not None:
       items[_DATA] = grain.checkpoint.CheckpointSave(data_iter)
-    return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    self._state_bytes = sum(int(getattr(x, "nbytes", 0)) for x in jax.tree_util.tree_leaves(state))
+    with self._writing(step):
+      started = bool(self._manager.save(step, args=ocp.args.Composite(**items), force=force))
+    self._pending = step if started else self._pending
+    return started
 
   def wait(self):
-    """Block until pending asynchronous saves are on disk (raises if one of them failed)."""
+    """Block until pending asynchronous saves are on disk (raises if one of them failed:
+    CheckpointWriteError for a full disk or a directory that refuses writes)."""
     if self._manager is not None:
-      self._manager.wait_until_finished()
+      with self._writing(None):
+        self._manager.wait_until_finished()
 
   def close(self):
     if self._manager is not None:
-      self._manager.wait_until_finished()
-      self._manager.close()
-      self._manager = None
+      try:
+        with self._writing(None):
+          self._manager.wait_until_finished()
+      finally:
+        self._manager.close()
+        self._manager = None
+
+  _state_bytes = 0
+  _pending: Optional[int] = None  # the newest step whose save started
+
+  @contextlib.contextmanager
+  def _writing(self, step: Optional[int]):
+    """Turns a file-system failure of a save (this one, or an asynchronous one still pending) into a
+    CheckpointWriteError naming the directory, the space needed and free, and the newest intact step."""
+    try:
+      yield
+    except CheckpointWriteError:
+      raise
+    except Exception as e:  # noqa: BLE001 - only file-system failures are translated; the rest re-raise
+      if not _is_write_failure(e):
+        raise
+      raise self._write_error(e, step) from e
+
+  def _write_error(self, e: BaseException, step: Optional[int]) -> CheckpointWriteError:
+    directory = str(self.directory)
+    match = re.search(r"/(\d+)\.orbax-checkpoint-tmp", str(e))
+    failed = int(match.group(1)) if match else (self._pending if self._pending is not None else step)
+    try:
+      intact = [s for s in self._manager.all_steps() if s != failed]
+    except Exception:  # noqa: BLE001 - the listing is a courtesy here; the write error is the news
+      intact = []
+    newest = max(intact) if intact else None
+    resume = (f"the newest intact checkpoint is step {newest}, which a rerun resumes from" if newest is not None
+              else "no checkpoint of this run is intact yet, so a rerun starts from step 0")
+    if _is_disk_full(e):
+      need = _du(os.path.join(directory, str(newest))) if newest is not None else self._state_bytes
+      try:
+        free = shutil.disk_usage(directory).free
+      except OSError:
+        free = 0
+      message = (f"checkpoint step {failed} could not be written to {directory}: no space left on device (a "
+                 f"checkpoint needs about {need / 2**20:,.0f} MiB there, {free / 2**20:,.0f} MiB is free); {resume}. "
+                 "Free space or move the workdir, then rerun the same command.")
+    else:
+      reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+      message = (f"checkpoint step {failed} could not be written to {directory} ({reason[:300]}); {resume}. Fix "
+                 "the directory (permissions, mount), then rerun the same command.")
+    return CheckpointWriteError(message, directory=directory, step=failed, intact=newest, disk_full=_is_disk_full(e))
 
   def __enter__(self):
     return self
@@ -539,6 +645,31 @@ def saved_array_reader(checkpoint_dir: str, step: int):
   read.has = lambda path: tuple(path) in names  # type: ignore[attr-defined]
   read.shape = lambda path: tuple(array(path).shape)  # type: ignore[attr-defined]
   return read
+
+
+STATE_FINGERPRINT_MAX_ELEMENTS = 1 << 20
+
+
+def state_fingerprint(checkpoint_dir: str, step: int) -> str:
+  """sha256 of a saved state's small parameter arrays (norm scales, biases, gates: every saved
+  parameter of at most STATE_FINGERPRINT_MAX_ELEMENTS values that is not an Engram table): what
+  identifies one saved state of one run, cheaply. Every train step changes them (each receives a
+  gradient), two runs of one config differ in them from the first step, and they are a few MB even
+  for the paper's models, where hashing the tables themselves would read hundreds of GB. Things read
+  beside a checkpoint (exported table directories) record it and are checked against it."""
+  from engram_jax import memory
+
+  read = saved_array_reader(checkpoint_dir, step)
+  h = hashlib.sha256()
+  for path in sorted(read.paths):
+    if not path or path[0] != "params" or memory.saved_table_name(path):
+      continue
+    if int(np.prod(read.shape(path))) > STATE_FINGERPRINT_MAX_ELEMENTS:
+      continue
+    value = np.ascontiguousarray(read(path))
+    h.update("/".join(path).encode() + b"\0" + str(value.dtype).encode() + str(value.shape).encode())
+    h.update(value.tobytes())
+  return h.hexdigest()
 
 
 def step_to_read(checkpoint_dir: str, step: Optional[int] = None) -> int:

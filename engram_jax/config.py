@@ -606,11 +606,13 @@ def _split_paths(value):
   return tuple(p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip())
 
 
-def from_dict(cls, values):
+def from_dict(cls, values, path: str = ""):
   """Nested dicts (or a ConfigDict) -> the frozen dataclass tree of type `cls`, validated on the way.
 
   Unknown keys are errors naming the key and the fields `cls` has. A tuple-of-paths field
   (`data.train_files`, `data.eval_files`) given as a comma-separated string is split at the commas.
+  A field's validation error names the command-line override that sets it (`path` is where `cls`
+  sits in the Config: "train" for TrainConfig).
   """
   import typing
 
@@ -631,13 +633,19 @@ def from_dict(cls, values):
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     target = hint if dataclasses.is_dataclass(hint) else (args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else None)
     if target is not None and isinstance(value, dict):
-      value = from_dict(target, value)
+      value = from_dict(target, value, f"{path}.{key}" if path else key)
     elif _is_str_tuple(hint) and isinstance(value, (str, list, tuple)):
       value = _split_paths(value)
     elif isinstance(value, list):
       value = tuple(value)
     kwargs[key] = value
-  return cls(**kwargs)
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    field = str(e).partition("=")[0].partition(f"{cls.__name__}.")[2]
+    if path and field in names:
+      raise ValueError(f"{e} (set with --config.{path}.{field})") from None
+    raise
 
 
 # Preset variants, chosen as `--config configs/<preset>.py:<variant>[,<variant>...]`: switches that

@@ -95,6 +95,18 @@ class EvalOptions:
       for path in files:
         if not os.path.isfile(path):
           raise FileNotFoundError(f"{kind} file {path!r} does not exist")
+        if _is_blank(path):
+          raise ValueError(f"{kind} file {path!r} is empty (or only whitespace): expected text to evaluate on")
+
+
+def _is_blank(path: str, limit: int = 1 << 24) -> bool:
+  """Whether a file holds nothing but whitespace (read up to `limit` bytes; a larger file is text)."""
+  if os.path.getsize(path) == 0:
+    return True
+  if os.path.getsize(path) > limit:
+    return False
+  with open(path, "rb") as f:
+    return not f.read().strip()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,10 +490,13 @@ def evaluate_checkpoint(cfg: Config, checkpoint_dir: str, options: EvalOptions =
   engram_tables, table_dir, cache_rows, quantize, verify_tables, prefetch)."""
   options.check_files()
   if patches:
-    from engram_jax.patches import load_patch
+    from engram_jax import patches as patches_lib
 
-    for path in patches:  # a missing or damaged patch fails before the (slow) restore
-      load_patch(path)
+    if cfg.model.engram is None:
+      raise patches_lib.PatchError("knowledge patches change Engram table rows, and this model has no Engram layers")
+    hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
+    for path in patches:  # a missing, damaged or other model's patch fails before the (slow) restore
+      patches_lib.check_model(patches_lib.load_patch(path), cfg.model, hashing, path)
   if patches and tables.get("engram_tables", "device") != "device":
     raise ValueError(f"knowledge patches change table rows on the device: they need engram_tables='device', not "
                      f"{tables['engram_tables']!r}")

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -65,7 +66,7 @@ from engram_jax import memory
 from engram_jax.config import Config
 from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import engram_gates, forward
-from engram_jax.runner import ModelRunner, gather_global
+from engram_jax.runner import ModelRunner, check_checkpoint_engram, gather_global
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
 from engram_jax.tables.quant import dequantize
 
@@ -160,6 +161,9 @@ class StepOutput(NamedTuple):
   tokens: Any  # [B] int32: the token each row sampled
   logprobs: Any  # [B] float32: its log-probability under the model
   gates: Any  # [B, num_engram_layers] float32: each Engram layer's gate at that token, mean over branches
+
+
+_LOOP_OUTPUT_NAMES = (("batch", None), ("batch", None), ("batch", None, None))  # StepOutput [B, block, ...]
 
 
 def _box(x, *names):
@@ -329,6 +333,24 @@ def decoding_config(cfg: Config, log: Callable[[str], None] = print) -> Config:
   return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe=dataclasses.replace(moe, capacity_factor=None)))
 
 
+class _Lazy:
+  """A jitted function made on first use (its output shardings need a trace of its own)."""
+
+  def __init__(self, make: Callable[[], Callable]):
+    self._make, self._fn = make, None
+
+  def get(self) -> Callable:
+    if self._fn is None:
+      self._fn = self._make()
+    return self._fn
+
+  def __call__(self, *args):
+    return self.get()(*args)
+
+  def __getattr__(self, name):  # .lower, .trace, .eval_shape of the jitted function
+    return getattr(self.get(), name)
+
+
 class _Programs(NamedTuple):
   prefill: Callable  # jitted prefill of one bucket
   step: Callable  # decode step, jitted (one program) or a `_HostStep` (shared by buckets whose states have the same shapes)
@@ -384,6 +406,38 @@ class Completion:
   finish_reason: str  # "eos" or "length"
 
 
+@dataclasses.dataclass
+class Timing:
+  """Where a Generator's wall time went, summed over its generate calls: prefill and decode seconds
+  without compilation (traced, lowered and compiled or read from the compilation cache on first
+  use of each shape), the compilation seconds, and the tokens each produced."""
+  prefill_seconds: float = 0.0
+  decode_seconds: float = 0.0
+  compile_seconds: float = 0.0
+  prompt_tokens: int = 0
+  new_tokens: int = 0
+
+  def describe(self) -> str:
+    rate = self.new_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+    return (f"decode {self.new_tokens} tokens in {self.decode_seconds:.2f} s ({rate:.1f} tokens/s); prefill "
+            f"{self.prompt_tokens} prompt tokens in {self.prefill_seconds:.2f} s; compilation {self.compile_seconds:.1f} s")
+
+
+class _Clock:
+  """Wall time of a phase minus the compilation inside it."""
+
+  def __init__(self):
+    from engram_jax.compilation import CompileStats
+
+    self.stats = CompileStats.get()
+    self.start, self.compile_start = time.perf_counter(), self.stats.seconds
+
+  def stop(self) -> Tuple[float, float]:
+    """(seconds without compilation, compilation seconds) since the clock started."""
+    compiled = self.stats.seconds - self.compile_start
+    return max(0.0, time.perf_counter() - self.start - compiled), compiled
+
+
 class Generator:
   """Prefill and cached decoding for a `ModelRunner`'s model, params and mesh.
 
@@ -433,6 +487,7 @@ class Generator:
     self._programs: Dict[Tuple, _Programs] = {}  # (rows, prompt length, cache length) -> its programs
     self._steps: Dict[Tuple, Tuple[Callable, Callable]] = {}  # the state's leaf shapes -> (step, K-step loop)
     self._placed_cache: Dict[str, Tuple] = {}  # step(): host values -> their placed arrays (`_placed`)
+    self.timing = Timing()
 
   def describe(self) -> str:
     """The decode path in words (generate.py prints it with --verbosity)."""
@@ -526,9 +581,16 @@ class Generator:
       return (i < K) & ~jnp.all(done)
 
     steps, state, _, outputs = jax.lax.while_loop(more, body, (jnp.int32(0), unboxed(state), budget <= 0, outputs))
-    names = (("batch", None), ("batch", None), ("batch", None, None))
-    outputs = StepOutput(*(_box(jnp.moveaxis(x, 0, 1), *n) for x, n in zip(outputs, names)))
+    outputs = StepOutput(*(_box(jnp.moveaxis(x, 0, 1), *n) for x, n in zip(outputs, _LOOP_OUTPUT_NAMES)))
     return state, outputs, steps
+
+  def _loop_outputs(self, rows: int) -> StepOutput:
+    """The loop's outputs, abstract (what `_loop_fn` returns beside the state), without tracing it."""
+    layers = 0 if self.engram is None else len(self.engram.layer_ids)
+    shapes = (((rows, self.block), jnp.int32), ((rows, self.block), jnp.float32),
+              ((rows, self.block, layers), jnp.float32))
+    return StepOutput(*(_box(jax.ShapeDtypeStruct(shape, dtype), *names)
+                        for (shape, dtype), names in zip(shapes, _LOOP_OUTPUT_NAMES)))
 
   def _head_fn(self, params, model_state, cache, tokens, positions):
     """Split decoding: the blocks before the first Engram layer -> (residual streams, cache)."""
@@ -559,25 +621,26 @@ class Generator:
     tables = self.source.abstract_operand()
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       abstract = jax.eval_shape(prefill, *example)
-      step_abstract = jax.eval_shape(self._step_fn, params, model_state, _unbox_abstract(abstract), sampling,
-                                     self.lookup, scale, tables)
-      budget = jax.ShapeDtypeStruct((rows,), jnp.int32)
-      loop_abstract = jax.eval_shape(self._loop_fn, params, model_state, _unbox_abstract(abstract), sampling,
-                                     self.lookup, scale, tables, budget)
     # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
     # decode-mode apply, so its names are the prefill's); its outputs have their own names.
     state_shardings = tree_shardings(abstract, self.mesh)
-    step_shardings = (state_shardings, tree_shardings(step_abstract[1], self.mesh))
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    loop_shardings = (state_shardings, tree_shardings(loop_abstract[1], self.mesh), replicated)
+    loop_shardings = (state_shardings, tree_shardings(self._loop_outputs(rows), self.mesh), replicated)
     prefill_jit = jax.jit(lambda *a: nn.meta.unbox(prefill(*a)), out_shardings=state_shardings)
     state = _unbox_abstract(abstract)
     state_key = _shapes(state._replace(pending=None))
+
+    def step_shardings():
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        step_abstract = jax.eval_shape(self._step_fn, params, model_state, state, sampling, self.lookup, scale, tables)
+      return state_shardings, tree_shardings(step_abstract[1], self.mesh)
+
     if state_key not in self._steps:
       if self.path == "split":
-        step = _HostStep(self, state_shardings, step_shardings)
-      else:
-        step = jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings, donate_argnums=(2,))
+        step = _HostStep(self, state_shardings, step_shardings())
+      else:  # generate() decodes with the loop: the one-step program is traced only if step() is called
+        step = _Lazy(lambda: jax.jit(lambda *a: nn.meta.unbox(self._step_fn(*a)), out_shardings=step_shardings(),
+                                     donate_argnums=(2,)))
       loop = jax.jit(lambda *a: nn.meta.unbox(self._loop_fn(*a)), out_shardings=loop_shardings, donate_argnums=(2,))
       self._steps[state_key] = (step, loop)
       self.compiled.append(("step", rows, cache_length))
@@ -756,20 +819,30 @@ class Generator:
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], rows - real)])  # noqa: E731
     sampling = Sampling(*(pad(np.asarray(v)) for v in sampling))
     cache_length = self.length_bucket(max(len(p) for p in prompts) + max_new_tokens)
-    state = self.prefill(padded, cache_length, scale)
+    clock = _Clock()
+    state = jax.block_until_ready(self.prefill(padded, cache_length, scale))
+    seconds, compiled = clock.stop()
+    self.timing.prefill_seconds += seconds
+    self.timing.compile_seconds += compiled
+    self.timing.prompt_tokens += sum(len(p) for p in prompts)
     placed = Sampling(*self._place(dict(zip(Sampling._fields, sampling))).values())
     completions = [Completion(list(map(int, p)), [], [], [], "length") for p in prompts]
     finished = np.zeros(real, bool)
     produced = 0  # tokens each unfinished row has so far (rows step together)
     while not finished.all():
       budget = np.where(np.concatenate([finished, np.ones(rows - real, bool)]), 0, max_new_tokens - produced)
+      clock = _Clock()
       state, out, steps = self.advance(state, placed, budget, scale)
       tokens, logprobs, gates = (gather_global(x) for x in out)
+      seconds, compiled = clock.stop()
+      self.timing.decode_seconds += seconds
+      self.timing.compile_seconds += compiled
       for t in range(steps):
         produced += 1
         for b in np.flatnonzero(~finished):
           c = completions[b]
           c.token_ids.append(int(tokens[b, t]))
+          self.timing.new_tokens += 1
           c.logprobs.append(float(logprobs[b, t]))
           c.gate_means.append([float(g) for g in gates[b, t]])
           if on_token is not None:
@@ -896,35 +969,6 @@ def check_tables(cfg: Config, params, host_rows: Optional[Dict[str, np.ndarray]]
     where = "the parameters hold" if host_rows is None else "the host tables are"
     raise ValueError(f"{where} Engram tables {got or 'none'}, but model.engram={engram} describes "
                      f"{want or 'none'}: generate with the Engram config the model was trained with")
-
-
-def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int] = None) -> None:
-  """Raises ValueError when `cfg`'s Engram config is not the one the checkpoint was written with: the
-  checkpoint's saved config (train.py writes it) names a different model.engram, or its parameters
-  hold tables that `cfg` lacks (a restore would silently leave them out and decode without Engram)."""
-  from engram_jax import checkpoint as ckpt_lib
-  from engram_jax.config import CheckpointConfig, from_dict
-
-  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
-  try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
-    meta = manager.read_metadata(step) or {}
-    saved_tables = sorted(filter(None, map(memory.saved_table_name, manager.saved_shapes(step))))
-  finally:
-    manager.close()
-  engram = cfg.model.engram
-  want = sorted(memory.table_names(engram))
-  if meta.get("config"):
-    saved = from_dict(Config, meta["config"]).model.engram
-    if saved != engram:
-      raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) was written with model.engram={saved}; the config "
-                       f"given has model.engram={engram}: generate with the Engram config it was trained with")
-  if saved_tables != want:
-    raise ValueError(f"checkpoint {checkpoint_dir!r} (step {step}) holds Engram tables {saved_tables or 'none'}, but "
-                     f"model.engram={engram} expects {want or 'none'}: generate with the Engram config the "
-                     "checkpoint was trained with (--config)")
 
 
 # ----------------------------------------------------------------------------------------------

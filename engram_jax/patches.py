@@ -307,6 +307,16 @@ def _write_rows(table: jax.Array, ids: np.ndarray, values: np.ndarray) -> jax.Ar
   return write(table, jnp.asarray(ids, jnp.int32), jnp.asarray(values))
 
 
+def check_model(patch: Patch, cfg: ModelConfig, hashing: EngramHashing, label: str,
+                want: Optional[str] = None) -> None:
+  """PatchError when `patch` was made for another model (another hashing, tokenizer or table layout):
+  needs no checkpoint, so the tools check it before restoring one."""
+  want = want or fingerprint(cfg, hashing)
+  if patch.manifest["fingerprint"] != want:
+    raise PatchError(f"patch {label!r} was made for another model (fingerprint {patch.manifest['fingerprint'][:16]}... "
+                     f"vs this model's {want[:16]}...): its rows would mean different n-grams")
+
+
 def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch | str],
                     read_rows: Callable[[str, np.ndarray], np.ndarray], num_rows: Dict[str, int], *,
                     policy: str = "sum", force: bool = False, labels: Optional[Sequence[str]] = None
@@ -321,9 +331,7 @@ def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[
                                                      for i, p in enumerate(patches)]
   want = fingerprint(cfg, hashing)
   for label, p in zip(labels, loaded):
-    if p.manifest["fingerprint"] != want:
-      raise PatchError(f"patch {label!r} was made for another model (fingerprint {p.manifest['fingerprint'][:16]}... "
-                       f"vs this model's {want[:16]}...): its rows would mean different n-grams")
+    check_model(p, cfg, hashing, label, want)
     for name, rows in p.tables.items():
       if name not in num_rows:
         raise PatchError(f"patch {label!r} changes table {name!r}, which this model does not have ({sorted(num_rows)})")
@@ -334,7 +342,7 @@ def resolve_patches(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[
         if bad:
           raise PatchError(f"patch {label!r}: {bad} of its {len(rows.ids)} {name} rows differ from this model's "
                            "(it was trained from another checkpoint, another patch is applied already, or the "
-                           "tables are stored quantized); pass force=True (--force_patches) to apply it anyway")
+                           "tables are stored quantized): apply it anyway with --force_patches (force=True)")
   pairs = list(zip(labels, loaded))
   changes, changed, overlapping = {}, {}, {}
   for name in num_rows:

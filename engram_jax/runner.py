@@ -23,6 +23,7 @@ Evaluation and scoring go through `prepared`; generation.py reads rows through t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -144,7 +145,7 @@ class ModelRunner:
                       log: Callable[[str], None] = print, engram_tables: str = "device",
                       table_dir: Optional[str] = None, cache_rows: int = 0, quantize: Optional[str] = None,
                       cache_reference: Optional[np.ndarray] = None, verify_tables: bool = False,
-                      prefetch: bool = True) -> "ModelRunner":
+                      prefetch: bool = True, force_tables: bool = False) -> "ModelRunner":
     """The parameters (not the optimizer state) of a checkpoint restored onto `mesh` (default: every
     device of this machine, whatever mesh it was trained on); `runner.step` is the step restored.
 
@@ -153,7 +154,8 @@ class ModelRunner:
     quantize: the row storage for "host" from the checkpoint (float32, bfloat16, int8, float8_e4m3);
     with a table_dir, the stored kind (checked if given). cache_rows: rows per table in a hot-row cache
     on the devices (0: none), chosen by frequency in `cache_reference` (hash ids [..., L, H]; default:
-    the start of the training split, `reference_ids`).
+    the start of the training split, `reference_ids`). A table_dir must have been exported from
+    this checkpoint's step (`tables.files.check_source`) unless `force_tables`.
     """
     from engram_jax.trainer import restore_for_eval
 
@@ -163,8 +165,8 @@ class ModelRunner:
       raise ValueError(f"engram_tables='device' keeps the tables in the checkpoint's params: table_dir={table_dir!r}, "
                        f"cache_rows={cache_rows!r}, quantize={quantize!r} need 'host' or 'disk'")
     if engram_tables == "disk" and not table_dir:
-      raise ValueError("engram_tables='disk' memory-maps exported table files: pass table_dir (write it with "
-                       "`python eval.py --export_tables DIR`)")
+      raise ValueError("engram_tables='disk' memory-maps exported table files: pass table_dir (--table_dir DIR; "
+                       "write one with `python eval.py --workdir <run> --export_tables DIR`)")
     if not isinstance(cache_rows, int) or cache_rows < 0:
       raise ValueError(f"cache_rows={cache_rows!r}: expected a non-negative integer")
     if quantize is not None:
@@ -174,7 +176,7 @@ class ModelRunner:
       if cfg.model.engram is None:
         raise ValueError(f"engram_tables={engram_tables!r}: the model has no Engram layers (model.engram is None)")
       tables = host_tables(cfg, checkpoint_dir, engram_tables, table_dir=table_dir, step=step, quantize=quantize,
-                           verify=verify_tables, log=log)
+                           verify=verify_tables, force=force_tables, log=log)
     mesh = mesh if mesh is not None else runner_mesh(cfg, log)
     params, model_state, step = restore_for_eval(cfg, checkpoint_dir, mesh=mesh, step=step,
                                                  tables=tables is None)
@@ -387,17 +389,26 @@ class ModelRunner:
 
 def host_tables(cfg: Config, checkpoint_dir: str, placement: str, *, table_dir: Optional[str] = None,
                 step: Optional[int] = None, quantize: Optional[str] = None, verify: bool = False,
-                log: Callable[[str], None] = print) -> "HostTables":
+                force: bool = False, log: Callable[[str], None] = print) -> "HostTables":
   """The Engram tables of a run for `placement` "host" or "disk": a table directory opened (checked
   against the model's fingerprint), or, for "host" without one, the checkpoint's tables read straight
-  into host memory (tensorstore, chunk by chunk, never on a device) and stored as `quantize`."""
+  into host memory (tensorstore, chunk by chunk, never on a device) and stored as `quantize`. A
+  table directory exported from another saved state than step `step` is refused unless `force`."""
   from engram_jax import checkpoint as ckpt_lib
   from engram_jax.patches import fingerprint
+  from engram_jax.tables.files import check_source, read_manifest
 
   hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
   fp = fingerprint(cfg.model, hashing)
   if table_dir:
-    return HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
+    step = ckpt_lib.step_to_read(checkpoint_dir, step)
+    record = check_source(read_manifest(table_dir), table_dir, checkpoint_dir, step, force=force)
+    if record["matches"] is False:
+      log(f"warning: {table_dir} was exported from another checkpoint (step "
+          f"{record['source'].get('checkpoint_step')}); used as asked (--force_tables)")
+    tables = HostTables.open(table_dir, cfg.model, fp, placement, quantize=quantize, verify=verify)
+    tables.source_check = record
+    return tables
   if placement != "host":
     raise ValueError(f"placement {placement!r} needs a table_dir")
   step = ckpt_lib.step_to_read(checkpoint_dir, step)
@@ -448,6 +459,47 @@ def load_config_from_checkpoint(checkpoint_dir: str, step: Optional[int] = None)
   if not meta.get("config"):
     raise ValueError(f"checkpoint {checkpoint_dir!r} has no config in its metadata: pass --config")
   return from_dict(Config, meta["config"])
+
+
+def check_checkpoint_engram(cfg: Config, checkpoint_dir: str, step: Optional[int] = None, *,
+                            fix: str = "drop --config to restore it as it was trained") -> None:
+  """ValueError when `cfg`'s Engram config is not the one the checkpoint was written with: its saved
+  config (train.py writes it) names another model.engram, or its parameters hold tables `cfg` lacks
+  (a restore would silently leave them out, or fail listing every parameter path). `fix` says what
+  to do instead; the default suits the tools that read the saved config without --config."""
+  from engram_jax import checkpoint as ckpt_lib
+  from engram_jax.config import CheckpointConfig, from_dict
+
+  manager = ckpt_lib.CheckpointManager(checkpoint_dir, CheckpointConfig(async_save=False))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"checkpoint directory {checkpoint_dir!r} holds no checkpoint")
+    meta = manager.read_metadata(step) or {}
+    saved_tables = sorted(filter(None, map(memory.saved_table_name, manager.saved_shapes(step))))
+  except ckpt_lib.CheckpointRestoreError:
+    return  # a damaged step: the restore reports it, with the intact step to use instead
+  finally:
+    manager.close()
+  engram = cfg.model.engram
+  saved = from_dict(Config, meta["config"]).model.engram if meta.get("config") else None
+  if not meta.get("config") and saved_tables == sorted(memory.table_names(engram)):
+    return
+  if meta.get("config") and saved == engram and saved_tables == sorted(memory.table_names(engram)):
+    return
+  where = f"checkpoint {checkpoint_dir!r} (step {step})"
+  if saved_tables and engram is None:
+    problem = (f"{where} has Engram layers (tables {', '.join(saved_tables)}) but the config given has none "
+               "(model.engram=None, as the :no_engram variant makes)")
+  elif not saved_tables and engram is not None:
+    problem = f"{where} has no Engram tables but the config given has Engram layers {list(engram.layer_ids)}"
+  elif saved is not None and engram is not None:
+    diff = [f"{f.name}={getattr(saved, f.name)!r} saved, {f.name}={getattr(engram, f.name)!r} given"
+            for f in dataclasses.fields(engram) if getattr(saved, f.name) != getattr(engram, f.name)]
+    problem = f"{where} was trained with another Engram config than the one given ({'; '.join(diff)})"
+  else:
+    problem = f"{where} holds Engram tables {saved_tables} but the config given expects {sorted(memory.table_names(engram))}"
+  raise ValueError(f"{problem}: {fix}")
 
 
 def runner_mesh(cfg: Config, log: Callable[[str], None] = print):

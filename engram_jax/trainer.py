@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import flax.struct
@@ -849,6 +849,9 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
   """The body of `train` once the workdir is locked and the data is ready."""
   is_main = jax.process_index() == 0
   state_is_finite = _state_is_finite_fn(shardings)
+  if is_main:
+    for partial in ckpt_lib.remove_partial_saves(os.path.join(workdir, "checkpoints")):
+      log(f"removed {partial}: a checkpoint whose save did not finish (a full disk, a killed run)")
   manager = ckpt_lib.CheckpointManager(os.path.join(workdir, "checkpoints"), cfg.train.checkpoint,
                                        config=to_dict(cfg))
   store = None
@@ -972,10 +975,11 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
     if bar is not None:
       bar.close()
     inputs.close()
-    manager.wait()
-    manager.close()
-    writer.close()
-    preemption.uninstall()
+    try:
+      manager.close()  # waits for a pending save: a failed one raises CheckpointWriteError here
+    finally:
+      writer.close()
+      preemption.uninstall()
 
   signum = preemption.received if stopped_by == "preempted" else None
   if stopped_by == "preempted" and signum is None:  # another process of this run got the signal
@@ -988,6 +992,32 @@ def _train_locked(cfg: Config, workdir: str, mesh, tx, shardings, abstract_state
       "first_eval": first_eval, "last_eval": last_eval, "history": history,
   }
   return summary
+
+
+def summary_lines(summary: Dict[str, Any], cfg: Config, workdir: str) -> List[str]:
+  """train.py's closing lines: how the run ended, the held-out loss (first and last evaluation, one
+  value when there was one), where the checkpoints and metrics are, and what to run next."""
+  import shlex
+
+  lines = [f"Done: {summary['stopped_by']} at step {summary['step']} ({cfg.name})."]
+  first, last = summary["first_eval"], summary["last_eval"]
+  if first and last:
+    if first["step"] == last["step"]:
+      lines.append(f"Held-out loss: {last['eval_loss']:.3f} (step {last['step']})")
+    else:
+      lines.append(f"Held-out loss: {first['eval_loss']:.3f} (step {first['step']}) -> {last['eval_loss']:.3f} "
+                   f"(step {last['step']})")
+  if summary["checkpoint_dir"]:
+    newest = summary["checkpoint_step"]
+    lines.append(f"Checkpoints:  {summary['checkpoint_dir']} "
+                 f"({'newest: step ' + str(newest) if newest is not None else 'none saved'})")
+  lines.append(f"Metrics:      {summary['metrics_jsonl']}")
+  lines.append(f"TensorBoard:  {summary['tensorboard_dir']}")
+  if summary["checkpoint_step"] is not None:  # eval.py reads the run's config (overrides included) from it
+    lines.append(f"Evaluate:     python eval.py --workdir {shlex.quote(workdir)}")
+  if summary["stopped_by"] == "preempted":
+    lines.append(f"Preempted by signal {summary['signal']}: rerun the same command to resume.")
+  return lines
 
 
 def _prune_empty(tree):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from engram_jax import checkpoint as ckpt_lib
 from engram_jax import evaluation, memory, offload
 from engram_jax import runner as runner_lib
 from engram_jax.config import (AttentionConfig, Config, DataConfig, EngramConfig, MeshConfig, MHCConfig,
@@ -413,7 +414,9 @@ def test_checkpoint_export_and_eval_from_disk_and_host_equal_device(tmp_path):
   table_dir = str(tmp_path / "tables")
   offload.export_tables(cfg, checkpoints, table_dir, chunk_rows=1000, log=lambda m: None)
   manifest = json.load(open(os.path.join(table_dir, "manifest.json")))
-  assert manifest["source"] == {"checkpoint_step": 3} and manifest["quantize"] == "float32"
+  assert manifest["source"] == {"checkpoint_step": 3, "checkpoint_dir": os.path.abspath(checkpoints),
+                                "state_fingerprint": ckpt_lib.state_fingerprint(checkpoints, 3)}
+  assert manifest["quantize"] == "float32"
   options = EvalOptions(max_batches=8, knockout=False, niah_lengths=(), top_ngrams=2, min_ngram_count=2)
   quiet = dict(log=lambda m: None)
   want = evaluation.evaluate_checkpoint(cfg, checkpoints, options, **quiet)

@@ -8,6 +8,11 @@ width, dtype, byte size and sha256. Opening one (`host.HostTables.open`) checks 
 every file's size (a truncated file is an error, not a short read); the checksums are read back with
 `verify=True` (a pass over every byte: minutes for tens of GB). Directories are written under a
 temporary name and renamed when complete, and an existing directory is never written over.
+
+A directory exported from a checkpoint is bound to it: the manifest's `source` names the checkpoint
+directory, the step and the saved state's fingerprint (`checkpoint.state_fingerprint`), and
+`check_source` refuses it for any other saved state (another step, another run of the same config:
+same layout, other rows) unless the mismatch is asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ MANIFEST = "manifest.json"
 class TableFileError(ValueError):
   """A table directory that cannot be used for this model: missing, damaged or another layout.
   Nothing was written."""
+
+
+class TableSourceError(TableFileError):
+  """A table directory exported from another checkpoint than the one being restored."""
 
 
 def sha256_file(path: str, chunk: int = 1 << 24) -> str:
@@ -70,6 +79,9 @@ def write_table_dir(out_dir: str, cfg: ModelConfig, fingerprint: str,
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tables-", dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename: a directory made as mkdir makes one
   try:
     tables = {}
     for name, shape in layout(cfg.engram).items():
@@ -157,9 +169,34 @@ def export_tables(cfg, checkpoint_dir: str, out_dir: str, *, step: Optional[int]
                            f"is {(shape['rows'], shape['dim'])}")
   if hashing is None:
     hashing = data_lib.engram_hashing(data_lib.load_tokenizer(cfg.data.tokenizer_path), cfg.model.engram)
+  source = {"checkpoint_dir": os.path.abspath(checkpoint_dir), "checkpoint_step": int(step),
+            "state_fingerprint": ckpt_lib.state_fingerprint(checkpoint_dir, step)}
   return write_table_dir(out_dir, cfg.model, fingerprint(cfg.model, hashing), reader, quantize=quantize,
-                         chunk_rows=chunk_rows, log=log,
-                         extra={"source": {"checkpoint_step": int(step)}})
+                         chunk_rows=chunk_rows, log=log, extra={"source": source})
+
+
+def check_source(manifest: dict, table_dir: str, checkpoint_dir: str, step: int, *, force: bool = False) -> dict:
+  """Whether a table directory was exported from `checkpoint_dir`'s step `step`: the record results
+  carry ({table_dir, source, matches, forced}); TableSourceError naming both and the re-export command
+  when it was not, unless `force`. A directory written before sources carried a state fingerprint is
+  checked by its step alone (`matches` None when the step agrees: it cannot tell two runs apart)."""
+  from engram_jax import checkpoint as ckpt_lib
+
+  source = manifest.get("source") or {}
+  record = {"table_dir": os.path.abspath(table_dir), "source": source, "matches": None, "forced": bool(force)}
+  if "state_fingerprint" in source:
+    record["matches"] = source["state_fingerprint"] == ckpt_lib.state_fingerprint(checkpoint_dir, step)
+  elif "checkpoint_step" in source and source["checkpoint_step"] != step:
+    record["matches"] = False
+  if record["matches"] is False and not force:
+    where = source.get("checkpoint_dir", "a checkpoint")
+    raise TableSourceError(
+        f"table directory {table_dir!r} was exported from {where} step {source.get('checkpoint_step', '?')}, but the "
+        f"checkpoint restored is {os.path.abspath(checkpoint_dir)} step {step}, whose saved state differs: its rows "
+        f"belong to another model. Export this checkpoint's tables (python eval.py --checkpoint {checkpoint_dir} "
+        f"--step {step} --export_tables NEW_DIR), or pass --force_tables to use these rows anyway (recorded in "
+        "results.json)")
+  return record
 
 
 def read_manifest(table_dir: str) -> dict:

@@ -62,6 +62,8 @@ class HostTables:
   rows: Dict[str, np.ndarray]
   scales: Dict[str, Optional[np.ndarray]]
   directory: Optional[str] = None
+  # Where the table directory came from, checked against the checkpoint restored (files.check_source).
+  source_check: Optional[dict] = None
   row_range: Optional[Dict[str, Tuple[int, int]]] = None
   # Knowledge patches: {name: (sorted global row ids [K], stored rows [K, d], scales [K] or None)}
   # read instead of the base rows (which, memory-mapped or not, are never written).

@@ -192,6 +192,8 @@ class HostRows(RowSource):
   def report(self) -> dict:
     out = {"placement": self.placement, "quantize": self.tables.quantize,
            "bytes_per_row": bytes_per_row(self.tables.quantize, self.cfg.engram.head_dim), "cache": None}
+    if self.tables.source_check is not None:  # a table directory: where it came from, whether it matched
+      out["table_dir"] = self.tables.source_check
     if self.cache is not None:
       out["cache"] = self.hit_counter.report(self.cfg.engram, self.cache.size)
     return out
