@@ -218,9 +218,9 @@ class Qwen4ExpConfig:
 # Small pieces.
 
 
-def _param(module: nn.Module, name: str, shape, axes, init=None, dtype=jnp.float32):
+def _param(module: nn.Module, name: str, shape, axes, init=None):
   init = init or nn.initializers.normal(module.cfg.initializer_range)
-  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(module.cfg.param_dtype))
 
 
 def rms_norm_offset(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

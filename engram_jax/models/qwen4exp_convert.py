@@ -127,19 +127,24 @@ def _text_state(state: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return out
 
 
+_PARAM = object()  # "in the params' dtype"
+
+
 class _Reader:
-  """Takes tensors by name, as float32 numpy (or as stored for buffers), and remembers which were used."""
+  """Takes tensors by name, in the params' dtype (or as stored, dtype=None), and remembers which were
+  used."""
 
-  def __init__(self, state: Dict[str, np.ndarray]):
-    self.state, self.used = state, set()
+  def __init__(self, state: Dict[str, np.ndarray], dtype):
+    self.state, self.used, self.dtype = state, set(), dtype
 
-  def __call__(self, key: str, shape=None, dtype=np.float32) -> np.ndarray:
+  def __call__(self, key: str, shape=None, dtype=_PARAM) -> np.ndarray:
     if key not in self.state:
       raise ConversionError(f"missing tensor {key!r}")
     value = self.state[key]
     if shape is not None and tuple(value.shape) != tuple(shape):
       raise ConversionError(f"tensor {key!r} has shape {list(value.shape)}; the config implies {list(shape)}")
     self.used.add(key)
+    dtype = self.dtype if dtype is _PARAM else dtype
     return np.asarray(value, dtype) if dtype is not None else np.asarray(value)
 
   def has(self, key: str) -> bool:
@@ -266,13 +271,14 @@ def _table(take: _Reader, layer: int, cfg: Qwen4ExpConfig, recipe, dtype) -> np.
   return table
 
 
-def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Qwen4ExpConfig,
-                       table_dtype=np.float32) -> Tuple[dict, Dict[str, np.ndarray]]:
-  """(params, tables) from a save_pretrained state dict (either prefix). Params are float32 numpy in
-  `Qwen4ExpModel`'s tree; tables {memory.table_name(layer): [padded rows, head_dim]} in `table_dtype`
-  (pass None to keep the checkpoint's dtype, e.g. bfloat16). Every tensor must be used: a leftover
-  is an error naming it (a config that does not match the checkpoint shows up here first)."""
-  take = _Reader(_text_state(state))
+def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Qwen4ExpConfig, table_dtype=np.float32,
+                       param_dtype=np.float32) -> Tuple[dict, Dict[str, np.ndarray]]:
+  """(params, tables) from a save_pretrained state dict (either prefix). Params are numpy in
+  `param_dtype` in `Qwen4ExpModel`'s tree; tables {memory.table_name(layer): [padded rows, head_dim]}
+  in `table_dtype` (None keeps the checkpoint's dtype for either, e.g. bfloat16). Every tensor must
+  be used: a leftover is an error naming it (a config that does not match the checkpoint shows up
+  here first)."""
+  take = _Reader(_text_state(state), param_dtype)
   params = {"embed_tokens": take("embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size)),
             "hyper_connection_mixer": _hyper_connection(take, "hyper_connection_mixer", cfg, combine=False)}
   if not cfg.tie_word_embeddings:
@@ -299,14 +305,16 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Qwen4ExpConfig,
   return params, tables
 
 
-def load_hf_dir(hf_dir: str, table_dtype=np.float32, **overrides) -> Tuple[Qwen4ExpConfig, dict, Dict[str, np.ndarray]]:
-  """(config, params, tables) from a save_pretrained directory of either architecture."""
+def load_hf_dir(hf_dir: str, table_dtype=np.float32, param_dtype=np.float32,
+                **overrides) -> Tuple[Qwen4ExpConfig, dict, Dict[str, np.ndarray]]:
+  """(config, params, tables) from a save_pretrained directory of either architecture; `overrides`
+  replace config fields (e.g. dtype="bfloat16")."""
   config, state = read_hf_dir(hf_dir)
   archs = config.get("architectures") or []
   known = ("Qwen4ExpForCausalLM", "Qwen4ExpForConditionalGeneration")
   if archs and not any(a in known for a in archs):
     raise ConversionError(f"{hf_dir}/config.json: architectures {archs}; expected one of {known}")
   cfg = Qwen4ExpConfig.from_hf(config, **overrides)
-  params, tables = convert_state_dict(state, cfg, table_dtype)
+  params, tables = convert_state_dict(state, cfg, table_dtype, param_dtype)
   return cfg, params, tables
 
