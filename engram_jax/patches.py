@@ -764,18 +764,25 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
 
 
 def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
-               batches: Sequence[Dict[str, np.ndarray]]) -> dict:
+               batches: Sequence[Dict[str, np.ndarray]], triggers: Optional[trigger_lib.TriggerSet] = None) -> dict:
   """What a patch does to text it was not trained on (held-out text by default): the mean
   KL(base || patched) per real token between the two models' next-token distributions, in nats,
   and the held-out loss of each (mean next-token NLL over the same tokens) with the relative change.
-  Both params hold their tables on the devices (`apply_patches`' output and its input)."""
+  Both params hold their tables on the devices (`apply_patches`' output and its input); `triggers`
+  (the applied `TriggerSet`) are read by the patched model where they fire in the text, and
+  `triggered_tokens` counts those positions."""
   if not batches:
     raise PatchError("collateral: no batch of reference text (expected at least one)")
+  e = cfg.engram
+  trig_rows = None if triggers is None else {n: jnp.asarray(v) for n, v in triggers.rows.items()}
 
   @jax.jit
-  def sums(base, patched, batch):
+  def sums(base, patched, batch, trigger_ids):
     lb, _ = forward(cfg, base, model_state, batch)
-    lp, _ = forward(cfg, patched, model_state, batch)
+    rows = None
+    if trigger_ids is not None:
+      rows = trigger_lib.select(memory.gather(memory.split(patched)[1], e, batch["engram_ids"]), trigger_ids, trig_rows)
+    lp, _ = forward(cfg, patched, model_state, batch, rows=rows)
     mask = batch["loss_mask"].astype(jnp.float32)
     log_b = jax.nn.log_softmax(lb.astype(jnp.float32), axis=-1)
     log_p = jax.nn.log_softmax(lp.astype(jnp.float32), axis=-1)
@@ -784,12 +791,19 @@ def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
     return jnp.stack([jnp.sum(kl * mask), jnp.sum(nll_b * mask), jnp.sum(nll_p * mask), jnp.sum(mask)])
 
   total = np.zeros(4, np.float64)
+  fired = 0
   for b in batches:
-    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS})))
+    tid = None
+    if triggers is not None:
+      tid = trigger_lib.match(b["tokens"], b["segment_ids"], triggers.tokens)
+      fired += int((tid >= 0).sum())
+    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS},
+                                            None if tid is None else jnp.asarray(tid))))
   kl, nll_b, nll_p, n = total
   n = max(n, 1.0)
   return {"kl_per_token": float(kl / n), "heldout_loss_base": float(nll_b / n), "heldout_loss_patched": float(nll_p / n),
-          "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3])}
+          "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3]),
+          "triggered_tokens": fired}
 
 
 def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batches=(), *, read=None) -> dict:

@@ -308,7 +308,7 @@ def test_trigger_patch_format_round_trip_info_and_version_1_still_loads(setup, p
   np.testing.assert_array_equal(loaded.triggers.tokens, pa.triggers.tokens)
   for name in pa.triggers.new:
     np.testing.assert_array_equal(loaded.triggers.new[name], pa.triggers.new[name])
-  text = patches.describe(loaded, decode=runner.tokenizer.decode)
+  text = patches.describe(loaded, decode=lambda ids: runner.tokenizer.decode(list(ids)))
   assert "mechanism triggers" in text and f"triggers {len(pa.triggers)}" in text and "trigger 0:" in text
   # A damaged trigger file is refused by its checksum.
   damaged = str(tmp / "pa_damaged")
@@ -333,3 +333,40 @@ def test_trigger_patch_format_round_trip_info_and_version_1_still_loads(setup, p
   assert patches.load_patch(old).triggers is None
   runner.apply_patches([old, out], log=lambda s: None)  # a rows patch and a trigger patch together
   runner.revert_patches()
+
+
+def test_patch_py_create_defaults_to_triggers_info_lists_them_and_eval_applies_them(tmp_path):
+  """The CLI on the committed tiny checkpoint: `create` (triggers by default) reports the triggers and
+  a collateral KL of exactly 0 where none fires in the held-out text; `info` lists them; eval.py applies it."""
+  import shutil
+  import subprocess
+  import sys
+
+  from test_patches import FIXTURE, ROOT, _facts
+
+  checkpoints = str(tmp_path / "checkpoints")
+  shutil.copytree(FIXTURE, checkpoints)
+  _, paths = _facts(tmp_path, 21, n=3)
+  out = str(tmp_path / "trigger_patch")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
+                                     timeout=600)
+  proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out,
+             "--steps", "10", "--seq_len", "32", "--batch_size", "4", "--probes", paths["probes"],
+             "--traffic_batches", "32", "--collateral_batches", "4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "triggers:" in proc.stdout and "mechanism triggers" in proc.stdout
+  with open(os.path.join(out, "manifest.json")) as f:
+    manifest = json.load(f)
+  c = manifest["training"]["collateral"]
+  assert manifest["mechanism"] == "triggers" and manifest["triggers"]["count"] > 0
+  if c["triggered_tokens"] == 0:
+    assert c["kl_per_token"] == 0.0 and c["heldout_loss_change"] == 0.0
+  proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out + "x",
+             "--protect", "none")
+  assert proc.returncode != 0 and "--mechanism rows" in proc.stderr
+  proc = run("patch.py", "info", out)
+  assert proc.returncode == 0 and "trigger 0:" in proc.stdout, proc.stderr[-2000:]
+  proc = run("eval.py", "--checkpoint", checkpoints, "--patches", out, "--max_eval_batches", "40",
+             "--niah_lengths=", "--output_dir", str(tmp_path / "eval"))
+  assert proc.returncode == 0, proc.stderr[-3000:]

@@ -77,27 +77,35 @@ def unpack(tokens: np.ndarray) -> List[Tuple[int, ...]]:
   return [tuple(int(t) for t in row[row != PAD]) for row in tokens]
 
 
-def _windows_fingerprint(tokens: np.ndarray, segment_ids: Optional[np.ndarray], length: int):
-  """(fingerprint uint64 [B, T] of the `length` tokens ending at each position, valid bool [B, T]:
-  the window lies inside one document and after the sequence's start)."""
+def _windows(tokens: np.ndarray, segment_ids: Optional[np.ndarray], max_length: int):
+  """Yields (length, fingerprint uint64 [B, T] of the `length` tokens ending at each position, valid
+  bool [B, T]: the window lies inside one document, after the sequence's start) for length = 1 ..
+  max_length, one pass: a window's fingerprint extends the one a token shorter."""
   tokens = np.asarray(tokens, np.int64)
   B, T = tokens.shape
   seg = np.ones((B, T), np.int64) if segment_ids is None else np.asarray(segment_ids, np.int64)
   fp = np.zeros((B, T), np.uint64)
-  valid = np.zeros((B, T), bool)
-  if length > T:
-    return fp, valid
-  valid[:, length - 1:] = seg[:, length - 1:] > 0
+  valid = seg > 0
   with np.errstate(over="ignore"):
-    for j in range(length):  # fp = sum_j (tok[t-j] + 1) * MULT^(j+1), wrapping
+    for j in range(min(max_length, T)):  # fp = sum_j (tok[t-j] + 1) * MULT^(length-j), wrapping
       shifted = np.zeros((B, T), np.uint64)
       shifted[:, j:] = (tokens[:, :T - j] + 1).astype(np.uint64)
       fp = (fp + shifted) * _MULT
       if j:
         same = np.zeros((B, T), bool)
         same[:, j:] = seg[:, :T - j] == seg[:, j:]
-        valid &= same
-  return fp, valid
+        valid = valid & same
+      yield j + 1, fp, valid
+
+
+def _windows_fingerprint(tokens: np.ndarray, segment_ids: Optional[np.ndarray], length: int):
+  """(fingerprint, valid) of the windows of one length (`_windows`)."""
+  B, T = np.shape(tokens)
+  if length > T:
+    return np.zeros((B, T), np.uint64), np.zeros((B, T), bool)
+  for n, fp, valid in _windows(tokens, segment_ids, length):
+    if n == length:
+      return fp, valid
 
 
 def fingerprints(sequences: np.ndarray) -> np.ndarray:
@@ -199,13 +207,11 @@ class Traffic:
 
   def __init__(self, batches: Sequence[Dict[str, np.ndarray]], max_length: int):
     self.max_length = max_length
-    self.seen: Dict[int, np.ndarray] = {}
-    for length in range(1, max_length + 1):
-      parts = []
-      for b in batches:
-        fp, valid = _windows_fingerprint(b["tokens"], b["segment_ids"], length)
-        parts.append(fp[valid])
-      self.seen[length] = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+    parts: Dict[int, List[np.ndarray]] = {n: [] for n in range(1, max_length + 1)}
+    for b in batches:
+      for length, fp, valid in _windows(b["tokens"], b["segment_ids"], max_length):
+        parts[length].append(fp[valid])
+    self.seen = {n: np.unique(np.concatenate(p)) if p else np.zeros(0, np.uint64) for n, p in parts.items()}
 
   def contains(self, length: int, fp: np.ndarray) -> np.ndarray:
     seen = self.seen[length]
@@ -229,8 +235,9 @@ def choose(batches: Sequence[Dict[str, np.ndarray]], traffic: Traffic, min_lengt
     todo = mask.copy()
     wanted += int(mask.sum())
     tokens = np.asarray(b["tokens"])
-    for length in range(min_length, traffic.max_length + 1):
-      fp, valid = _windows_fingerprint(tokens, b["segment_ids"], length)
+    for length, fp, valid in _windows(tokens, b["segment_ids"], traffic.max_length):
+      if length < min_length:
+        continue
       hit = todo & valid & ~traffic.contains(length, fp)
       for r, t in zip(*np.nonzero(hit)):
         found.setdefault(tuple(int(x) for x in tokens[r, t - length + 1:t + 1]), None)
