@@ -4,9 +4,13 @@
   python patch.py info patches/facts1
   python eval.py --workdir runs/tiny --patches patches/facts1[,patches/facts2]
 
-`create` restores the checkpoint's parameters, trains only the rows the facts corpus reads (backbone,
-projections, gates, conv and MoE balancing bias frozen) and writes the changed rows with a manifest
-(see engram_jax/patches.py). The checkpoint is never modified and an existing --out is never written
+`create` restores the checkpoint's parameters and trains Engram rows only (backbone, projections,
+gates, conv and MoE balancing bias frozen). With `--mechanism triggers` (the default) the patch is
+a set of triggers: for each position of the facts, the shortest token suffix that the base model's
+traffic never contains, with rows of its own that replace the hashed rows only where that exact
+suffix ends, so text without one reads the base model bit for bit (engram_jax/tables/triggers.py).
+With `--mechanism rows` it trains the hashed rows the facts read and writes the changed rows with a
+manifest (see engram_jax/patches.py). The checkpoint is never modified and an existing --out is never written
 over. The base model's traffic (--reference_files, default: the checkpoint's training text) is
 hashed to count how often each row is read; `--protect` decides what that protects (the default is
 RowTraining's). The patch's collateral damage on held-out text the traffic never includes (mean
@@ -61,6 +65,12 @@ _COLLATERAL_BATCHES = flags.DEFINE_integer("collateral_batches", 16, "create: ba
                                            "collateral damage is measured on.")
 _NEW_PROBES = flags.DEFINE_string("probes", None, "create: multiple-choice probes (JSONL, as eval.py --mc_files) "
                                   "of the new facts: recall before and after is measured and recorded.")
+_MECHANISM = flags.DEFINE_enum("mechanism", "triggers", ["triggers", "rows"],
+                               "create: triggers (rows keyed by exact token suffixes the base traffic never "
+                               "contains: no other text reads them) or rows (the hashed rows the facts read, "
+                               "shared with every n-gram hashing to them; --protect etc. apply).")
+_TRIGGER_MAX = flags.DEFINE_integer("trigger_max_length", None, "create, triggers: the longest trigger tried, in "
+                                    "tokens (default: TriggerTraining's).")
 _OLD_PROBES = flags.DEFINE_string("old_probes", None, "create: multiple-choice probes of facts the model already "
                                   "knows: recall before and after is measured and recorded.")
 
@@ -101,7 +111,17 @@ def create():
   given = {"steps": _STEPS.value, "learning_rate": _LR.value, "protect": _PROTECT.value,
            "protect_min_count": _PROTECT_MIN.value, "protect_weight": _PROTECT_WEIGHT.value,
            "kl_weight": _KL_WEIGHT.value, "max_answers": _MAX_ANSWERS.value}
-  training = patches.RowTraining(**{k: v for k, v in given.items() if v is not None})
+  triggers_mode = _MECHANISM.value == "triggers"
+  if triggers_mode:
+    unused = [k for k in ("protect", "protect_min_count", "protect_weight", "kl_weight", "max_answers")
+              if given[k] is not None]
+    if unused:
+      raise UsageError(f"--{unused[0]} tunes hashed-row patches; --mechanism triggers trains rows no other text "
+                       "reads (pass --mechanism rows to use it)")
+    tgiven = {"steps": _STEPS.value, "learning_rate": _LR.value, "max_length": _TRIGGER_MAX.value}
+    training = patches.TriggerTraining(**{k: v for k, v in tgiven.items() if v is not None})
+  else:
+    training = patches.RowTraining(**{k: v for k, v in given.items() if v is not None})
   if _CONFIG.value is not None:
     cfg = from_dict(Config, _CONFIG.value)
     check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
@@ -125,30 +145,42 @@ def create():
   traffic = patches.rows_read(cfg.model, traffic_batches, with_counts=True)
   print(f"facts: {len(batches)} batches ({len(pairs)} question/answer pairs); base traffic: "
         f"{len(traffic_batches)} batches of {traffic_text}")
-  tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches, training,
-                                     reference_batches=traffic_batches[:16] if training.kl_weight > 0 else (),
-                                     traffic=traffic)
-  meta = {**dataclasses.asdict(training), "facts": [{"file": os.path.basename(p), "sha256": _sha256(p)}
+  trigger_rows = None
+  if triggers_mode:
+    tokens, choice = patches.choose_triggers(cfg.model, batches, traffic_batches, training.max_length)
+    print(f"triggers: {choice['triggers']} for {choice['positions']} trained positions "
+          f"({choice['positions_without_trigger']} without one: every suffix up to {training.max_length} tokens "
+          f"occurs in the traffic); tokens per trigger {choice['length_histogram']}")
+    trigger_rows, stats = patches.train_triggers(cfg, runner.params, runner.model_state, batches, tokens, training)
+    tables = {}
+    stats["trigger_choice"] = choice
+  else:
+    tables, stats = patches.train_rows(cfg, runner.params, runner.model_state, batches, training,
+                                       reference_batches=traffic_batches[:16] if training.kl_weight > 0 else (),
+                                       traffic=traffic)
+  meta = {**dataclasses.asdict(training), "mechanism": _MECHANISM.value, "facts": [{"file": os.path.basename(p), "sha256": _sha256(p)}
                                                     for p in (_FACTS.value or []) + (_QA.value or [])],
           "qa_pairs": len(pairs),
           "base_step": runner.step, "batch_size": data_cfg.batch_size, "seq_len": data_cfg.seq_len,
           "traffic": {"text": traffic_text, "batches": len(traffic_batches)}, **stats}
-  patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
+  patch = patches.make_patch(cfg.model, runner.hashing, tables, meta, trigger_rows)
   probes = {name: read_mc_file(path) for name, path in (("new_facts", _NEW_PROBES.value),
                                                          ("old_facts", _OLD_PROBES.value)) if path}
   before = {name: _recall(runner, p) for name, p in probes.items()}
   base_params = runner.params
   runner.apply_patches([patch], log=lambda s: None)
   meta["collateral"] = {**patches.collateral(cfg.model, base_params, runner.params, runner.model_state,
-                                              collateral_batches), "text": measured_on}
+                                              collateral_batches, triggers=runner.source.triggers),
+                        "text": measured_on}
   meta["recall"] = {name: {"base": before[name], "patched": _recall(runner, p), "questions": len(p)}
                     for name, p in probes.items()}
   runner.revert_patches()
-  meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, read=traffic)
-  meta["rows_heldout_share"] = patches.traffic_share(cfg.model, tables, collateral_batches)
-  patch = patches.make_patch(cfg.model, runner.hashing, tables, meta)
+  if not triggers_mode:
+    meta["rows_base_traffic_share"] = patches.traffic_share(cfg.model, tables, read=traffic)
+    meta["rows_heldout_share"] = patches.traffic_share(cfg.model, tables, collateral_batches)
+  patch = patches.make_patch(cfg.model, runner.hashing, tables, meta, trigger_rows)
   patches.save_patch(patch, _OUT.value)
-  print(patches.describe(patches.load_patch(_OUT.value)))
+  print(patches.describe(patches.load_patch(_OUT.value), decode=lambda ids: runner.tokenizer.decode(list(ids))))
   print(f"\nPatch written to {_OUT.value} ({stats['train_seconds']:.1f} s of training).")
   where = f"--workdir {_WORKDIR.value}" if _WORKDIR.value else f"--checkpoint {checkpoint_dir}"
   print(f"Evaluate with it: python eval.py {where} --patches {_OUT.value}")
@@ -201,6 +233,7 @@ def _reference_text(cfg, kwargs):
 
 
 _COMMANDS = ("create", "info")
+_INFO_TRIGGERS = flags.DEFINE_integer("max_triggers", 50, "info: triggers listed (token ids).")
 
 
 def main(argv):
@@ -216,7 +249,7 @@ def main(argv):
       raise UsageError("patch.py info takes one patch directory: python patch.py info <patch dir>")
     from engram_jax import patches
 
-    print(patches.describe(patches.load_patch(argv[2])))
+    print(patches.describe(patches.load_patch(argv[2]), max_triggers=_INFO_TRIGGERS.value))
     return
   if len(argv) > 2:
     raise UsageError(f"unexpected arguments {argv[2:]}: create takes flags only")

@@ -88,8 +88,9 @@ def measure(runner: ModelRunner, sets, heldout, base_params=None) -> dict:
     out[f"{name}_mc"], out[f"{name}_greedy"] = mc, greedy
   out["new_mc_engram_off"] = recall(runner, sets["new"], runner.scale(runner.engram_layers))[0]
   c = patches.collateral(runner.cfg.model, base_params if base_params is not None else runner.params, runner.params,
-                         runner.model_state, heldout)
+                         runner.model_state, heldout, triggers=runner.source.triggers)
   out["heldout_loss"], out["kl_per_token"] = c["heldout_loss_patched"], c["kl_per_token"]
+  out["heldout_triggered_tokens"] = c["triggered_tokens"]
   return out
 
 
@@ -131,6 +132,11 @@ def main():
   p.add_argument("--max_answers", type=int, default=default.max_answers, help="with --qa (see RowTraining)")
   p.add_argument("--traffic_batches", type=int, default=512, help="batches of the base's training mix counted")
   p.add_argument("--eval_batches", type=int, default=16)
+  p.add_argument("--mechanism", default="triggers", choices=patches.MECHANISMS,
+                 help="triggers: rows keyed by exact token suffixes (patch.py create's default); rows: hashed rows")
+  p.add_argument("--trigger_max_length", type=int, default=patches.TriggerTraining().max_length)
+  p.add_argument("--speed", action="store_true", help="eval and batch-1 decode tokens/s with 10,000 triggers "
+                 "applied vs none, on the base model, then stop")
   p.add_argument("--only", default=None, help="comma-separated conditions to (re)run, e.g. 'B_s0'; the others "
                  "are kept from an earlier results.json")
   args = p.parse_args()
@@ -205,11 +211,16 @@ def main():
                                   batch_size=cfg.data.batch_size, max_len=cfg.model.max_seq_len,
                                   bos_id=runner.bos_id, pad_id=runner.pad_id)
 
+  if args.speed:
+    return speed(runner, heldout, results, results_path)
+
   def make(label, name, protect):
     path = os.path.join(args.out, f"patch_{label}")
     if os.path.exists(os.path.join(path, "manifest.json")) and label in results["patches"] and (
         only is None or label not in only):
       return path
+    if args.mechanism == "triggers":
+      return make_triggers(label, name, path)
     training = patches.RowTraining(steps=args.patch_steps, learning_rate=args.patch_lr, protect=protect,
                                    protect_weight=args.protect_weight, protect_min_count=args.protect_min_count,
                                    max_answers=args.max_answers if protect != "none" else 0,
@@ -233,6 +244,27 @@ def main():
     _write(results, results_path)
     return path
 
+  def make_triggers(label, name, path):
+    training = patches.TriggerTraining(steps=args.patch_steps, learning_rate=args.patch_lr,
+                                       max_length=args.trigger_max_length)
+    batches = train_batches(name)
+    tokens, choice = patches.choose_triggers(cfg.model, batches, traffic_batches, training.max_length)
+    rows, stats = patches.train_triggers(cfg, base_params, runner.model_state, batches, tokens, training,
+                                         log=lambda s: None)
+    patch = patches.make_patch(cfg.model, runner.hashing, {}, {"facts": name, "qa": args.qa,
+                                                               **dataclasses.asdict(training)}, rows)
+    shutil.rmtree(path, ignore_errors=True)
+    patches.save_patch(patch, path)
+    n_facts = len(facts[name].probes)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+    results["patches"][label] = {
+        "mechanism": "triggers", "triggers": len(rows), "facts": n_facts, "triggers_per_fact": len(rows) / n_facts,
+        "bytes_on_disk": size, "bytes_per_fact": size / n_facts, "choice": choice,
+        "train_seconds": stats["train_seconds"], "first_last_loss": [stats["losses"][0], stats["losses"][-1]]}
+    print(json.dumps({label: results["patches"][label]}), flush=True)
+    _write(results, results_path)
+    return path
+
   def condition(label, applied, sets):
     if done(label):
       return
@@ -242,6 +274,7 @@ def main():
     rec = measure(runner, sets, heldout, base_params)
     if report is not None and len(applied) > 1:
       rec["rows_shared"] = int(sum(report.overlapping_rows.values()))
+      rec["triggers_shared"] = int(report.identical_triggers)
     runner.revert_patches()
     results["conditions"][label] = rec
     print(json.dumps({label: rec}), flush=True)
@@ -267,6 +300,53 @@ def main():
   results["total_seconds"] = results.get("total_seconds", 0.0) + time.perf_counter() - t0
   _write(results, results_path)
   print(summary(results))
+
+
+def speed(runner: ModelRunner, heldout, results, results_path, triggers: int = 10_000, reps: int = 3):
+  """Eval (forward over the held-out batches, host matching included) and batch-1 greedy decode
+  tokens/s with `triggers` random triggers of 3-8 tokens applied (none of which the text contains,
+  so the outputs are the base's) vs none, best of `reps` after a warm-up."""
+  from engram_jax import generation
+  from engram_jax.tables import triggers as trigger_lib
+
+  cfg = runner.cfg
+  e = cfg.model.engram
+  rng = np.random.default_rng(0)
+  seqs = list({tuple(rng.integers(0, cfg.model.vocab_size, int(rng.integers(e.max_ngram_size, 9))).tolist())
+               for _ in range(triggers)})[:triggers]
+  table = trigger_lib.pack(seqs)
+  names = memory.table_names(e)
+  rows = {n: rng.normal(0, 0.1, (len(seqs), e.num_heads, e.head_dim)).astype(np.float32) for n in names}
+  patch = patches.make_patch(cfg.model, runner.hashing, {}, {"speed": True},
+                             patches.TriggerRows(table, rows, {n: v.copy() for n, v in rows.items()}))
+  prompt = [runner.bos_id] + runner.encode("The os module provides a portable way of using")
+  gen = generation.Generator(runner, log=lambda s: None)
+  out = {}
+  for label in ("none", f"{len(seqs)}_triggers"):
+    if label != "none":
+      runner.apply_patches([patch], log=lambda s: None)
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in heldout)
+    best_eval, best_dec, made = float("inf"), float("inf"), 1
+    for r in range(reps + 1):
+      t0 = time.perf_counter()
+      for _, prepared in runner.prepared(heldout):
+        res = runner.forward(prepared)
+      jax.block_until_ready(res["nll"])
+      t1 = time.perf_counter()
+      made = len(gen.generate([prompt], 64, batch_size=1)[0].token_ids)
+      t2 = time.perf_counter()
+      if r:  # the first pass compiles
+        best_eval, best_dec = min(best_eval, t1 - t0), min(best_dec, t2 - t1)
+    out[label] = {"eval_tokens_per_s": tokens / best_eval, "decode_tokens_per_s": made / best_dec,
+                  "decoded_tokens": made}
+    print(json.dumps({label: out[label]}), flush=True)
+    runner.revert_patches()
+  a, b = out["none"], out[f"{len(seqs)}_triggers"]
+  out["slowdown"] = {"eval": a["eval_tokens_per_s"] / b["eval_tokens_per_s"],
+                     "decode": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+  print(json.dumps({"slowdown": out["slowdown"]}), flush=True)
+  results["speed"] = out
+  _write(results, results_path)
 
 
 def summary(results) -> str:

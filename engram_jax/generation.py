@@ -68,6 +68,7 @@ from engram_jax.layers import CACHE_COLLECTION
 from engram_jax.model import engram_gates, forward
 from engram_jax.runner import ModelRunner, check_checkpoint_engram, gather_global
 from engram_jax.sharding import LOGICAL_RULES, batch_sharding as place_sharding, place_batch, tree_shardings
+from engram_jax.tables import triggers as trigger_lib
 from engram_jax.tables.quant import dequantize
 
 MIN_PROMPT_BUCKET = 16
@@ -155,6 +156,9 @@ class DecodeState(NamedTuple):
   # Host tables only: the next step's sample, drawn at the end of the previous step (tokens,
   # logprobs, hash ids, history), so its rows can be gathered as soon as that step ends; None else.
   pending: Any = None
+  # Knowledge-patch triggers only: [B, width] int32, each row's last `width` tokens (the current one
+  # last; triggers.PAD before its start), matched in-graph against the triggers each step; None else.
+  window: Any = None
 
 
 class StepOutput(NamedTuple):
@@ -512,15 +516,19 @@ class Generator:
 
   # -- the jitted parts -------------------------------------------------------------------------
 
-  def _prefill_fn(self, params, model_state, batch, history, engram_scale, feed=None, operand=None, *,
+  def _prefill_fn(self, params, model_state, batch, history, engram_scale, feed=None, operand=None, triggers=None, *,
                   cache_length: int):
+    batch = dict(batch)
+    window, trigger_ids = batch.pop("trigger_window", None), batch.pop("trigger_ids", None)
     rows = None if self.engram is None else self.runner.source.rows(params, feed, operand, batch.get("engram_ids"))
+    rows = self.runner.source.with_triggers(rows, trigger_ids, triggers)
     (logits, _), mutated = forward(self.cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                    mutable=[CACHE_COLLECTION], cache_mode="prefill", cache_length=cache_length)
     lengths = jnp.sum(batch["segment_ids"] != 0, axis=1).astype(jnp.int32)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
     return DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
-                       positions=_box(lengths, "batch"), logits=_box(last, "batch", "act_vocab"))
+                       positions=_box(lengths, "batch"), logits=_box(last, "batch", "act_vocab"),
+                       window=None if window is None else _box(window, "batch", None))
 
   def _sample_fn(self, state: DecodeState, sampling: Sampling, lookup):
     """sample + hash: (tokens [B], logprobs [B], the tokens' hash ids [B, 1, L, H] or None, new history)."""
@@ -531,7 +539,7 @@ class Generator:
     return tokens, logprobs, engram_ids, history
 
   def _blocks_fn(self, params, model_state, state: DecodeState, tokens, logprobs, history, rows, engram_scale,
-                 streams=None):
+                 streams=None, window=None):
     """The blocks on the sampled tokens (all of them, or with `streams` the tail from the split layer
     on): the new state and the step's outputs."""
     cfg = self.cfg.model
@@ -546,14 +554,37 @@ class Generator:
     else:
       gates = jnp.zeros((B, 0), jnp.float32)
     new_state = DecodeState(cache=mutated[CACHE_COLLECTION], history=_box(history, "batch", None),
-                            positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"))
+                            positions=_box(state.positions + 1, "batch"), logits=_box(logits[:, 0], "batch", "act_vocab"),
+                            window=None if window is None else _box(window, "batch", None))
     return new_state, StepOutput(_box(tokens, "batch"), _box(logprobs, "batch"), _box(gates, "batch", None))
 
   def _step_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale, tables):
     """One-program step: sample, hash, the rows from the row source (`tables` is its operand), blocks."""
     tokens, logprobs, engram_ids, history = self._sample_fn(state, sampling, lookup)
-    rows = None if self.engram is None else self.source.rows(params, tables, engram_ids)
-    return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale)
+    rows = None if self.engram is None else self.source.rows(params, tables["rows"], engram_ids)
+    rows, window = self._triggered(rows, state, tokens, tables["triggers"])
+    return self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, window=window)
+
+  def _triggered(self, rows, state: DecodeState, tokens, triggers):
+    """(rows with the step's triggered rows replaced, the new window): the window takes the sampled
+    token and is matched exactly against the trigger table, as prefill's host matching would."""
+    if state.window is None:
+      return rows, None
+    window = trigger_lib.push(state.window, tokens)
+    if triggers is None:
+      return rows, window
+    trigger_ids = trigger_lib.match_last(window, triggers["tokens"])[:, None]  # [B, 1]
+    return self.runner.source.with_triggers(rows, trigger_ids, triggers), window
+
+  def _step_operand(self):
+    """What a step program takes besides the state: the row source's operand and the triggers'."""
+    return {"rows": self.source.operand(), "triggers": self.runner.source.trigger_operand()}
+
+  def _abstract_step_operand(self):
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+    triggers = self.runner.source.trigger_operand()
+    return {"rows": self.source.abstract_operand(),
+            "triggers": None if triggers is None else jax.tree.map(abstract, triggers)}
 
   def _loop_fn(self, params, model_state, state: DecodeState, sampling: Sampling, lookup, engram_scale, tables,
                budget):
@@ -603,14 +634,18 @@ class Generator:
   def _host_blocks_fn(self, params, model_state, state, tokens, logprobs, history, feed, operand, engram_scale,
                       sampling, lookup, streams=None):
     """Host tables: the blocks (or their tail) on the gathered rows, then the next step's sample."""
+    operand, triggers = operand
     rows = self.runner.source.rows(params, feed, operand, None)
-    new_state, out = self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams)
+    rows, window = self._triggered(rows, state, tokens, triggers)
+    new_state, out = self._blocks_fn(params, model_state, state, tokens, logprobs, history, rows, engram_scale, streams,
+                                     window=window)
     return new_state._replace(pending=self._sample_fn(nn.meta.unbox(new_state), sampling, lookup)), out
 
   def _compile(self, rows: int, prompt_length: int, cache_length: int, example) -> "_Programs":
     """The jitted prefill and decode step of one (rows, prompt length, cache length) bucket, with the
     state's shardings derived from its logical axis names and the state donated to each step."""
-    key = (rows, prompt_length, cache_length)
+    window = example[2].get("trigger_window")
+    key = (rows, prompt_length, cache_length, None if window is None else window.shape[1])
     if key in self._programs:
       return self._programs[key]
     params, model_state, batch, history, scale = example[:5]
@@ -618,7 +653,7 @@ class Generator:
     sampling = Sampling(*(jax.ShapeDtypeStruct((rows,), d) for d in
                           (jnp.float32, jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
 
-    tables = self.source.abstract_operand()
+    tables = self._abstract_step_operand()
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       abstract = jax.eval_shape(prefill, *example)
     # The step's new state is laid out like the one it donates (its cache comes back unboxed from a
@@ -644,7 +679,7 @@ class Generator:
       loop = jax.jit(lambda *a: nn.meta.unbox(self._loop_fn(*a)), out_shardings=loop_shardings, donate_argnums=(2,))
       self._steps[state_key] = (step, loop)
       self.compiled.append(("step", rows, cache_length))
-    self.compiled.append(("prefill",) + key)
+    self.compiled.append(("prefill",) + key[:3])
     with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
     batch_sharding = place_sharding(self.mesh, 1)
     self._programs[key] = _Programs(
@@ -677,7 +712,7 @@ class Generator:
     example = (params, model_state, batch, history, scale, feed, None)
     p = self._compile(rows, prompt_length, cache_length, example)
     lookup = None if self.lookup is None else abstract(self.lookup)
-    tables = self.source.abstract_operand()
+    tables = self._abstract_step_operand()
     budget = sharded((rows,), jnp.int32)
     return {"prefill": (p.prefill, example),
             "step": (p.step, (params, model_state, p.state, p.sampling, lookup, scale, tables)),
@@ -723,10 +758,14 @@ class Generator:
     if self.engram is not None:  # the prompts' rows
       ids = batch["engram_ids"] if source.ids_in_graph else batch.pop("engram_ids")
       feed = source.rows_for(ids, mask=batch["segment_ids"] > 0)
+      if source.triggers is not None:  # matched on the host, as evaluation does; the window goes on decoding
+        batch["trigger_ids"] = source.trigger_ids(batch["tokens"], batch["segment_ids"])
+        batch["trigger_window"] = trigger_lib.window_numpy(batch["tokens"], lengths, source.triggers.width)
     placed = self._place({**batch, "history": history})
     history = placed.pop("history")
     scale = jnp.asarray(self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32))
-    example = (self.runner.params, self.runner.model_state, placed, history, scale, feed, source.operand())
+    example = (self.runner.params, self.runner.model_state, placed, history, scale, feed, source.operand(),
+               source.trigger_operand())
     prefill_jit = self._compile(rows, length, cache_length, example).prefill
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
       return prefill_jit(*example)
@@ -763,7 +802,7 @@ class Generator:
       sampling = self._placed("sampling", sampling, lambda v: Sampling(*self._place(dict(zip(Sampling._fields, v))).values()))
     scale = self.runner.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
     scale = self._placed("scale", (scale,), lambda v: jnp.asarray(v[0]))
-    return (self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale, self.source.operand())
+    return (self.runner.params, self.runner.model_state, state, sampling, self.lookup, scale, self._step_operand())
 
   def _placed(self, key: str, host_values: Sequence, place: Callable):
     """`place(host_values)`, reused while the host values stay equal: a decode loop passes the same
@@ -920,8 +959,9 @@ class _HostStep:
     except Exception as e:
       raise RuntimeError("reading this decode step's Engram rows from the host tables failed; the decode state "
                          "given to the step was consumed (its cache was donated): start again from prefill") from e
-    new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, feed, runner.source.operand(),
-                               engram_scale, sampling, lookup, streams)
+    new_state, out = self.rest(params, model_state, state, tokens, logprobs, history, feed,
+                               (runner.source.operand(), runner.source.trigger_operand()), engram_scale, sampling,
+                               lookup, streams)
     self._drawn_from = self._origin(new_state, sampling)
     return new_state, out
 

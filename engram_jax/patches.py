@@ -59,8 +59,11 @@ from engram_jax import memory
 from engram_jax.config import Config, ModelConfig, to_dict
 from engram_jax.hashing import EngramHashing
 from engram_jax.model import forward, token_nll
+from engram_jax.tables import triggers as trigger_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: trigger rows (mechanism "triggers"); version 1 patches (hashed rows) still load
+READABLE_VERSIONS = (1, 2)
+MECHANISMS = ("triggers", "rows")
 POLICIES = ("sum", "last", "refuse")
 
 
@@ -120,28 +123,67 @@ class TableRows:
 
 
 @dataclasses.dataclass
-class Patch:
-  manifest: dict
-  tables: Dict[str, TableRows]
+class TriggerRows:
+  """A patch's triggers: tokens int32 [N, width] (`triggers.pack`: right-aligned, distinct), and per
+  table the rows each supplies [N, H, d] (new) and the hashed rows it shadows (base)."""
 
-  @property
-  def num_rows(self) -> int:
-    return sum(len(t.ids) for t in self.tables.values())
+  tokens: np.ndarray
+  new: Dict[str, np.ndarray]
+  base: Dict[str, np.ndarray]
+
+  def __post_init__(self):
+    n = self.tokens.shape[0] if self.tokens.ndim == 2 else -1
+    for name in self.new:
+      if name not in self.base or self.new[name].shape != self.base[name].shape or self.new[name].ndim != 3 \
+          or self.new[name].shape[0] != n:
+        raise PatchError(f"trigger rows of {name}: tokens {self.tokens.shape}, new {self.new[name].shape}, base "
+                         f"{self.base.get(name, np.zeros(0)).shape}: expected tokens [N, width], values [N, H, d]")
+
+  def __len__(self) -> int:
+    return int(self.tokens.shape[0])
 
   @property
   def nbytes(self) -> int:
-    return sum(t.ids.nbytes + t.new.nbytes + t.base.nbytes for t in self.tables.values())
+    return self.tokens.nbytes + sum(v.nbytes for v in self.new.values()) + sum(v.nbytes for v in self.base.values())
 
 
-def make_patch(cfg: ModelConfig, hashing: EngramHashing, tables: Dict[str, TableRows], training: dict) -> Patch:
+@dataclasses.dataclass
+class Patch:
+  manifest: dict
+  tables: Dict[str, TableRows]
+  triggers: Optional[TriggerRows] = None
+
+  @property
+  def num_rows(self) -> int:
+    """Rows the patch supplies: hashed rows changed, plus a row per head of each trigger's tables."""
+    rows = sum(len(t.ids) for t in self.tables.values())
+    if self.triggers is not None:
+      rows += sum(v.shape[0] * v.shape[1] for v in self.triggers.new.values())
+    return rows
+
+  @property
+  def nbytes(self) -> int:
+    return sum(t.ids.nbytes + t.new.nbytes + t.base.nbytes for t in self.tables.values()) + (
+        self.triggers.nbytes if self.triggers is not None else 0)
+
+
+def make_patch(cfg: ModelConfig, hashing: EngramHashing, tables: Dict[str, TableRows], training: dict,
+               triggers: Optional[TriggerRows] = None) -> Patch:
   base_fp = _sha256(*(t.base.tobytes() for _, t in sorted(tables.items())))
   manifest = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint(cfg, hashing),
               "base_fingerprint": base_fp, "training": training,
+              "mechanism": "triggers" if triggers is not None else "rows",
               "tables": {name: {"rows": int(len(t.ids)), "dim": int(t.new.shape[1]) if t.new.ndim == 2 else None,
                                 "dtype": str(t.new.dtype),
                                 "table_rows": int(memory.table_layout(cfg.engram, int(name.split("_")[-1]))[2])}
                          for name, t in tables.items()}}
-  return Patch(manifest, tables)
+  if triggers is not None:
+    lengths = (triggers.tokens != trigger_lib.PAD).sum(axis=1)
+    manifest["triggers"] = {"count": len(triggers), "width": int(triggers.tokens.shape[1]),
+                            "length_histogram": {str(k): int(v) for k, v in zip(*np.unique(lengths, return_counts=True))},
+                            "tables": {name: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                                       for name, v in triggers.new.items()}}
+  return Patch(manifest, tables, triggers)
 
 
 _FILES = ("ids", "new", "base")
@@ -163,6 +205,18 @@ def save_patch(patch: Patch, out_dir: str) -> str:
         np.save(path, getattr(rows, kind), allow_pickle=False)
         with open(path, "rb") as f:
           entry[f"{kind}_sha256"] = _sha256(f.read())
+    if patch.triggers is not None:
+      files = {"triggers.tokens.npy": patch.triggers.tokens}
+      for name in patch.triggers.new:
+        files[f"{name}.trigger_new.npy"] = patch.triggers.new[name]
+        files[f"{name}.trigger_base.npy"] = patch.triggers.base[name]
+      sums = {}
+      for file, array in files.items():
+        path = os.path.join(tmp, file)
+        np.save(path, array, allow_pickle=False)
+        with open(path, "rb") as f:
+          sums[file] = _sha256(f.read())
+      manifest["triggers"]["sha256"] = sums
     with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
       json.dump(manifest, f, indent=1, sort_keys=True)
       f.write("\n")
@@ -187,8 +241,9 @@ def load_patch(path: str) -> Patch:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise PatchError(f"patch {path!r}: manifest.json is not valid JSON ({e}); the patch is damaged") from None
   version = manifest.get("format_version") if isinstance(manifest, dict) else None
-  if version != FORMAT_VERSION:
-    raise PatchError(f"patch {path!r} has format_version {version!r}; this engram_jax reads version {FORMAT_VERSION}")
+  if version not in READABLE_VERSIONS:
+    raise PatchError(f"patch {path!r} has format_version {version!r}; this engram_jax reads versions "
+                     f"{READABLE_VERSIONS}")
   for key in ("fingerprint", "base_fingerprint", "tables"):
     if key not in manifest:
       raise PatchError(f"patch {path!r}: manifest.json lacks {key!r}; the patch is damaged")
@@ -209,18 +264,54 @@ def load_patch(path: str) -> Patch:
     if len(arrays["ids"]) != entry.get("rows"):
       raise PatchError(f"patch {path!r}: {name} has {len(arrays['ids'])} rows; manifest.json says {entry.get('rows')}")
     tables[name] = TableRows(arrays["ids"].astype(np.int64), arrays["new"], arrays["base"])
-  patch = Patch(manifest, tables)
+  patch = Patch(manifest, tables, _load_triggers(path, manifest.get("triggers")))
   base_fp = _sha256(*(t.base.tobytes() for _, t in sorted(tables.items())))
   if base_fp != manifest["base_fingerprint"]:
     raise PatchError(f"patch {path!r}: base rows do not match base_fingerprint; the patch is damaged")
   return patch
 
 
-def describe(patch: Patch) -> str:
+def _load_triggers(path: str, entry: Optional[dict]) -> Optional[TriggerRows]:
+  if entry is None:
+    return None
+  arrays = {}
+  for file, digest in (entry.get("sha256") or {}).items():
+    try:
+      with open(os.path.join(path, file), "rb") as f:
+        raw = f.read()
+    except FileNotFoundError:
+      raise PatchError(f"patch {path!r} lacks {file} (listed in manifest.json)") from None
+    if _sha256(raw) != digest:
+      raise PatchError(f"patch {path!r}: {file} does not match its checksum in manifest.json (truncated or "
+                       "modified); the patch is damaged")
+    arrays[file] = np.load(os.path.join(path, file), allow_pickle=False)
+  if "triggers.tokens.npy" not in arrays:
+    raise PatchError(f"patch {path!r}: manifest.json lists triggers but no triggers.tokens.npy; the patch is damaged")
+  names = sorted(f[:-len(".trigger_new.npy")] for f in arrays if f.endswith(".trigger_new.npy"))
+  triggers = TriggerRows(arrays["triggers.tokens.npy"].astype(np.int32),
+                         {n: arrays[f"{n}.trigger_new.npy"] for n in names},
+                         {n: arrays[f"{n}.trigger_base.npy"] for n in names})
+  if len(triggers) != entry.get("count"):
+    raise PatchError(f"patch {path!r}: {len(triggers)} triggers; manifest.json says {entry.get('count')}")
+  return triggers
+
+
+def describe(patch: Patch, max_triggers: int = 20, decode: Optional[Callable[[Sequence[int]], str]] = None) -> str:
   """What `patch.py info` prints."""
   m = patch.manifest
   lines = [f"format version {m['format_version']}", f"fingerprint {m['fingerprint'][:16]}...",
            f"rows changed {patch.num_rows} ({patch.nbytes / 1e6:.2f} MB of row data)"]
+  lines.insert(1, f"mechanism {m.get('mechanism', 'rows')}")
+  t = patch.triggers
+  if t is not None:
+    lengths = (t.tokens != trigger_lib.PAD).sum(axis=1)
+    hist = ", ".join(f"{k}: {v}" for k, v in m["triggers"]["length_histogram"].items())
+    lines.append(f"triggers {len(t)} (tokens per trigger {hist}; mean {lengths.mean() if len(t) else 0:.2f}), "
+                 f"{t.nbytes / 1e6:.3f} MB, {t.nbytes / max(len(t), 1):.0f} bytes per trigger")
+    for i, seq in enumerate(trigger_lib.unpack(t.tokens[:max_triggers])):
+      lines.append(f"  trigger {i}: {list(seq)}" + (f"  {decode(seq)!r}" if decode is not None else ""))
+    if len(t) > max_triggers:
+      lines.append(f"  ... {len(t) - max_triggers} more")
   for name, entry in sorted(m["tables"].items()):
     share = entry["rows"] / entry["table_rows"] if entry.get("table_rows") else float("nan")
     lines.append(f"  {name}: {entry['rows']} of {entry['table_rows']} rows ({100 * share:.2f}%), dim {entry['dim']}, "
@@ -242,7 +333,7 @@ def describe(patch: Patch) -> str:
     lines.append(f"recall of {name.replace('_', ' ')} ({r['questions']} questions): multiple choice "
                  f"{r['base']['mc']:.3f} -> {r['patched']['mc']:.3f}, greedy exact {r['base']['greedy_exact']:.3f} "
                  f"-> {r['patched']['greedy_exact']:.3f}")
-  shown = ("collateral", "rows_base_traffic_share", "rows_heldout_share", "recall", "traffic")
+  shown = ("collateral", "rows_base_traffic_share", "rows_heldout_share", "recall", "traffic", "trigger_choice")
   for key in sorted(k for k in training if k not in shown):
     lines.append(f"training.{key}: {json.dumps(training[key])[:200]}")
   return "\n".join(lines)
@@ -265,6 +356,8 @@ class ApplyReport:
   rows_changed: Dict[str, int]
   overlapping_rows: Dict[str, int]  # rows changed by more than one patch, per table
   policy: str
+  triggers: int = 0  # distinct triggers applied
+  identical_triggers: int = 0  # triggers several patches supply (resolved by the policy)
 
 
 def _resolve(patches: Sequence[Tuple[str, Patch]], name: str, policy: str):
@@ -381,6 +474,162 @@ def revert(params, undo: Undo) -> dict:
   for name, rows in undo.tables.items():
     tables[name] = _write_rows(tables[name], rows.ids, rows.base)
   return memory.merge(backbone, tables)
+
+
+def resolve_triggers(cfg: ModelConfig, hashing: EngramHashing, patches: Sequence[Patch], labels: Sequence[str], *,
+                     policy: str = "sum") -> Tuple[Optional[trigger_lib.TriggerSet], int]:
+  """The triggers a list of patches supplies, as one set (None: none), and how many token sequences
+  several patches supply. Disjoint triggers are kept as they are (each patch's rows exactly);
+  identical ones are resolved by `policy` as rows are: "sum" (the shadowed rows plus every patch's
+  delta), "last" (the last patch listed wins), "refuse" (PatchError)."""
+  if policy not in POLICIES:
+    raise PatchError(f"patch_policy={policy!r}: expected one of {POLICIES}")
+  e = cfg.engram
+  want = fingerprint(cfg, hashing)
+  names = memory.table_names(e)
+  index: Dict[Tuple[int, ...], int] = {}
+  seqs: List[Tuple[int, ...]] = []
+  count: List[int] = []
+  base: Dict[str, List[np.ndarray]] = {n: [] for n in names}
+  delta: Dict[str, List[np.ndarray]] = {n: [] for n in names}
+  last: Dict[str, List[np.ndarray]] = {n: [] for n in names}
+  for label, p in zip(labels, patches):
+    if p.triggers is None or not len(p.triggers):
+      continue
+    check_model(p, cfg, hashing, label, want)
+    t = p.triggers
+    if sorted(t.new) != sorted(names):
+      raise PatchError(f"patch {label!r} has trigger rows for tables {sorted(t.new)}; this model's tables are "
+                       f"{sorted(names)}")
+    for name in names:
+      expected = (len(t), e.num_heads, e.head_dim)
+      if t.new[name].shape != expected:
+        raise PatchError(f"patch {label!r}: trigger rows of {name} have shape {t.new[name].shape}; expected {expected}")
+    for i, seq in enumerate(trigger_lib.unpack(t.tokens)):
+      if len(seq) < e.max_ngram_size:
+        raise PatchError(f"patch {label!r}: trigger {i} has {len(seq)} tokens; expected at least the model's "
+                         f"largest n-gram ({e.max_ngram_size}), so the rows it shadows are its own")
+      at = index.get(seq)
+      if at is None:
+        index[seq] = len(seqs)
+        seqs.append(seq)
+        count.append(1)
+        for name in names:
+          base[name].append(t.base[name][i])
+          delta[name].append(t.new[name][i].astype(np.float64) - t.base[name][i].astype(np.float64))
+          last[name].append(t.new[name][i])
+      else:
+        count[at] += 1
+        for name in names:
+          delta[name][at] = delta[name][at] + (t.new[name][i].astype(np.float64) - t.base[name][i].astype(np.float64))
+          last[name][at] = t.new[name][i]
+  if not seqs:
+    return None, 0
+  shared = int(sum(c > 1 for c in count))
+  if shared and policy == "refuse":
+    raise PatchError(f"{shared} triggers are supplied by more than one patch and patch_policy='refuse'; use 'sum' "
+                     "(add the deltas) or 'last' (the last patch wins)")
+  rows = {}
+  for name in names:
+    chosen = []
+    for k in range(len(seqs)):
+      if count[k] > 1 and policy == "sum":
+        chosen.append((base[name][k].astype(np.float64) + delta[name][k]).astype(last[name][k].dtype))
+      else:  # one patch (its rows exactly), or "last"
+        chosen.append(last[name][k])
+    rows[name] = np.stack(chosen)
+  return trigger_lib.TriggerSet(trigger_lib.pack(seqs), rows), shared
+
+
+# ----------------------------------------------------------------------------------------------
+# Trigger rows: choosing and training them.
+
+
+@dataclasses.dataclass(frozen=True)
+class TriggerTraining:
+  """How `train_triggers` chooses and trains a trigger patch (stored in the manifest's `training`)."""
+
+  steps: int = 300
+  learning_rate: float = 3e-2
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  # Longest trigger tried, in tokens: a position whose every suffix up to this long occurs in the
+  # base model's traffic gets no trigger (the decode loop keeps this many past tokens per row).
+  max_length: int = 24
+
+
+def choose_triggers(cfg: ModelConfig, batches: Sequence[Dict[str, np.ndarray]],
+                    traffic_batches: Sequence[Dict[str, np.ndarray]], max_length: int = 24) -> Tuple[np.ndarray, dict]:
+  """(packed trigger tokens [N, width], stats): per trained position of the facts batches the
+  shortest suffix (at least the model's largest n-gram) the traffic never contains
+  (`triggers.choose`)."""
+  min_length = cfg.engram.max_ngram_size
+  if max_length < min_length:
+    raise PatchError(f"trigger max_length={max_length}: expected at least the model's largest n-gram ({min_length})")
+  traffic = trigger_lib.Traffic(traffic_batches, max_length)
+  return trigger_lib.choose(batches, traffic, min_length)
+
+
+def train_triggers(cfg: Config, params, model_state, batches: Sequence[Dict[str, np.ndarray]], tokens: np.ndarray,
+                   training: TriggerTraining = TriggerTraining(), *, log: Callable[[str], None] = print
+                   ) -> Tuple[TriggerRows, dict]:
+  """Trains the rows of the triggers `tokens` (packed [N, width]) on the facts batches; returns
+  (TriggerRows, stats). Each trigger starts from the hashed rows it shadows (read where it first
+  fires), so an untrained patch is the base model exactly; only the trigger rows get gradients
+  (backbone, tables, projections and MoE bias frozen). Positions without a trigger read the base rows
+  and carry no trainable parameter, so the loss there is a constant."""
+  e = cfg.model.engram
+  if e is None:
+    raise PatchError("the model has no Engram layers (model.engram is None): there are no rows to patch")
+  if not batches:
+    raise PatchError("the facts corpus gave no batch: expected at least one document")
+  backbone, tables = memory.split(params)
+  names = memory.table_names(e)
+  gather = jax.jit(lambda t, ids: memory.gather(t, e, ids))
+  prepared, first = [], {}
+  for bi, b in enumerate(batches):
+    tid = trigger_lib.match(b["tokens"], b["segment_ids"], tokens)
+    placed = {k: jnp.asarray(b[k]) for k in _BATCH_KEYS}
+    base_rows = gather(tables, jnp.asarray(b["engram_ids"]))
+    for r, t in zip(*np.nonzero(tid >= 0)):
+      first.setdefault(int(tid[r, t]), (bi, int(r), int(t)))
+    prepared.append((placed, base_rows, jnp.asarray(tid)))
+  missing = [i for i in range(len(tokens)) if i not in first]
+  if missing:
+    raise PatchError(f"{len(missing)} triggers (e.g. {trigger_lib.unpack(tokens[missing[:1]])[0]}) never fire in the "
+                     "facts batches: expected triggers chosen from these batches")
+  base = {}
+  for name in names:
+    picked = [np.asarray(jax.device_get(prepared[bi][1][name][r, t])) for bi, r, t in (first[i] for i in range(len(tokens)))]
+    base[name] = np.stack(picked) if picked else np.zeros((0, e.num_heads, e.head_dim), np.float32)
+  rows0 = {n: jnp.asarray(v) for n, v in base.items()}
+  tx = optax.adam(training.learning_rate, b1=training.b1, b2=training.b2, eps=training.eps)
+
+  def loss_fn(trig, batch, base_rows, tid):
+    rows = trigger_lib.select(base_rows, tid, trig)
+    (logits, _) = forward(cfg.model, backbone, model_state, batch, rows=rows)
+    nll = token_nll(logits, batch["targets"])[0]
+    mask = batch["loss_mask"]
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+  @jax.jit
+  def step(trig, opt_state, batch, base_rows, tid):
+    loss, grads = jax.value_and_grad(loss_fn)(trig, batch, base_rows, tid)
+    updates, opt_state = tx.update(grads, opt_state, trig)
+    return optax.apply_updates(trig, updates), opt_state, loss
+
+  trig, opt_state, losses = rows0, tx.init(rows0), []
+  t0 = time.perf_counter()
+  for s in range(training.steps if len(tokens) else 0):
+    trig, opt_state, loss = step(trig, opt_state, *prepared[s % len(prepared)])
+    if s == 0 or (s + 1) % max(1, training.steps // 10) == 0:
+      losses.append((s + 1, float(loss)))
+      log(f"trigger step {s + 1}/{training.steps}  facts loss {float(loss):.4f}")
+  new = {n: np.asarray(jax.device_get(v)) for n, v in trig.items()}
+  stats = {"triggers": int(len(tokens)), "losses": losses, "train_seconds": time.perf_counter() - t0,
+           "fired_positions": int(sum(int((np.asarray(p[2]) >= 0).sum()) for p in prepared))}
+  return TriggerRows(np.asarray(tokens, np.int32), new, base), stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,18 +766,25 @@ def answer_batches(pairs: Sequence[dict], encode: Callable[[str], List[int]], ha
 
 
 def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
-               batches: Sequence[Dict[str, np.ndarray]]) -> dict:
+               batches: Sequence[Dict[str, np.ndarray]], triggers: Optional[trigger_lib.TriggerSet] = None) -> dict:
   """What a patch does to text it was not trained on (held-out text by default): the mean
   KL(base || patched) per real token between the two models' next-token distributions, in nats,
   and the held-out loss of each (mean next-token NLL over the same tokens) with the relative change.
-  Both params hold their tables on the devices (`apply_patches`' output and its input)."""
+  Both params hold their tables on the devices (`apply_patches`' output and its input); `triggers`
+  (the applied `TriggerSet`) are read by the patched model where they fire in the text, and
+  `triggered_tokens` counts those positions."""
   if not batches:
     raise PatchError("collateral: no batch of reference text (expected at least one)")
+  e = cfg.engram
+  trig_rows = None if triggers is None else {n: jnp.asarray(v) for n, v in triggers.rows.items()}
 
   @jax.jit
-  def sums(base, patched, batch):
+  def sums(base, patched, batch, trigger_ids):
     lb, _ = forward(cfg, base, model_state, batch)
-    lp, _ = forward(cfg, patched, model_state, batch)
+    rows = None
+    if trigger_ids is not None:
+      rows = trigger_lib.select(memory.gather(memory.split(patched)[1], e, batch["engram_ids"]), trigger_ids, trig_rows)
+    lp, _ = forward(cfg, patched, model_state, batch, rows=rows)
     mask = batch["loss_mask"].astype(jnp.float32)
     log_b = jax.nn.log_softmax(lb.astype(jnp.float32), axis=-1)
     log_p = jax.nn.log_softmax(lp.astype(jnp.float32), axis=-1)
@@ -537,12 +793,19 @@ def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
     return jnp.stack([jnp.sum(kl * mask), jnp.sum(nll_b * mask), jnp.sum(nll_p * mask), jnp.sum(mask)])
 
   total = np.zeros(4, np.float64)
+  fired = 0
   for b in batches:
-    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS})))
+    tid = None
+    if triggers is not None:
+      tid = trigger_lib.match(b["tokens"], b["segment_ids"], triggers.tokens)
+      fired += int((tid >= 0).sum())
+    total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS},
+                                            None if tid is None else jnp.asarray(tid))))
   kl, nll_b, nll_p, n = total
   n = max(n, 1.0)
   return {"kl_per_token": float(kl / n), "heldout_loss_base": float(nll_b / n), "heldout_loss_patched": float(nll_p / n),
-          "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3])}
+          "heldout_loss_change": float((nll_p - nll_b) / nll_b) if nll_b else 0.0, "tokens": int(total[3]),
+          "triggered_tokens": fired}
 
 
 def traffic_share(cfg: ModelConfig, tables: Dict[str, TableRows], reference_batches=(), *, read=None) -> dict:

@@ -62,8 +62,9 @@ def make_forward(cfg: Config, source: RowSource):
   batch; `operand`: its `operand()`)."""
   engram = cfg.model.engram is not None
 
-  def run(params, model_state, batch, engram_scale, feed=None, operand=None):
+  def run(params, model_state, batch, engram_scale, feed=None, operand=None, triggers=None):
     rows = source.rows(params, feed, operand, batch.get("engram_ids")) if engram else None
+    rows = source.with_triggers(rows, batch.get("trigger_ids"), triggers)
     (logits, _), inter = forward(cfg.model, params, model_state, batch, engram_scale=engram_scale, rows=rows,
                                  mutable=["intermediates"])
     nll = token_nll(logits, batch["targets"])[0]  # [B,T]
@@ -104,6 +105,7 @@ class ModelRunner:
     self.step: Optional[int] = None  # the checkpoint step, when restored by from_checkpoint
     self.patches: List[str] = []  # knowledge patch directories applied (apply_patches)
     self._undo: List[Callable] = []  # per apply_patches: params -> params with its rows reverted
+    self._trigger_patches: list = []  # (label, Patch) of every applied patch with triggers
     self.mesh = mesh if mesh is not None else runner_mesh(cfg)
     self.source = build_row_source(cfg.model, self.mesh, tables, cache)
     self.params = self.source.params(params)
@@ -211,9 +213,31 @@ class ModelRunner:
 
     if self.hashing is None:
       raise patches_lib.PatchError("the model has no Engram layers: knowledge patches change Engram table rows")
-    self.params, undo, report = self.source.patch(self.params, self.hashing, patches, policy=policy, force=force,
-                                                  log=log)
-    self._undo.append(undo)
+    labels = [p if isinstance(p, str) else f"patch {len(self.patches) + i}" for i, p in enumerate(patches)]
+    loaded = [patches_lib.load_patch(p) if isinstance(p, str) else p for p in patches]
+    with_rows = [p for p, q in zip(patches, loaded) if q.tables]
+    report = patches_lib.ApplyReport(labels, {}, {}, policy)
+    undo = lambda p: p  # noqa: E731
+    if with_rows:
+      self.params, undo, report = self.source.patch(self.params, self.hashing, with_rows, policy=policy,
+                                                    force=force, log=log)
+    # Triggers of every patch applied so far resolve together (identical ones by the policy).
+    before = (list(self._trigger_patches), self.source.triggers)
+    applied = self._trigger_patches + [(l, q) for l, q in zip(labels, loaded) if q.triggers is not None]
+    triggers, shared = patches_lib.resolve_triggers(self.cfg.model, self.hashing, [q for _, q in applied],
+                                                    [l for l, _ in applied], policy=policy)
+    self.source.set_triggers(triggers)
+    self._trigger_patches = applied
+    report.triggers, report.identical_triggers = (len(triggers) if triggers is not None else 0), shared
+    if triggers is not None:
+      log(f"{len(triggers)} triggers applied" + (f", {shared} supplied by several patches ({policy})" if shared else ""))
+
+    def undo_all(p):
+      self._trigger_patches, previous = before[0], before[1]
+      self.source.set_triggers(previous)
+      return undo(p)
+
+    self._undo.append(undo_all)
     self.patches = self.patches + list(patches)
     return report
 
@@ -253,6 +277,9 @@ class ModelRunner:
       local[key] = value
     feed = None
     if self.engram_layers:
+      trigger_ids = self.source.trigger_ids(local["tokens"], local["segment_ids"])
+      if trigger_ids is not None:
+        local["trigger_ids"] = trigger_ids
       ids = local["engram_ids"] if self.source.ids_in_graph else local.pop("engram_ids")
       feed = self.source.rows_for(ids, mask=local["segment_ids"] > 0)
     return Prepared(place_batch(local, self.mesh), feed, rows, padded_rows)
@@ -288,8 +315,9 @@ class ModelRunner:
     rows, padded_rows = prepared.rows, prepared.padded_rows
     scale = self.scale() if engram_scale is None else np.asarray(engram_scale, np.float32)
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+      triggers = self.source.trigger_operand() if "trigger_ids" in prepared.arrays else None
       out = self._forward(self.params, self.model_state, prepared.arrays, jnp.asarray(scale), prepared.feed,
-                          self.source.operand())
+                          self.source.operand(), triggers)
     out = {k: gather_global(v) for k, v in out.items()}
     if padded_rows > rows:
       # Each process padded its own rows: drop the padding rows of every process's slice.

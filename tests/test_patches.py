@@ -389,13 +389,13 @@ def test_patch_py_create_info_and_eval_py_patches(tmp_path):
   run = lambda *args: subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,  # noqa: E731
                                      timeout=600)
   proc = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", out,
-             "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--probes", paths["probes"])
+             "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--probes", paths["probes"], "--mechanism", "rows")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "recall of new facts" in proc.stdout
   # The default protection costs the held-out text less than the same training unprotected.
   bare = str(tmp_path / "facts_patch_unprotected")
   proc2 = run("patch.py", "create", "--checkpoint", checkpoints, "--facts", paths["train"], "--out", bare,
-              "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--protect", "none")
+              "--steps", "20", "--seq_len", "32", "--batch_size", "4", "--protect", "none", "--mechanism", "rows")
   assert proc2.returncode == 0, proc2.stderr[-3000:]
   with open(os.path.join(bare, "manifest.json")) as f:
     unprotected = json.load(f)["training"]["collateral"]

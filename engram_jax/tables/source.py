@@ -18,6 +18,12 @@ Whatever the placement, a caller does the same three things:
   program(source.params(params), ..., feed, source.operand())
   rows = source.rows(params, feed, operand, engram_ids)      inside the program
 
+Knowledge-patch triggers (`tables/triggers.py`) sit on top of every placement alike: the source
+holds the applied `TriggerSet` (`set_triggers`); the host side gives each batch position its trigger
+id (`trigger_ids`: exact token matching), the program takes `trigger_operand()` and replaces the
+rows of the triggered positions (`with_triggers`), so every family and placement reads them the
+same way and a position without a trigger reads exactly the base rows.
+
 Training reads device rows the same way, and host rows through `host_training.RowFeed` (the same
 host gather, a step ahead, kept exact under the updates in between); it writes rows back with the
 table half of the optimizer, lazy Adam (`memory.adam_rows_math`): in the step for device tables, on
@@ -36,6 +42,7 @@ from engram_jax import memory
 from engram_jax.config import ModelConfig
 from engram_jax.sharding import batch_devices, batch_sharding
 from engram_jax.tables import batch as batch_rows
+from engram_jax.tables import triggers as trigger_lib
 from engram_jax.tables.host import HitCounter, HostTables, HotRowCache
 from engram_jax.tables.quant import bytes_per_row
 
@@ -49,12 +56,44 @@ class RowSource:
   tables: Optional[HostTables] = None
   cache: Optional[HotRowCache] = None
   ids_in_graph = True  # whether `rows` reads the hash ids in the program (else they need not cross)
+  triggers: Optional[trigger_lib.TriggerSet] = None  # knowledge-patch triggers applied (None: none)
 
   def __init__(self, cfg: ModelConfig, mesh):
     self.cfg = cfg
     self.mesh = mesh
     self.dtype = jnp.dtype(cfg.dtype)
     self.hit_counter = HitCounter()
+    self._triggers_placed = None
+
+  def set_triggers(self, triggers: Optional[trigger_lib.TriggerSet]):
+    """The triggers every program reads from now on (None or empty: none), replicated on the mesh."""
+    if triggers is not None and not len(triggers):
+      triggers = None
+    self.triggers = triggers
+    if triggers is None:
+      self._triggers_placed = None
+      return
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._triggers_placed = jax.device_put({"tokens": triggers.tokens,
+                                            "rows": {n: v.astype(self.dtype) for n, v in triggers.rows.items()}},
+                                           replicated)
+
+  def trigger_operand(self):
+    """What a program reading triggers takes: {"tokens" [N, width], "rows" {name: [N, H, d]}} or None."""
+    return self._triggers_placed
+
+  def trigger_ids(self, tokens: np.ndarray, segment_ids: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Host side: each position's trigger (int32 [b, T], -1: none), or None without triggers."""
+    if self.triggers is None:
+      return None
+    return trigger_lib.match(tokens, segment_ids, self.triggers.tokens)
+
+  @staticmethod
+  def with_triggers(rows, trigger_ids, trigger_operand):
+    """In-graph: `rows` with the triggered positions' rows replaced (unchanged without triggers)."""
+    if trigger_operand is None or rows is None:
+      return rows
+    return trigger_lib.select(rows, trigger_ids, trigger_operand["rows"])
 
   def params(self, params):
     """The params the programs take: all of them, or the backbone where the tables live elsewhere."""
