@@ -611,3 +611,40 @@ def test_chunked_delta_rule_equals_recurrence(T, chunk):
   got_out, got_state = jax.jit(lambda *a: q4.chunked_gated_delta_rule(*a, chunk_size=chunk))(q, k, v, g, beta, state)
   np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=2e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(got_state), np.asarray(want_state), atol=2e-5, rtol=0)
+
+
+def test_scanned_layers_equal_unrolled():
+  """Three periods of (GatedDeltaNet, indexed), the PLE on the first layer: the first period stays
+  unrolled, the other two scan as one segment; logits, and a decode step after a right-padded
+  prefill (caches stacked over the repeats), equal the unrolled model's with the same weights
+  (`stack_layers`)."""
+  import flax.linen as nn
+
+  cfg = _tiny_cfg(num_hidden_layers=6, layer_types=("linear_attention", "indexed_attention") * 3,
+                  ple_layer_ids=(1,), ngram_vocab_size_base=101)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  segments = [(s.name, s.period, s.repeats) for s in q4.layer_segments(scanned_cfg)]
+  assert segments == [("layer_0", 1, 1), ("layer_1", 1, 1), ("layers_2_5", 2, 2)]
+  late_ple = dataclasses.replace(scanned_cfg, ple_layer_ids=(3,))  # PLE in the middle period: no run
+  assert all(s.repeats == 1 for s in q4.layer_segments(late_ple))
+  # Random weights from the shapes (compiling `init` costs more than this whole test: XLA:CPU is slow
+  # to compile the hundreds of threefry calls of a deep init).
+  rng = np.random.default_rng(0)
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: q4.init(cfg, jax.random.key(1))))
+  params, tables = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), abstract)
+  stacked = q4.stack_layers(scanned_cfg, params)
+  shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(jax.eval_shape(lambda: q4.init(scanned_cfg, jax.random.key(1))[0])))
+  assert jax.tree.map(lambda a: a.shape, stacked) == shapes
+  tokens = rng.integers(0, cfg.vocab_size, size=(2, 16))
+  mask = np.ones((2, 16), np.int32)
+  mask[1, 12:] = 0
+  hashing = cfg.hashing()
+  outs = []
+  for c, p in ((cfg, params), (scanned_cfg, stacked)):
+    def run(p, t, tok, m):
+      logits, cache, history = q4.prefill(c, p, t, tok, m, 20, hashing=hashing)
+      step, _, _ = q4.decode_step(c, p, t, cache, history, jnp.array([5, 7]), jnp.array([16, 12]), hashing=hashing)
+      return logits, step
+    outs.append(tuple(np.asarray(a) for a in jax.jit(run)(p, tables, tokens, mask)))
+  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5, rtol=0)
