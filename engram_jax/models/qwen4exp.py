@@ -808,7 +808,8 @@ class _Period(nn.Module):
 class Qwen4ExpModel(nn.Module):
   """tokens [B,T] (+ positions [B,T], attention_mask [B,T], PLE rows) -> logits [B,T,V] float32.
 
-  `rows` {memory.table_name(layer): [B,T,heads,head_dim]} for each PLE layer (`ple_rows`). Segment
+  `rows` {memory.table_name(layer): [B,T,heads,head_dim]} for each PLE layer (`memory.gather` of
+  `ple_ids`; `forward` does both). Segment
   outputs (streams [B,T,M,D]; one per layer unless layers are scanned) are sown as intermediates
   "hidden", and each sublayer's output, the QSA masks and the expert selections likewise (stacked
   over the repeats in scanned segments), for comparison with the reference.
@@ -832,7 +833,7 @@ class Qwen4ExpModel(nn.Module):
     rows = rows or {}
     missing = [memory.table_name(l) for l in cfg.ple_layers if memory.table_name(l) not in rows]
     if missing:
-      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass rows=ple_rows(...) (got {sorted(rows)})")
+      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass memory.gather's rows for ple_ids (got {sorted(rows)})")
     if self.cache_mode not in CACHE_MODES:
       raise ValueError(f"Qwen4ExpModel.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
     if self.cache_mode == "decode" and (T != 1 or positions is None):
@@ -920,7 +921,7 @@ def forward(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask=None, po
 # Decoding: prefill right-padded prompts into caches, then one token per row per step.
 
 
-def _ple_rows(cfg, tables, hashing, ids):
+def _ple_rows(cfg, tables, ids):
   ecfg = cfg.engram_config()
   return {} if ecfg is None else memory.gather(tables, ecfg, ids)
 
@@ -941,7 +942,7 @@ def prefill(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask, cache_l
   [B,T,V], the "cache" collection, the n-gram history [B,n-1]) (+ intermediates with `capture`).
   Jit with cfg, hashing and cache_length static."""
   tokens, attention_mask = jnp.asarray(tokens), jnp.asarray(attention_mask)
-  rows = _ple_rows(cfg, tables, hashing, ple_ids(cfg, hashing, tokens, attention_mask))
+  rows = _ple_rows(cfg, tables, ple_ids(cfg, hashing, tokens, attention_mask))
   model = Qwen4ExpModel(cfg, cache_mode="prefill", cache_length=cache_length)
   logits, state = model.apply({"params": params}, tokens, None, attention_mask, rows,
                               mutable=["cache", "intermediates"])
@@ -957,7 +958,7 @@ def decode_step(cfg: Qwen4ExpConfig, params, tables, cache, history, tokens, pos
   rows = {}
   if cfg.engram_config() is not None:
     ids, history = hashing.next_ids(history, tokens, hashing.lookup_array())
-    rows = _ple_rows(cfg, tables, hashing, ids)
+    rows = _ple_rows(cfg, tables, ids)
   model = Qwen4ExpModel(cfg, cache_mode="decode")
   tokens, positions = jnp.asarray(tokens)[:, None], jnp.asarray(positions, jnp.int32)[:, None]
   logits, state = model.apply({"params": params, "cache": cache}, tokens, positions, None, rows,
