@@ -633,7 +633,8 @@ def test_scanned_layers_equal_unrolled():
   abstract = nn.meta.unbox(jax.eval_shape(lambda: q4.init(cfg, jax.random.key(1))))
   params, tables = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), abstract)
   stacked = q4.stack_layers(scanned_cfg, params)
-  shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(jax.eval_shape(lambda: q4.init(scanned_cfg, jax.random.key(1))[0])))
+  scanned_abstract = jax.eval_shape(lambda: q4.init(scanned_cfg, jax.random.key(1))[0])
+  shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(scanned_abstract))
   assert jax.tree.map(lambda a: a.shape, stacked) == shapes
   tokens = rng.integers(0, cfg.vocab_size, size=(2, 16))
   mask = np.ones((2, 16), np.int32)

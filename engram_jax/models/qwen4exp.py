@@ -833,7 +833,8 @@ class Qwen4ExpModel(nn.Module):
     rows = rows or {}
     missing = [memory.table_name(l) for l in cfg.ple_layers if memory.table_name(l) not in rows]
     if missing:
-      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass memory.gather's rows for ple_ids (got {sorted(rows)})")
+      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass memory.gather's rows for ple_ids "
+                       f"(got {sorted(rows)})")
     if self.cache_mode not in CACHE_MODES:
       raise ValueError(f"Qwen4ExpModel.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
     if self.cache_mode == "decode" and (T != 1 or positions is None):
