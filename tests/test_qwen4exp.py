@@ -333,7 +333,13 @@ def test_fixture_activations_and_logits(case):
     errs[f"layer{layer}/out"] = _close(inter["hidden"][layer], g[f"layer{layer}/out"], valid, f"layer{layer}/out")
     errs[f"layer{layer}/mixer_out"] = _close(mine["attn_out"][0], g[f"layer{layer}/mixer_out"], valid, "mixer_out")
     errs[f"layer{layer}/moe_out"] = _close(mine["mlp_out"][0], g[f"layer{layer}/moe_out"], valid, "moe_out")
+    for hc, read in (("attn_hc", "attn_read"), ("mlp_hc", "mlp_read")):
+      x, inject = mine[read][0]
+      errs[f"layer{layer}/{hc}_x"] = _close(x, g[f"layer{layer}/{hc}_x"], valid, f"{hc} x")
+      errs[f"layer{layer}/{hc}_w"] = _close(inject, g[f"layer{layer}/{hc}_w"], valid, f"{hc} w")
     if layer in case.cfg.ple_layers:
+      # The rows read from the converted table are the reference's embedding rows, bit for bit.
+      np.testing.assert_array_equal(np.asarray(mine["ple"]["rows"][0]), g[f"layer{layer}/ple_emb"])
       errs[f"layer{layer}/ple_out"] = _close(mine["ple_out"][0], g[f"layer{layer}/ple_out"], valid, "ple_out")
   print(case.name, {k: f"{v:.2g}" for k, v in errs.items()})
 

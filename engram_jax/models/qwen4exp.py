@@ -672,6 +672,7 @@ class PLE(nn.Module):
     conv_kernel = _param(self, "conv_kernel", (K, M, D), ("conv_kernel", "branch", "embed"), zeros)
 
     e = rows.reshape(B, T, d_mem).astype(dtype)
+    self.sow("intermediates", "rows", e)
     key = rms_norm_offset(jnp.einsum("btk,mkd->btmd", e, w_key.astype(dtype)), key_norm, cfg.rms_norm_eps)
     value = jnp.einsum("btk,kd->btd", e, w_value.astype(dtype))
     query = rms_norm_offset(streams, query_norm, cfg.rms_norm_eps)
@@ -713,6 +714,7 @@ class DecoderLayer(nn.Module):
       self.sow("intermediates", "ple_out", ple)
       streams = streams + ple
     x, inject = GatedResidual(cfg, name="attn_hc")(streams)
+    self.sow("intermediates", "attn_read", (x, inject))
     if cfg.layer_types[self.layer] == "linear_attention":
       y = GatedDeltaNet(cfg, cache_mode=mode, name="linear_attn")(x, valid)
     else:
@@ -720,6 +722,7 @@ class DecoderLayer(nn.Module):
     self.sow("intermediates", "attn_out", y)
     streams = GatedResidual.write(streams, y, inject)
     x, inject = GatedResidual(cfg, name="mlp_hc")(streams)
+    self.sow("intermediates", "mlp_read", (x, inject))
     y = SparseMoE(cfg, name="mlp")(x)
     self.sow("intermediates", "mlp_out", y)
     streams = GatedResidual.write(streams, y, inject)
