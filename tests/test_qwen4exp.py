@@ -621,9 +621,9 @@ def test_chunked_delta_rule_equals_recurrence(T, chunk):
 
 def test_scanned_layers_equal_unrolled():
   """Three periods of (GatedDeltaNet, indexed), the PLE on the first layer: the first period stays
-  unrolled, the other two scan as one segment; logits, and a decode step after a right-padded
-  prefill (caches stacked over the repeats), equal the unrolled model's with the same weights
-  (`stack_layers`)."""
+  unrolled, the other two scan as one segment. With the same weights (`stack_layers`), the scanned
+  model's prefill of 16 tokens (right-padded on one row) and its decode step (caches stacked over
+  the repeats) give the unrolled model's full-sequence logits."""
   import flax.linen as nn
 
   cfg = _tiny_cfg(num_hidden_layers=6, layer_types=("linear_attention", "indexed_attention") * 3,
@@ -640,18 +640,20 @@ def test_scanned_layers_equal_unrolled():
   params, tables = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), abstract)
   stacked = q4.stack_layers(scanned_cfg, params)
   scanned_abstract = jax.eval_shape(lambda: q4.init(scanned_cfg, jax.random.key(1))[0])
-  shapes = jax.tree.map(lambda a: a.shape, nn.meta.unbox(scanned_abstract))
-  assert jax.tree.map(lambda a: a.shape, stacked) == shapes
-  tokens = rng.integers(0, cfg.vocab_size, size=(2, 16))
-  mask = np.ones((2, 16), np.int32)
-  mask[1, 12:] = 0
+  assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, nn.meta.unbox(scanned_abstract))
+  tokens = rng.integers(0, cfg.vocab_size, size=(2, 17))
+  lengths = np.array([16, 12])
   hashing = cfg.hashing()
-  outs = []
-  for c, p in ((cfg, params), (scanned_cfg, stacked)):
-    def run(p, t, tok, m):
-      logits, cache, history = q4.prefill(c, p, t, tok, m, 20, hashing=hashing)
-      step, _, _ = q4.decode_step(c, p, t, cache, history, jnp.array([5, 7]), jnp.array([16, 12]), hashing=hashing)
-      return logits, step
-    outs.append(tuple(np.asarray(a) for a in jax.jit(run)(p, tables, tokens, mask)))
-  np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
-  np.testing.assert_allclose(outs[1][1], outs[0][1], atol=1e-5, rtol=0)
+  full = jax.jit(lambda p, t, tok: q4.forward(cfg, p, t, tok, hashing=hashing))(params, tables, tokens)
+
+  def scanned(p, t, tok, m, nxt):
+    logits, cache, history = q4.prefill(scanned_cfg, p, t, tok, m, 20, hashing=hashing)
+    step, _, _ = q4.decode_step(scanned_cfg, p, t, cache, history, nxt, lengths, hashing=hashing)
+    return logits, step
+
+  mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int32)
+  logits, step = jax.jit(scanned)(stacked, tables, tokens[:, :16], mask, tokens[[0, 1], lengths])
+  full = np.asarray(full)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], full[:, :16][real], atol=2e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(step), full[[0, 1], lengths], atol=2e-5, rtol=0)
