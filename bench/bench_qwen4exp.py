@@ -36,7 +36,8 @@ process only (see MOE_VARIANTS); the default measures the model as it is.
 
 `--threads N` limits both sides to N intra-op threads (XLA:CPU's Eigen pool off for N = 1, torch
 `set_num_threads`); pin the process (taskset) so both share the same cores. `--gpu` runs JAX on its
-default accelerator and the reference with `--device cuda`.
+default accelerator and the reference with `--device cuda` (torch with every CPU thread unless
+--threads says otherwise; on CPU the default is 1).
 """
 
 from __future__ import annotations
@@ -161,7 +162,7 @@ def load_average():
 
 def run_reference(args, hf_dir, parts, extra=()):
   cmd = [args.reference_python, os.path.join(HERE, "qwen4exp_reference.py"), "--hf_dir", hf_dir,
-         "--seed", str(args.seed), "--threads", str(args.threads or 1), "--device", "cuda" if args.gpu else "cpu",
+         "--seed", str(args.seed), "--threads", str(args.threads or (os.cpu_count() if args.gpu else 1)), "--device", "cuda" if args.gpu else "cpu",
          "--prompt_len", str(args.prompt_len), "--prefill_batch", str(args.prefill_batch),
          "--decode_batches", args.decode_batches, "--new_tokens", str(args.new_tokens),
          "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--parts", parts]
@@ -227,7 +228,7 @@ def main(argv=None):
     from engram_jax.models.qwen4exp import Qwen4ExpConfig
     cfg = Qwen4ExpConfig.from_hf(CONFIGS[args.config])
     boxed, tables = q4.init(cfg, jax.random.key(args.seed))
-    params = nn.meta.unbox(boxed)
+    params, tables = nn.meta.unbox(boxed), nn.meta.unbox(tables)
   params = jax.device_put(params)
   tables = jax.device_put(tables)
   jax.block_until_ready((params, tables))
