@@ -31,9 +31,13 @@ Models:
   taskset -c 0 python bench/bench_qwen4exp.py --config medium --reference_python VENV/bin/python --threads 1
   python bench/bench_qwen4exp.py --gpu --config large --reference_python python3 --json out.json
 
+`--moe_variant` (profiling) swaps the routed-experts call for a bench-local alternative in this
+process only (see MOE_VARIANTS); the default measures the model as it is.
+
 `--threads N` limits both sides to N intra-op threads (XLA:CPU's Eigen pool off for N = 1, torch
 `set_num_threads`); pin the process (taskset) so both share the same cores. `--gpu` runs JAX on its
-default accelerator and the reference with `--device cuda`.
+default accelerator and the reference with `--device cuda` (torch with every CPU thread unless
+--threads says otherwise; on CPU the default is 1).
 """
 
 from __future__ import annotations
@@ -83,6 +87,37 @@ CONFIGS = {
 }
 
 
+def _moe_dense(x, ids, weights, w_gate, w_up, w_down):
+  """Every expert on every token, combined with the routing weights: N x E work, no sort."""
+  import jax
+  import jax.numpy as jnp
+  n, num_experts = x.shape[0], w_gate.shape[0]
+  combine = jnp.zeros((n, num_experts), x.dtype).at[jnp.arange(n)[:, None], ids].add(weights.astype(x.dtype))
+  h = jax.nn.silu(jnp.einsum("nd,edh->neh", x, w_gate)) * jnp.einsum("nd,edh->neh", x, w_up)
+  return jnp.einsum("ned,ne->nd", jnp.einsum("neh,ehd->ned", h, w_down), combine), jnp.zeros((), jnp.int32)
+
+
+def _moe_gathered(x, ids, weights, w_gate, w_up, w_down):
+  """Each (token, slot) gathers its expert's matrices: N x k work and weight reads (decode-sized N)."""
+  import jax
+  import jax.numpy as jnp
+  h = jax.nn.silu(jnp.einsum("nd,nkdh->nkh", x, w_gate[ids])) * jnp.einsum("nd,nkdh->nkh", x, w_up[ids])
+  y = jnp.einsum("nkh,nkhd->nkd", h, w_down[ids])
+  return jnp.einsum("nkd,nk->nd", y, weights.astype(y.dtype)), jnp.zeros((), jnp.int32)
+
+
+def _moe_none(x, *_):
+  """No routed experts at all (wrong outputs): the floor the rest of the model sets."""
+  import jax.numpy as jnp
+  return jnp.zeros_like(x), jnp.zeros((), jnp.int32)
+
+
+# What `--moe_variant` puts in place of `moe.routed_experts` inside models.qwen4exp, to see how much
+# of a figure the routed experts' lowering costs; "model" (the default) leaves the model as it is.
+MOE_VARIANTS = {"model": None, "dense_all_experts": _moe_dense, "gathered_weights": _moe_gathered,
+                "none": _moe_none}
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   src = p.add_mutually_exclusive_group(required=True)
@@ -100,6 +135,8 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1, help="untimed runs after the compiling one")
   p.add_argument("--reference_args", default="", help="extra arguments for the reference script (word-split)")
+  p.add_argument("--moe_variant", default="model", choices=sorted(MOE_VARIANTS),
+                 help="profiling only: replace the model's routed-experts call inside this process (see MOE_VARIANTS)")
   p.add_argument("--json", default=None, help="write the combined result here (rewritten after each side)")
   args = p.parse_args(argv)
   if args.prompt_len is None:
@@ -125,7 +162,7 @@ def load_average():
 
 def run_reference(args, hf_dir, parts, extra=()):
   cmd = [args.reference_python, os.path.join(HERE, "qwen4exp_reference.py"), "--hf_dir", hf_dir,
-         "--seed", str(args.seed), "--threads", str(args.threads or 1), "--device", "cuda" if args.gpu else "cpu",
+         "--seed", str(args.seed), "--threads", str(args.threads or (os.cpu_count() if args.gpu else 1)), "--device", "cuda" if args.gpu else "cpu",
          "--prompt_len", str(args.prompt_len), "--prefill_batch", str(args.prefill_batch),
          "--decode_batches", args.decode_batches, "--new_tokens", str(args.new_tokens),
          "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--parts", parts]
@@ -155,7 +192,10 @@ def main(argv=None):
   from engram_jax.models import qwen4exp_convert as cv
   from qwen4exp_reference import prompts
 
-  result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+  if MOE_VARIANTS[args.moe_variant] is not None:
+    q4.routed_experts = MOE_VARIANTS[args.moe_variant]
+
+  result = {"moe_variant": args.moe_variant, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
                         "load_average_start": load_average(), "jax": jax.__version__,
                         "devices": [str(d) for d in jax.devices()]},
@@ -188,7 +228,7 @@ def main(argv=None):
     from engram_jax.models.qwen4exp import Qwen4ExpConfig
     cfg = Qwen4ExpConfig.from_hf(CONFIGS[args.config])
     boxed, tables = q4.init(cfg, jax.random.key(args.seed))
-    params = nn.meta.unbox(boxed)
+    params, tables = nn.meta.unbox(boxed), nn.meta.unbox(tables)
   params = jax.device_put(params)
   tables = jax.device_put(tables)
   jax.block_until_ready((params, tables))

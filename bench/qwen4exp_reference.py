@@ -63,7 +63,7 @@ def parse_args(argv=None):
   p.add_argument("--new_tokens", type=int, default=32, help="greedy decode steps per timed run")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--parts", default="prefill,decode")
+  p.add_argument("--parts", default="prefill,decode", help="comma-separated; 'none' with --make_random only writes")
   p.add_argument("--json", default=None, help="also write the JSON line here")
   return p.parse_args(argv)
 
@@ -84,7 +84,7 @@ def randomise(model, seed: int):
     for name, p in model.named_parameters():
       if name.startswith("model.visual."):
         continue
-      noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+      noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
       if name.endswith(("A_log", "dt_bias")):
         continue
       if p.ndim == 1:
@@ -148,6 +148,10 @@ def main(argv=None):
          "repeats": args.repeats, "warmup": args.warmup, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
   if args.make_random:
     out["made"] = make_random(args.make_random, args.hf_dir, args.seed)
+  parts = [part for part in args.parts.split(",") if part in ("prefill", "decode")]
+  if not parts:  # --make_random alone
+    print(json.dumps(out), flush=True)
+    return
   start = time.perf_counter()
   model, arch, eos = load(args.hf_dir, args)
   out.update(arch=arch, load_seconds=round(time.perf_counter() - start, 3))
@@ -169,7 +173,6 @@ def main(argv=None):
       times.append(time.perf_counter() - t0)
     return float(np.median(times)), times, result
 
-  parts = args.parts.split(",")
   with torch.inference_mode():
     if "prefill" in parts:
       ids = torch.as_tensor(prompts(args.seed, args.prefill_batch, args.prompt_len, eos), device=device)

@@ -25,10 +25,15 @@
 #                 correctness gates at full shape, eager and torch.compile            (<= 540 s)
 #   host_training bench/bench_host_training.py --gpu: `small` trained 40 steps with its Engram tables
 #                 and Adam moments in host RAM vs on the GPU, per-stage host times     (<= 240 s)
+#   qwen4exp      bench/bench_qwen4exp.py --gpu --config large: Qwen4Exp (Qwen3.8-Flash-Next layout,
+#                 ~0.6 B params + a 1.6 M-row PLE table, random weights written by transformers)
+#                 in engram_jax vs transformers on the same GPU: prefill tokens/s and greedy decode
+#                 at batch 1, 8 and 32; needs transformers with Qwen4Exp (5.23.0: `bash
+#                 bench/fetch_wheels.sh transformers==5.23.0`), else engram_jax alone   (<= 420 s)
 # A failed or timed-out part does not stop the next one, and the JSON files are rewritten after
 # each measured piece, so a part cut short keeps what it finished. Files in $OUT (at most 8):
 # run_gpu.txt (environment, exit codes, durations), bench_<part>.log (stdout + stderr),
-# bench_model.json, bench_e2e.json, bench_engram_layer.json, bench_host_training.json.
+# bench_model.json, bench_e2e.json, bench_engram_layer.json, bench_host_training.json, bench_qwen4exp.json.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/bench_gpu}
@@ -43,6 +48,11 @@ MODEL_ARGS=${BENCH_MODEL_ARGS:-}
 HASHING_ARGS=${BENCH_HASHING_ARGS:---tokens 2097152 --repeats 3}
 E2E_ARGS=${BENCH_E2E_ARGS:-}
 ENGRAM_LAYER_ARGS=${BENCH_ENGRAM_LAYER_ARGS:-}
+# The Qwen4Exp part's arguments, and the interpreter that runs the transformers side (torch and
+# transformers>=5.23 with Qwen4Exp; by default the same python, which sees .wheels/ too). A CPU
+# check of the part: BENCH_QWEN4EXP_ARGS="--hf_dir tests/fixtures/qwen4exp/causal_l3i1/hf --repeats 2"
+QWEN4EXP_ARGS=${BENCH_QWEN4EXP_ARGS:---gpu --config large --repeats 5}
+QWEN4EXP_REFERENCE=${QWEN4EXP_REFERENCE_PYTHON:-$PY}
 
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -133,8 +143,19 @@ for part in "${PARTS[@]}"; do
     host_training)
       run_part bench_host_training 240 env XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION $PY \
         bench/bench_host_training.py --gpu --rounds 1 --steps 40 --json "$OUT/bench_host_training.json" ;;
+    qwen4exp)
+      # Without transformers' Qwen4Exp the part still times engram_jax (random weights, same config).
+      if "$QWEN4EXP_REFERENCE" -c "import torch, transformers; transformers.Qwen4ExpForCausalLM" >/dev/null 2>&1; then
+        REF_ARGS=(--reference_python "$QWEN4EXP_REFERENCE")
+      else
+        REF_ARGS=()
+        echo "== qwen4exp: $QWEN4EXP_REFERENCE has no torch + transformers.Qwen4ExpForCausalLM: engram_jax alone" >>"$STATUS"
+      fi
+      # JAX shares the GPU with the torch subprocess: half of it each, not XLA's default 75%.
+      run_part bench_qwen4exp 420 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 $PY bench/bench_qwen4exp.py \
+        "${REF_ARGS[@]}" --json "$OUT/bench_qwen4exp.json" $QWEN4EXP_ARGS ;;
     *)
-      echo "== unknown part $part (expected engram_layer_quick, model_quick, hashing, generate, offload, model, plan, e2e, engram_layer, host_training)" >>"$STATUS" ;;
+      echo "== unknown part $part (expected engram_layer_quick, model_quick, hashing, generate, offload, model, plan, e2e, engram_layer, host_training, qwen4exp)" >>"$STATUS" ;;
   esac
 done
 cat "$STATUS"

@@ -333,7 +333,13 @@ def test_fixture_activations_and_logits(case):
     errs[f"layer{layer}/out"] = _close(inter["hidden"][layer], g[f"layer{layer}/out"], valid, f"layer{layer}/out")
     errs[f"layer{layer}/mixer_out"] = _close(mine["attn_out"][0], g[f"layer{layer}/mixer_out"], valid, "mixer_out")
     errs[f"layer{layer}/moe_out"] = _close(mine["mlp_out"][0], g[f"layer{layer}/moe_out"], valid, "moe_out")
+    for hc, read in (("attn_hc", "attn_read"), ("mlp_hc", "mlp_read")):
+      x, inject = mine[read][0]
+      errs[f"layer{layer}/{hc}_x"] = _close(x, g[f"layer{layer}/{hc}_x"], valid, f"{hc} x")
+      errs[f"layer{layer}/{hc}_w"] = _close(inject, g[f"layer{layer}/{hc}_w"], valid, f"{hc} w")
     if layer in case.cfg.ple_layers:
+      # The rows read from the converted table are the reference's embedding rows, bit for bit.
+      np.testing.assert_array_equal(np.asarray(mine["ple"]["rows"][0]), g[f"layer{layer}/ple_emb"])
       errs[f"layer{layer}/ple_out"] = _close(mine["ple_out"][0], g[f"layer{layer}/ple_out"], valid, "ple_out")
   print(case.name, {k: f"{v:.2g}" for k, v in errs.items()})
 
@@ -611,3 +617,43 @@ def test_chunked_delta_rule_equals_recurrence(T, chunk):
   got_out, got_state = jax.jit(lambda *a: q4.chunked_gated_delta_rule(*a, chunk_size=chunk))(q, k, v, g, beta, state)
   np.testing.assert_allclose(np.asarray(got_out), np.asarray(want_out), atol=2e-5, rtol=0)
   np.testing.assert_allclose(np.asarray(got_state), np.asarray(want_state), atol=2e-5, rtol=0)
+
+
+def test_scanned_layers_equal_unrolled():
+  """Three periods of (GatedDeltaNet, indexed), the PLE on the first layer: the first period stays
+  unrolled, the other two scan as one segment. With the same weights (`stack_layers`), the scanned
+  model's prefill of 16 tokens (right-padded on one row) and its decode step (caches stacked over
+  the repeats) give the unrolled model's full-sequence logits."""
+  import flax.linen as nn
+
+  cfg = _tiny_cfg(num_hidden_layers=6, layer_types=("linear_attention", "indexed_attention") * 3,
+                  ple_layer_ids=(1,), ngram_vocab_size_base=101)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  segments = [(s.name, s.period, s.repeats) for s in q4.layer_segments(scanned_cfg)]
+  assert segments == [("layer_0", 1, 1), ("layer_1", 1, 1), ("layers_2_5", 2, 2)]
+  late_ple = dataclasses.replace(scanned_cfg, ple_layer_ids=(3,))  # PLE in the middle period: no run
+  assert all(s.repeats == 1 for s in q4.layer_segments(late_ple))
+  # Random weights from the shapes (compiling `init` costs more than this whole test: XLA:CPU is slow
+  # to compile the hundreds of threefry calls of a deep init).
+  rng = np.random.default_rng(0)
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: q4.init(cfg, jax.random.key(1))))
+  params, tables = jax.tree.map(lambda a: (0.3 * rng.normal(size=a.shape)).astype(np.float32), abstract)
+  stacked = q4.stack_layers(scanned_cfg, params)
+  scanned_abstract = jax.eval_shape(lambda: q4.init(scanned_cfg, jax.random.key(1))[0])
+  assert jax.tree.map(lambda a: a.shape, stacked) == jax.tree.map(lambda a: a.shape, nn.meta.unbox(scanned_abstract))
+  tokens = rng.integers(0, cfg.vocab_size, size=(2, 17))
+  lengths = np.array([16, 12])
+  hashing = cfg.hashing()
+  full = jax.jit(lambda p, t, tok: q4.forward(cfg, p, t, tok, hashing=hashing))(params, tables, tokens)
+
+  def scanned(p, t, tok, m, nxt):
+    logits, cache, history = q4.prefill(scanned_cfg, p, t, tok, m, 20, hashing=hashing)
+    step, _, _ = q4.decode_step(scanned_cfg, p, t, cache, history, nxt, lengths, hashing=hashing)
+    return logits, step
+
+  mask = (np.arange(16)[None, :] < lengths[:, None]).astype(np.int32)
+  logits, step = jax.jit(scanned)(stacked, tables, tokens[:, :16], mask, tokens[[0, 1], lengths])
+  full = np.asarray(full)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[real], full[:, :16][real], atol=2e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(step), full[[0, 1], lengths], atol=2e-5, rtol=0)

@@ -111,6 +111,9 @@ class Qwen4ExpConfig:
   indexer_head_dim: int = 128
   indexer_budget: int = 2048
   indexer_compress_ratio: int = 64
+  # Stack the repeats of the layer pattern (e.g. 3 GatedDeltaNet + 1 indexed) into one nn.scan, so
+  # compile time does not grow with depth; periods holding a PLE layer stay unrolled (`layer_segments`).
+  scan_layers: bool = False
   # Chunk length of the delta rule's prefill form (None: the plain recurrence, one step per token).
   delta_rule_chunk: Optional[int] = 64
   # Whether lm_head reuses the embedding (the release does not).
@@ -669,6 +672,7 @@ class PLE(nn.Module):
     conv_kernel = _param(self, "conv_kernel", (K, M, D), ("conv_kernel", "branch", "embed"), zeros)
 
     e = rows.reshape(B, T, d_mem).astype(dtype)
+    self.sow("intermediates", "rows", e)
     key = rms_norm_offset(jnp.einsum("btk,mkd->btmd", e, w_key.astype(dtype)), key_norm, cfg.rms_norm_eps)
     value = jnp.einsum("btk,kd->btd", e, w_value.astype(dtype))
     query = rms_norm_offset(streams, query_norm, cfg.rms_norm_eps)
@@ -710,6 +714,7 @@ class DecoderLayer(nn.Module):
       self.sow("intermediates", "ple_out", ple)
       streams = streams + ple
     x, inject = GatedResidual(cfg, name="attn_hc")(streams)
+    self.sow("intermediates", "attn_read", (x, inject))
     if cfg.layer_types[self.layer] == "linear_attention":
       y = GatedDeltaNet(cfg, cache_mode=mode, name="linear_attn")(x, valid)
     else:
@@ -717,18 +722,100 @@ class DecoderLayer(nn.Module):
     self.sow("intermediates", "attn_out", y)
     streams = GatedResidual.write(streams, y, inject)
     x, inject = GatedResidual(cfg, name="mlp_hc")(streams)
+    self.sow("intermediates", "mlp_read", (x, inject))
     y = SparseMoE(cfg, name="mlp")(x)
     self.sow("intermediates", "mlp_out", y)
     streams = GatedResidual.write(streams, y, inject)
     return nn.with_logical_constraint(streams, ("batch", "seq", "act_branch", "act_embed"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Segment:
+  """Layers [start, start + period * repeats): `repeats` copies of a `period`-layer pattern, scanned
+  when repeats > 1; a single layer otherwise (period = repeats = 1)."""
+
+  start: int
+  period: int
+  repeats: int
+
+  @property
+  def name(self) -> str:
+    if self.repeats == 1 and self.period == 1:
+      return memory.table_name(self.start)  # "layer_{i}": a PLE layer's table is named after it
+    return f"layers_{self.start}_{self.start + self.period * self.repeats - 1}"
+
+  def layers(self):
+    return range(self.start, self.start + self.period * self.repeats)
+
+
+def layer_segments(cfg: Qwen4ExpConfig):
+  """The decoder as segments. Unscanned: one per layer. Scanned: the shortest period p of
+  `layer_types` cuts the layers into periods; consecutive periods without a PLE layer form one
+  scanned segment, the others stay single layers (each PLE layer has its own table, so it cannot
+  share stacked parameters with another)."""
+  L = cfg.num_hidden_layers
+  singles = [Segment(i, 1, 1) for i in range(L)]
+  if not cfg.scan_layers:
+    return singles
+  period = next(p for p in range(1, L + 1)
+                if L % p == 0 and all(cfg.layer_types[i] == cfg.layer_types[i % p] for i in range(L)))
+  segments, run = [], []
+  def flush():
+    if len(run) > 1:
+      segments.append(Segment(run[0], period, len(run)))
+    elif run:
+      segments.extend(Segment(i, 1, 1) for i in range(run[0], run[0] + period))
+    run.clear()
+  for start in range(0, L, period):
+    if any(l in cfg.ple_layers for l in range(start, start + period)):
+      flush()
+      segments.extend(Segment(i, 1, 1) for i in range(start, start + period))
+    else:
+      run.append(start)
+  flush()
+  return segments
+
+
+def stack_layers(cfg: Qwen4ExpConfig, params: dict) -> dict:
+  """Per-layer params {"layer_i": ...} -> the tree of `cfg`'s segments: each scanned segment's layers
+  stacked as [repeats, ...] under "layers_a_b"/"offset_o" (nn.scan's layout); single layers stay."""
+  def stack(trees):
+    return {k: stack([t[k] for t in trees]) if isinstance(trees[0][k], dict) else np.stack([t[k] for t in trees])
+            for k in trees[0]}
+
+  out = dict(params)
+  for seg in layer_segments(cfg):
+    if seg.repeats > 1:
+      out[seg.name] = {f"offset_{o}": stack([out.pop(memory.table_name(seg.start + r * seg.period + o))
+                                             for r in range(seg.repeats)]) for o in range(seg.period)}
+  return out
+
+
+class _Period(nn.Module):
+  """One period of a scanned segment: its layers in order (named by their offset), streams in and out."""
+
+  cfg: Qwen4ExpConfig
+  start: int
+  period: int
+  cache_mode: Optional[str] = None
+  cache_length: int = 0
+
+  @nn.compact
+  def __call__(self, streams, positions, valid):
+    for offset in range(self.period):
+      streams = DecoderLayer(self.cfg, self.start + offset, self.cache_mode, self.cache_length,
+                             name=f"offset_{offset}")(streams, positions, valid, None)
+    return streams, None
+
+
 class Qwen4ExpModel(nn.Module):
   """tokens [B,T] (+ positions [B,T], attention_mask [B,T], PLE rows) -> logits [B,T,V] float32.
 
-  `rows` {memory.table_name(layer): [B,T,heads,head_dim]} for each PLE layer (`ple_rows`). Layer
-  outputs (streams [B,T,M,D]) are sown as intermediates "hidden" per layer, and each sublayer's
-  output, the QSA masks and the expert selections likewise, for comparison with the reference.
+  `rows` {memory.table_name(layer): [B,T,heads,head_dim]} for each PLE layer (`memory.gather` of
+  `ple_ids`; `forward` does both). Segment
+  outputs (streams [B,T,M,D]; one per layer unless layers are scanned) are sown as intermediates
+  "hidden", and each sublayer's output, the QSA masks and the expert selections likewise (stacked
+  over the repeats in scanned segments), for comparison with the reference.
 
   `cache_mode` "prefill" (right-padded prompts, `cache_length` slots) or "decode" (one token per row
   at its own position) keeps every cache in the mutable "cache" collection: GatedDeltaNet convs
@@ -749,7 +836,8 @@ class Qwen4ExpModel(nn.Module):
     rows = rows or {}
     missing = [memory.table_name(l) for l in cfg.ple_layers if memory.table_name(l) not in rows]
     if missing:
-      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass rows=ple_rows(...) (got {sorted(rows)})")
+      raise ValueError(f"Qwen4ExpModel: no PLE rows for {missing}; pass memory.gather's rows for ple_ids "
+                       f"(got {sorted(rows)})")
     if self.cache_mode not in CACHE_MODES:
       raise ValueError(f"Qwen4ExpModel.cache_mode={self.cache_mode!r}: expected one of {CACHE_MODES}")
     if self.cache_mode == "decode" and (T != 1 or positions is None):
@@ -760,10 +848,17 @@ class Qwen4ExpModel(nn.Module):
     embedding = _param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"))
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     streams = jnp.broadcast_to(x[:, :, None, :], (B, T, cfg.hc_count, cfg.hidden_size))
-    for layer in range(cfg.num_hidden_layers):
-      name = memory.table_name(layer)
-      streams = DecoderLayer(cfg, layer, self.cache_mode, self.cache_length, name=name)(
-          streams, positions, valid, rows.get(name))
+    for seg in layer_segments(cfg):
+      if seg.repeats == 1:
+        streams = DecoderLayer(cfg, seg.start, self.cache_mode, self.cache_length, name=seg.name)(
+            streams, positions, valid, rows.get(seg.name))
+        self.sow("intermediates", "hidden", streams)
+        continue
+      scanned = nn.scan(_Period, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast), length=seg.repeats,
+                        metadata_params={nn.PARTITION_NAME: "layers"})
+      streams, _ = scanned(cfg, seg.start, seg.period, self.cache_mode, self.cache_length, name=seg.name)(
+          streams, positions, valid)
       self.sow("intermediates", "hidden", streams)
     h = GatedResidual(cfg, combine=False, name="hyper_connection_mixer")(streams)
     self.sow("intermediates", "final_hidden", h)
@@ -802,7 +897,8 @@ def init(cfg: Qwen4ExpConfig, key: jax.Array, batch: int = 1, seq: int = 8):
   ecfg = cfg.engram_config()
   rows = {memory.table_name(l): jnp.zeros((batch, seq, cfg.num_ple_heads, ecfg.head_dim), jnp.float32)
           for l in cfg.ple_layers}
-  variables = model.init(jax.random.fold_in(key, 0), jnp.zeros((batch, seq), jnp.int32), rows=rows)
+  # Jitted: run eagerly, init would execute the whole forward op by op; jitted, XLA drops it.
+  variables = jax.jit(model.init)(jax.random.fold_in(key, 0), jnp.zeros((batch, seq), jnp.int32), rows=rows)
   tables = memory.init_tables(ecfg, jax.random.fold_in(key, 1)) if ecfg is not None else {}
   return variables["params"], tables
 
@@ -829,7 +925,7 @@ def forward(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask=None, po
 # Decoding: prefill right-padded prompts into caches, then one token per row per step.
 
 
-def _ple_rows(cfg, tables, hashing, ids):
+def _ple_rows(cfg, tables, ids):
   ecfg = cfg.engram_config()
   return {} if ecfg is None else memory.gather(tables, ecfg, ids)
 
@@ -850,7 +946,7 @@ def prefill(cfg: Qwen4ExpConfig, params, tables, tokens, attention_mask, cache_l
   [B,T,V], the "cache" collection, the n-gram history [B,n-1]) (+ intermediates with `capture`).
   Jit with cfg, hashing and cache_length static."""
   tokens, attention_mask = jnp.asarray(tokens), jnp.asarray(attention_mask)
-  rows = _ple_rows(cfg, tables, hashing, ple_ids(cfg, hashing, tokens, attention_mask))
+  rows = _ple_rows(cfg, tables, ple_ids(cfg, hashing, tokens, attention_mask))
   model = Qwen4ExpModel(cfg, cache_mode="prefill", cache_length=cache_length)
   logits, state = model.apply({"params": params}, tokens, None, attention_mask, rows,
                               mutable=["cache", "intermediates"])
@@ -866,7 +962,7 @@ def decode_step(cfg: Qwen4ExpConfig, params, tables, cache, history, tokens, pos
   rows = {}
   if cfg.engram_config() is not None:
     ids, history = hashing.next_ids(history, tokens, hashing.lookup_array())
-    rows = _ple_rows(cfg, tables, hashing, ids)
+    rows = _ple_rows(cfg, tables, ids)
   model = Qwen4ExpModel(cfg, cache_mode="decode")
   tokens, positions = jnp.asarray(tokens)[:, None], jnp.asarray(positions, jnp.int32)[:, None]
   logits, state = model.apply({"params": params, "cache": cache}, tokens, positions, None, rows,

@@ -25,7 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from engram_jax import memory
-from engram_jax.models.qwen4exp import Qwen4ExpConfig
+from engram_jax.models.qwen4exp import Qwen4ExpConfig, stack_layers
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -298,6 +298,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray], cfg: Qwen4ExpConfig, tab
       block["ple"] = _ple(take, f"{p}.ple", cfg)
       tables[memory.table_name(layer)] = _table(take, layer, cfg, recipe, table_dtype)
     params[memory.table_name(layer)] = block
+  params = stack_layers(cfg, params)  # scanned segments hold their periods' layers stacked
   left = sorted(set(take.state) - take.used - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
   if left:
     raise ConversionError(f"{len(left)} tensors of the checkpoint were not converted, e.g. {left[:4]}: the config "
