@@ -588,8 +588,9 @@ def train_triggers(cfg: Config, params, model_state, batches: Sequence[Dict[str,
   names = memory.table_names(e)
   gather = jax.jit(lambda t, ids: memory.gather(t, e, ids))
   prepared, first = [], {}
+  lookup = trigger_lib.index(tokens) if len(tokens) else None
   for bi, b in enumerate(batches):
-    tid = trigger_lib.match(b["tokens"], b["segment_ids"], tokens)
+    tid = trigger_lib.match(b["tokens"], b["segment_ids"], tokens, lookup)
     placed = {k: jnp.asarray(b[k]) for k in _BATCH_KEYS}
     base_rows = gather(tables, jnp.asarray(b["engram_ids"]))
     for r, t in zip(*np.nonzero(tid >= 0)):
@@ -797,7 +798,7 @@ def collateral(cfg: ModelConfig, base_params, patched_params, model_state,
   for b in batches:
     tid = None
     if triggers is not None:
-      tid = trigger_lib.match(b["tokens"], b["segment_ids"], triggers.tokens)
+      tid = trigger_lib.match(b["tokens"], b["segment_ids"], triggers.tokens, triggers.lookup)
       fired += int((tid >= 0).sum())
     total += np.asarray(jax.device_get(sums(base_params, patched_params, {k: jnp.asarray(b[k]) for k in _BATCH_KEYS},
                                             None if tid is None else jnp.asarray(tid))))

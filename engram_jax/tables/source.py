@@ -86,7 +86,7 @@ class RowSource:
     """Host side: each position's trigger (int32 [b, T], -1: none), or None without triggers."""
     if self.triggers is None:
       return None
-    return trigger_lib.match(tokens, segment_ids, self.triggers.tokens)
+    return trigger_lib.match(tokens, segment_ids, self.triggers.tokens, self.triggers.lookup)
 
   @staticmethod
   def with_triggers(rows, trigger_ids, trigger_operand):

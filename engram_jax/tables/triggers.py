@@ -61,6 +61,13 @@ class TriggerSet:
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
 
+  @property
+  def lookup(self) -> dict:
+    """`index(tokens)`, built on first use."""
+    if getattr(self, "_lookup", None) is None:
+      self._lookup = index(self.tokens)
+    return self._lookup
+
 
 def pack(sequences: Sequence[Sequence[int]], width: int = 0) -> np.ndarray:
   """int32 [N, max(width, longest)]: each sequence right-aligned, PAD on the left."""
@@ -115,23 +122,36 @@ def fingerprints(sequences: np.ndarray) -> np.ndarray:
   return _windows_fingerprint(np.asarray(sequences), None, sequences.shape[1])[0][:, -1]
 
 
-def match(tokens: np.ndarray, segment_ids: Optional[np.ndarray], triggers: np.ndarray) -> np.ndarray:
+def index(triggers: np.ndarray) -> Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """{length: (sorted fingerprints, trigger ids, their tokens [K, length])} of a packed table: what
+  `match` looks windows up in (built once per trigger set)."""
+  lengths = (triggers != PAD).sum(axis=1)
+  out = {}
+  for length in sorted(set(lengths.tolist())):
+    which = np.flatnonzero(lengths == length)
+    body = triggers[which][:, triggers.shape[1] - length:]
+    fp = fingerprints(body)
+    order = np.argsort(fp, kind="stable")
+    out[length] = (fp[order], which[order], body[order])
+  return out
+
+
+def match(tokens: np.ndarray, segment_ids: Optional[np.ndarray], triggers: np.ndarray,
+          lookup: Optional[dict] = None) -> np.ndarray:
   """Host: the trigger each position's suffix equals (int32 [B, T], -1: none; the longest when
   several do), for token ids [B, T] (`segment_ids` [B, T]: 0 marks padding, a change a document
-  boundary; None: one document per row). `triggers`: a packed table [N, width]."""
+  boundary; None: one document per row). `triggers`: a packed table [N, width]; `lookup`: its
+  `index` (built here when not given)."""
   tokens = np.asarray(tokens)
   out = np.full(tokens.shape, -1, np.int32)
   if not len(triggers):
     return out
-  lengths = (triggers != PAD).sum(axis=1)
-  for length in sorted(set(lengths.tolist()), reverse=True):  # longest first: it wins
-    which = np.flatnonzero(lengths == length)
-    body = triggers[which][:, -length:]
-    fp = fingerprints(body)
-    order = np.argsort(fp, kind="stable")
-    fp_sorted, which, body = fp[order], which[order], body[order]
-    wfp, valid = _windows_fingerprint(tokens, segment_ids, length)
-    valid &= out < 0
+  lookup = index(triggers) if lookup is None else lookup
+  windows = {n: (fp.copy(), valid) for n, fp, valid in _windows(tokens, segment_ids, max(lookup)) if n in lookup}
+  for length in sorted(windows, reverse=True):  # longest first: it wins
+    fp_sorted, which, body = lookup[length]
+    wfp, valid = windows[length]
+    valid = valid & (out < 0)
     b, t = np.nonzero(valid)
     if not len(b):
       continue
