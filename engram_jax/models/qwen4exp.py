@@ -114,7 +114,8 @@ class Qwen4ExpConfig:
   # Stack the repeats of the layer pattern (e.g. 3 GatedDeltaNet + 1 indexed) into one nn.scan, so
   # compile time does not grow with depth; periods holding a PLE layer stay unrolled (`layer_segments`).
   scan_layers: bool = False
-  # Chunk length of the delta rule's prefill form (None: the plain recurrence, one step per token).
+  # Chunk length of the delta rule's chunked form, used for sequences longer than one chunk (None:
+  # always the plain recurrence, one step per token).
   delta_rule_chunk: Optional[int] = 64
   # Whether lm_head reuses the embedding (the release does not).
   tie_word_embeddings: bool = False
@@ -347,9 +348,9 @@ def chunked_gated_delta_rule(q, k, v, g, beta, state=None, chunk_size: int = 64)
   decay = jnp.where(lower, jnp.exp(jnp.where(lower, G[..., :, None] - G[..., None, :], 0.0)), 0.0)
   k_beta = k * beta[..., None]
   system = jnp.eye(C) + jnp.where(strict, jnp.einsum("...id,...jd->...ij", k_beta, k) * decay, 0.0)
-  solve = lambda b: jax.scipy.linalg.solve_triangular(system, b, lower=True, unit_diagonal=True)  # noqa: E731
-  new_values = solve(v * beta[..., None])  # [n,B,H,C,dv]
-  k_decayed = solve(k_beta * jnp.exp(G)[..., None])  # [n,B,H,C,dk]
+  rhs = jnp.concatenate([v * beta[..., None], k_beta * jnp.exp(G)[..., None]], axis=-1)  # one solve for both
+  solved = jax.scipy.linalg.solve_triangular(system, rhs, lower=True, unit_diagonal=True)
+  new_values, k_decayed = solved[..., :dv], solved[..., dv:]  # [n,B,H,C,dv], [n,B,H,C,dk]
   intra = jnp.einsum("...id,...jd->...ij", q, k) * decay  # [n,B,H,C,C]
   q_in = q * jnp.exp(G)[..., None]
   k_out = k * jnp.exp(G[..., -1:] - G)[..., None]
@@ -375,9 +376,10 @@ class GatedDeltaNet(nn.Module):
   q, k, v = SiLU(causal depthwise conv(x W_qkv)); q, k L2-normalised, q scaled by dk^-1/2; each key
   head serves `linear_num_value_heads / linear_num_key_heads` consecutive value heads; beta =
   sigmoid(x W_b), g = -exp(A_log) softplus(x W_a + dt_bias); the state runs through the chunked form
-  of the delta rule for several tokens, the recurrence for one. Output: RMSNorm(o) * weight * act(x W_z),
-  then W_out. The q/k/v projections and their conv are kept apart (the reference fuses them into
-  one matrix): the conv is depthwise, so that is the same map, and each part shards by its heads.
+  of the delta rule for sequences longer than a chunk, the recurrence otherwise. Output:
+  RMSNorm(o) * weight * act(x W_z), then W_out. The q/k/v projections and their conv are kept apart
+  (the reference fuses them into one matrix): the conv is depthwise, so that is the same map, and
+  each part shards by its heads.
 
   Caches (`cache_mode`): each conv's last K-1 inputs and the recurrent state [B,nv,dk,dv] (float32),
   both as of each right-padded prompt's last real token.
@@ -434,8 +436,10 @@ class GatedDeltaNet(nn.Module):
     # Padding neither decays nor writes the state (g = beta = 0), so a right-padded row's final state
     # is the one after its last real token, which decoding continues from.
     g, beta = jnp.where(valid[..., None], g, 0.0), jnp.where(valid[..., None], beta, 0.0)
-    rule = gated_delta_rule if T == 1 or cfg.delta_rule_chunk is None else functools.partial(
-        chunked_gated_delta_rule, chunk_size=cfg.delta_rule_chunk)
+    # The chunked form pays off past one chunk; up to it the recurrence is as cheap and compiles faster.
+    chunk = cfg.delta_rule_chunk
+    rule = (gated_delta_rule if chunk is None or T <= chunk
+            else functools.partial(chunked_gated_delta_rule, chunk_size=chunk))
     if self.cache_mode is None:
       o, _ = rule(q, k, v, g, beta)  # [B,T,nv,dv] float32
     else:
