@@ -147,9 +147,18 @@ def _tables_dir(cfg, runner, tmp):
 def _near_misses(runner, patch):
   """(a trigger, texts that come close to it): its prefix, its last token changed, and a copy that
   reads the very hashed rows the trigger does where it ends, with other tokens (a token outside the
-  last n-gram changed, or one changed to another with the same compressed id)."""
+  last n-gram changed, or one changed to another with the same compressed id). The longest trigger
+  whose near-misses hold no other trigger (a prefix may end with a shorter one, which rightly fires)."""
+  for seq in sorted(tr.unpack(patch.triggers.tokens), key=len, reverse=True):
+    seq, near = _near_misses_of(runner, list(seq))
+    b = data_lib.document_rows([[runner.bos_id] + x for x in near], 32, runner.pad_id)
+    if near[2] and np.all(tr.match(b["tokens"], b["segment_ids"], patch.triggers.tokens) < 0):
+      return seq, near
+  raise AssertionError("every trigger's near-misses hold another trigger")
+
+
+def _near_misses_of(runner, seq):
   e = runner.cfg.model.engram
-  seq = list(max(tr.unpack(patch.triggers.tokens), key=len))
   collide = None
   if len(seq) > e.max_ngram_size:
     collide = [(seq[0] + 1) % e_vocab(runner)] + seq[1:]
@@ -160,8 +169,7 @@ def _near_misses(runner, patch):
       if twins:
         collide = seq[:i] + [int(twins[0])] + seq[i + 1:]
         break
-  assert collide is not None, f"no colliding copy of trigger {seq}"
-  return seq, [seq[:-1], seq[:-1] + [(seq[-1] + 1) % e_vocab(runner)], collide]
+  return seq, [seq[:-1], seq[:-1] + [(seq[-1] + 1) % e_vocab(runner)], collide or []]
 
 
 def e_vocab(runner):
