@@ -92,7 +92,6 @@ def main(argv):
   if _DECODE_BLOCK.value < 1:
     raise ValueError(f"--decode_block={_DECODE_BLOCK.value}: expected a positive integer")
   tables = _TABLES()
-  generation.check_checkpoint_engram(cfg, checkpoint_dir, _STEP.value)
 
   import jax
 
